@@ -162,18 +162,24 @@ def generate_split(catalog: _Catalog, category: str, n_triplets: int, n_images: 
     """The images and triplets of one (category, split): references, targets, hard distractors, random fill."""
     rng, items, triplets = catalog.rng, [], []
     hard_negatives: list[Item] = []
-    for _ in range(n_triplets):
-        if items and rng.random() < 0.3:
+    if n_images < n_triplets + 1:
+        raise ValueError(f"{category}: {n_images} images cannot hold {n_triplets} triplets")
+    for t in range(n_triplets):
+        # free places once this triplet's target and every later target have theirs
+        room = n_images - len(items) - len(hard_negatives) - (n_triplets - t)
+        if items and (rng.random() < 0.3 or room < 1):
             reference = items[int(rng.integers(len(items)))]
         else:
             reference = catalog.item(category)
             items.append(reference)
-        target_attrs, changes = catalog.changed(category, _attrs(reference), int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15])))
+            room -= 1
+        n_changes = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+        target_attrs, changes = catalog.changed(category, _attrs(reference), n_changes)
         target = catalog.item(category, target_attrs)
         items.append(target)
         triplets.append({"target": target.id, "candidate": reference.id,
                          "captions": _captions(rng, category, changes)})
-        if len(items) + len(hard_negatives) < n_images:
+        if room >= 1:  # a hard distractor: the target with one attribute changed
             hard_negatives.append(catalog.item(category, catalog.changed(category, target_attrs, 1)[0]))
     items += hard_negatives
     while len(items) < n_images:
