@@ -11,9 +11,11 @@ open_clip ``CLIP`` state dict; the file's metadata holds ``format`` = ``clip4cir
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -132,6 +134,19 @@ def _model_seed(name: str, seed: int) -> int:
     return (zlib.crc32(name.encode()) + seed) % (2 ** 31)
 
 
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Hide open_clip's "initialized randomly" warning: a seeded random init is what we asked for."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def check_model_name(name: str) -> None:
     """ModelError unless ``name`` is an open_clip architecture (or an hf-hub: / local-dir: model)."""
     if name.startswith(("hf-hub:", "local-dir:")) or name.replace("/", "-") in open_clip.list_models():
@@ -147,7 +162,7 @@ def create_model(name: str, pretrained: str | None = None, seed: int = 0,
     """An architecture by name with pretrained weights (tag or file), or seeded random weights when none."""
     check_model_name(name)
     quick_gelu = bool(pretrained and (get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init():
         torch.manual_seed(_model_seed(name, seed))
         try:
             model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,

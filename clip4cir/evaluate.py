@@ -1,0 +1,173 @@
+"""The evaluation command (``scripts/evaluate.py``): FashionIQ Recall@10/50, test-split predictions,
+the paper's ablation table, and image-search metrics."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .cli import add_model_args, encoder_from_args, run
+from .data import CATEGORIES, DataError, GalleryDataset, parse_categories
+from .evaluation import (RECALL_KS, Combine, combine_sum, image_retrieval_metrics, query_records, rank_category,
+                         summarize, top_k)
+from .features import extract_image_features
+from .models import CLIPEncoder, ModelError, load_model, resolve_device
+
+TABLE_ENCODERS = ("none", "image", "text", "both")
+TABLE_COLUMNS = ("shirt", "dress", "toptee", "average")  # the paper's column order
+
+
+def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: str) -> Combine:
+    """``sum``, or the Combiner at ``combiner_path``, checked to have been trained on this encoder's features."""
+    if mode == "sum":
+        return combine_sum
+    if not combiner_path:
+        raise ModelError("--mode combiner needs --combiner PATH (a stage-two checkpoint)")
+    from combiner.model import load_combiner
+
+    combiner, meta = load_combiner(combiner_path, device=encoder.device)
+    trained_on = meta["encoder"].get("fingerprint")
+    if trained_on and trained_on != encoder.fingerprint():
+        raise ModelError(f"combiner {combiner_path} was trained on features of encoder {trained_on} "
+                         f"({meta['encoder'].get('description', '?')}), not of {encoder.describe()} "
+                         f"({encoder.fingerprint()})")
+    if combiner.feature_dim != encoder.dim:
+        raise ModelError(f"combiner {combiner_path} takes {combiner.feature_dim}-d features, "
+                         f"the encoder gives {encoder.dim}-d")
+    return combiner.combine
+
+
+def _parse_pairs(text: str | None, flag: str) -> dict[str, str]:
+    pairs = {}
+    for part in filter(None, (text or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in TABLE_ENCODERS:
+            raise ValueError(f"{flag}: expected ENCODER=PATH with ENCODER in {', '.join(TABLE_ENCODERS)}, got {part!r}")
+        pairs[key] = value
+    return pairs
+
+
+def markdown_table(rows: list[tuple[str, str, dict]]) -> str:
+    """Rows of (encoder fine-tuning, combining function, metrics) in the paper's layout."""
+    head = ["Encoder FT", "Combining"] + [f"{c.capitalize()} R@{k}" for c in TABLE_COLUMNS for k in RECALL_KS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for encoder_ft, combining, metrics in rows:
+        cells = [f"{metrics[c][f'R@{k}']:.2f}" if c in metrics else "–" for c in TABLE_COLUMNS for k in RECALL_KS]
+        lines.append("| " + " | ".join([encoder_ft, combining] + cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(args: argparse.Namespace, categories: list[str]) -> str:
+    """Sum / Combiner × encoder fine-tuning none/image/text/both for the checkpoints given; notes what is missing."""
+    checkpoints = _parse_pairs(args.table_checkpoints, "--table-checkpoints")
+    combiners = _parse_pairs(args.table_combiners, "--table-combiners")
+    device = resolve_device(args.device)
+    rows, notes = [], []
+    for encoder_ft in TABLE_ENCODERS:
+        path = checkpoints.get(encoder_ft)
+        if encoder_ft != "none" and not path:
+            notes.append(f"no stage-one checkpoint for encoder fine-tuning '{encoder_ft}': its rows are left out")
+            continue
+        if path and not Path(path).is_file():
+            notes.append(f"checkpoint {path} for '{encoder_ft}' does not exist: its rows are left out")
+            continue
+        encoder = load_model(args.model, args.pretrained, path, seed=args.seed, device=device)
+        for combining, combiner_path in (("Sum", None), ("Combiner", combiners.get(encoder_ft))):
+            if combining == "Combiner" and not (combiner_path and Path(combiner_path).is_file()):
+                notes.append(f"no Combiner checkpoint for '{encoder_ft}'" +
+                             (f" ({combiner_path} does not exist)" if combiner_path else ""))
+                continue
+            combine = combining_function(encoder, combiner_path, "combiner" if combiner_path else "sum")
+            rankings = [rank_category(encoder, args.data, c, combine, "val", args.cache_dir, args.batch_size,
+                                      args.workers, not args.quiet) for c in categories]
+            rows.append((encoder_ft, combining, summarize(rankings)))
+    return markdown_table(rows) + "".join(f"\n\nNote: {n}" for n in notes)
+
+
+def image_task(encoder: CLIPEncoder, args: argparse.Namespace, categories: list[str]) -> dict:
+    """Image-to-image metrics over the split's images of the chosen categories, relevance = same category."""
+    dataset = GalleryDataset(args.data, args.split, categories, transform=encoder.transform)
+    ids, features = extract_image_features(encoder, dataset, args.batch_size, args.workers, not args.quiet)
+    labels = torch.tensor([[c in dataset.categories_of[i] for c in categories] for i in ids])
+    return {**image_retrieval_metrics(features, labels), "images": len(ids)}
+
+
+def _write_json(path: str, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__)
+    parser.add_argument("--data", required=True, help="FashionIQ-layout root")
+    add_model_args(parser)
+    parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
+    parser.add_argument("--mode", choices=["sum", "combiner"], help="combining function (default: combiner "
+                        "when --combiner is given, else sum)")
+    parser.add_argument("--categories", default=",".join(CATEGORIES))
+    parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument("--task", choices=["composed", "image"], default="composed")
+    parser.add_argument("--json", help="write the metrics here")
+    parser.add_argument("--dump", help="write per-query JSON lines here (reference, captions, target, rank, top-10)")
+    parser.add_argument("--predictions", help="--split test: write the top-50 gallery ids per query here")
+    parser.add_argument("--table", action="store_true", help="print the paper's ablation table (markdown)")
+    parser.add_argument("--table-checkpoints", help="image=PATH,text=PATH,both=PATH stage-one checkpoints")
+    parser.add_argument("--table-combiners", help="none=PATH,image=PATH,text=PATH,both=PATH stage-two checkpoints")
+    parser.add_argument("--cache-dir", help="cache gallery features here (keyed by encoder fingerprint)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if not Path(args.data).is_dir():
+        raise DataError(f"--data {args.data} does not exist")
+    categories = parse_categories(args.categories)
+    start = time.perf_counter()
+    if args.table:
+        print(ablation_table(args, categories))
+        return 0
+    encoder = encoder_from_args(args)
+    if args.task == "image":
+        metrics = image_task(encoder, args, categories)
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        if args.json:
+            _write_json(args.json, {**metrics, "model": encoder.describe(), "seconds": time.perf_counter() - start})
+        return 0
+    mode = args.mode or ("combiner" if args.combiner else "sum")
+    combine = combining_function(encoder, args.combiner, mode)
+    if args.split == "test" and not args.predictions:
+        raise ValueError("--split test has no targets to score: give --predictions FILE for the top-50 lists")
+    rankings = [rank_category(encoder, args.data, c, combine, args.split, args.cache_dir, args.batch_size,
+                              args.workers, not args.quiet) for c in categories]
+    if args.dump:
+        Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.dump, "w", encoding="utf-8") as f:
+            for ranking in rankings:
+                for record in query_records(ranking):
+                    f.write(json.dumps(record) + "\n")
+    if args.split == "test":
+        predictions = {}
+        for r in rankings:
+            _, top = top_k(r.queries, r.gallery, 50)
+            predictions[r.category] = [{"candidate": t.reference, "captions": list(t.captions),
+                                        "top50": [r.gallery_ids[j] for j in row]} for t, row in zip(r.triplets, top.tolist())]
+        _write_json(args.predictions, predictions)
+        print(f"wrote top-50 predictions for {sum(map(len, predictions.values())):,} queries to {args.predictions}")
+        return 0
+    metrics = summarize(rankings)
+    for name, m in metrics.items():
+        print(f"{name:>8}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items()))
+    if args.json:
+        _write_json(args.json, {**metrics, "model": encoder.describe(),
+                                "combiner": args.combiner if mode == "combiner" else "sum",
+                                "seconds": time.perf_counter() - start})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

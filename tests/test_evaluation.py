@@ -1,0 +1,146 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip4cir.data import DataError, load_image_split, load_triplets
+from clip4cir.evaluate import main as evaluate_main
+from clip4cir.evaluation import image_retrieval_metrics, recall_at_k, target_ranks, top_k
+from clip4cir.models import ModelError
+
+
+def brute_force_ranks(queries, gallery, targets):
+    """Reference: a stable descending sort of every score row (ties keep gallery order)."""
+    scores = queries.numpy() @ gallery.numpy().T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.array([int(np.where(order[i] == t)[0][0]) for i, t in enumerate(targets.tolist())])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_ranks_match_brute_force_with_ties(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    # float64, so that only the exact duplicates below tie (float32 sums differ between numpy and torch)
+    gallery = F.normalize(torch.randn(60, 16, generator=g, dtype=torch.float64), dim=-1)
+    gallery[10:20] = gallery[5]  # exact duplicates: tied scores
+    gallery[40:45] = gallery[30]
+    queries = F.normalize(torch.randn(33, 16, generator=g, dtype=torch.float64), dim=-1)
+    queries[:5] = gallery[5]
+    targets = torch.randint(0, 60, (33,), generator=g)
+    targets[:3] = torch.tensor([5, 12, 19])
+    targets[3:5] = torch.tensor([30, 44])
+    ranks = target_ranks(queries, gallery, targets, chunk_size=chunk_size)
+    np.testing.assert_array_equal(ranks.numpy(), brute_force_ranks(queries, gallery, targets))
+    expected = {f"R@{k}": 100 * float(np.mean(brute_force_ranks(queries, gallery, targets) < k)) for k in (10, 50)}
+    assert recall_at_k(ranks) == pytest.approx(expected)
+
+
+def test_hand_computed_example():
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    # query 0 scores 1, 0, .6, .8 -> target 3 ranks second; query 1 -> target 2 (.8) second after 1;
+    # query 2 -> target 1 (score 0) last
+    ranks = target_ranks(queries, gallery, torch.tensor([3, 2, 1]))
+    assert ranks.tolist() == [1, 1, 3]
+    assert recall_at_k(ranks, ks=(1, 2, 4)) == pytest.approx({"R@1": 0.0, "R@2": 200 / 3, "R@4": 100.0})
+    scores, indices = top_k(queries, gallery, 2, chunk_size=2)
+    assert indices.tolist() == [[0, 3], [1, 2], [0, 3]]
+
+
+def brute_force_image_metrics(features, labels, ks):
+    f = F.normalize(features, dim=-1).numpy()
+    lab = labels.numpy().astype(bool)
+    n = len(f)
+    out = {f"{m}@{k}": 0.0 for k in ks for m in ("mAP", "P")}
+    for q in range(n):
+        s = f @ f[q]
+        s[q] = -np.inf
+        order = np.argsort(-s, kind="stable")[: n - 1]
+        rel = np.array([(lab[q] & lab[j]).any() for j in order], dtype=float)
+        n_rel = sum((lab[q] & lab[j]).any() for j in range(n) if j != q)
+        for k in ks:
+            kk = min(k, n - 1)
+            prec = np.cumsum(rel[:kk]) / np.arange(1, kk + 1)
+            out[f"mAP@{k}"] += (prec * rel[:kk]).sum() / max(min(kk, n_rel), 1)
+            out[f"P@{k}"] += rel[:kk].sum() / k
+    return {k: 100 * v / n for k, v in out.items()}
+
+
+def test_image_metrics_match_brute_force():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.zeros(50, 3, dtype=torch.bool)
+    labels[torch.arange(50), torch.randint(0, 3, (50,), generator=g)] = True
+    labels[:5, 1] = True  # some items have two categories, like shirt/toptee
+    features = torch.randn(50, 8, generator=g) + 2.0 * labels.float() @ torch.randn(3, 8, generator=g)
+    metrics = image_retrieval_metrics(features, labels, ks=(5, 10, 100), chunk_size=7)
+    expected = brute_force_image_metrics(features, labels, (5, 10, 100))
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-4), key
+    assert metrics["query_ms"] >= 0
+
+
+def test_evaluate_command_json_and_dump(tiny_root, tmp_path):
+    out, dump = tmp_path / "out.json", tmp_path / "dump.jsonl"
+    assert evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--json", str(out), "--dump", str(dump),
+                          "--quiet", "--workers", "0"]) == 0
+    metrics = json.loads(out.read_text())
+    assert set(metrics) >= {"dress", "shirt", "toptee", "average", "model", "combiner", "seconds"}
+    assert metrics["average"]["R@10"] == pytest.approx(
+        np.mean([metrics[c]["R@10"] for c in ("dress", "shirt", "toptee")]))
+    records = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(records) == sum(len(load_triplets(tiny_root, c, "val")) for c in ("dress", "shirt", "toptee"))
+    r = records[0]
+    assert len(r["top10"]) == 10 and 1 <= r["target_rank"] <= len(load_image_split(tiny_root, r["category"], "val"))
+    assert (r["target_rank"] <= 10) == (r["target"] in r["top10"])
+    # the dump's ranks give the same recall as the JSON
+    dress = [x for x in records if x["category"] == "dress"]
+    assert metrics["dress"]["R@10"] == pytest.approx(100 * np.mean([x["target_rank"] <= 10 for x in dress]))
+
+
+def test_test_split_export(tiny_root, tmp_path):
+    predictions = tmp_path / "pred.json"
+    assert evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--split", "test", "--categories",
+                          "dress", "--predictions", str(predictions), "--quiet", "--workers", "0"]) == 0
+    exported = json.loads(predictions.read_text())["dress"]
+    gallery = set(load_image_split(tiny_root, "dress", "test"))
+    assert len(exported) == len(load_triplets(tiny_root, "dress", "test"))
+    assert all(len(e["top50"]) == min(50, len(gallery)) and set(e["top50"]) <= gallery for e in exported)
+
+
+def test_image_task(tiny_root, tmp_path):
+    assert evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--task", "image", "--quiet",
+                          "--workers", "0", "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= metrics["mAP@10"] <= 100
+    assert metrics["images"] == sum(len(load_image_split(tiny_root, c, "val")) for c in ("dress", "shirt", "toptee"))
+
+
+def test_bad_inputs(tiny_root, tmp_path):
+    base = ["--data", str(tiny_root), "--model", "cir-tiny", "--quiet", "--workers", "0"]
+    with pytest.raises(ModelError, match="missing.safetensors"):
+        evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(ModelError, match="nothing.pt"):
+        evaluate_main(base + ["--combiner", str(tmp_path / "nothing.pt")])
+    with pytest.raises(DataError, match="'skirt'"):
+        evaluate_main(base + ["--categories", "skirt"])
+    root = tmp_path / "fiq"
+    shutil.copytree(tiny_root, root)
+    triplets = json.loads((root / "captions" / "cap.shirt.val.json").read_text())
+    split = [i for i in json.loads((root / "image_splits" / "split.shirt.val.json").read_text())
+             if i != triplets[0]["target"]]
+    (root / "image_splits" / "split.shirt.val.json").write_text(json.dumps(split))
+    with pytest.raises(DataError, match=f"target {triplets[0]['target']}.*split.shirt.val.json"):
+        evaluate_main(["--data", str(root), "--model", "cir-tiny", "--categories", "shirt", "--quiet", "--workers", "0"])
+
+
+def test_command_line_exit_code(tiny_root, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+    result = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "none"), "--model", "cir-tiny"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "error:" in result.stderr and "none" in result.stderr
+    assert "Traceback" not in result.stderr
