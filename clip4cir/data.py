@@ -207,7 +207,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class TripletDataset(Dataset):
     """FashionIQ triplets of one split and several categories.
 
-    Items are dicts with ``reference_id``, ``target_id`` ("" on the test split), ``captions`` (the two raw
+    Items are dicts with ``index``, ``reference_id``, ``target_id`` ("" on the test split), ``captions`` (the two raw
     captions), ``caption`` (the training caption, randomised four ways when ``randomize_captions``, else
     "c1 and c2"), ``category``, and, when ``transform`` is given, the ``reference`` and ``target`` images.
     """
@@ -256,7 +256,7 @@ class TripletDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         t = self.triplets[index]
-        item = {"reference_id": t.reference, "target_id": t.target or "", "category": t.category,
+        item = {"index": index, "reference_id": t.reference, "target_id": t.target or "", "category": t.category,
                 "captions": list(t.captions), "caption": self.caption(index)}
         if self.transform is not None:
             item["reference"] = self.transform(load_image(self.images.path(t.reference)))
