@@ -6,23 +6,21 @@ feature of the target), logits = 100 · query · targetᵀ over the batch, cross
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
 from .checkpointing import RunDir, set_rng_state
 from .cli import add_model_args, run
 from .data import CATEGORIES, DataError, TripletDataset, load_triplets, parse_categories
 from .evaluation import fashioniq_recall
 from .features import loader_options
-from .models import CLIPEncoder, ModelError, load_encoder, load_model, resolve_device, save_encoder
+from .loop import EpochSampler, new_state, run_epochs
+from .models import CLIPEncoder, load_encoder, load_model, resolve_device, save_encoder
 
 LOGIT_SCALE = 100.0
 ENCODER_CHOICES = ("both", "image", "text")
@@ -78,28 +76,6 @@ def training_step(encoder: CLIPEncoder, batch: dict, captions: list[str], train_
             text_features = encoder.encode_text(tokens)
     reference, target = image_features.float().chunk(2)
     return contrastive_loss(reference + text_features.float(), target)
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch (the same on every run and resume), optionally skipping batches already done."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.skip_batches = 0, 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def batches_per_epoch(self) -> int:
-        return self.n // self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator)[: self.batches_per_epoch() * self.batch_size]
-        return iter(order[self.skip_batches * self.batch_size:].tolist())
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -161,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   weight_decay=args.weight_decay)
     amp_dtype, use_scaler = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": -math.inf, "loss_sum": 0.0}
+    state = new_state()
     if args.resume:
         saved = run_dir.load_state()
         if encoder.info.get("global_step") != saved["global_step"]:
@@ -180,81 +156,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         **loader_options(args.workers, device))
 
-    def save(info_metrics: dict | None = None) -> None:
-        info = {"epoch": state["epoch"], "global_step": state["global_step"], "metrics": info_metrics,
+    def info(metrics) -> dict:
+        return {"epoch": state["epoch"], "global_step": state["global_step"], "metrics": metrics,
                 "stage": "clip-finetune", "encoder": args.encoder}
-        save_encoder(encoder, run_dir.file("last.safetensors"), info)
+
+    def start_epoch(epoch: int) -> None:
+        train_set.set_epoch(epoch)
+        set_train_mode(model, args.encoder)
+
+    def step(batch: dict, epoch: int) -> tuple[float, int]:
+        captions = [train_set.caption(i) for i in batch["index"].tolist()]
+        loss = training_step(encoder, batch, captions, args.encoder, amp_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        encoder.invalidate_fingerprint()
+        return loss.item(), len(captions)
+
+    def validate() -> dict:
+        model.eval()
+        return fashioniq_recall(encoder, args.data, categories, workers=args.workers, progress=not args.quiet)
+
+    def save(metrics: dict | None) -> None:
+        save_encoder(encoder, run_dir.file("last.safetensors"), info(metrics))
         run_dir.save_state({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
 
-    while state["epoch"] < args.epochs:
-        epoch = state["epoch"]
-        train_set.set_epoch(epoch)
-        sampler.set_epoch(epoch, state["step_in_epoch"])
-        set_train_mode(model, args.encoder)
-        started, waited, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(total=sampler.batches_per_epoch(), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}",
-                   disable=args.quiet, leave=False)
-        batches = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            waited += time.perf_counter() - t0
-            if batch is None:
-                break
-            captions = [train_set.caption(i) for i in batch["index"].tolist()]
-            loss = training_step(encoder, batch, captions, args.encoder, amp_dtype)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            state["loss_sum"] += loss.item()
-            state["step_in_epoch"] += 1
-            state["global_step"] += 1
-            seen += len(captions)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{state['loss_sum'] / state['step_in_epoch']:.4f}",
-                            triplets_s=f"{seen / elapsed:.1f}")
-            bar.update()
-            if args.max_steps and state["global_step"] >= args.max_steps:
-                bar.close()
-                encoder.invalidate_fingerprint()
-                save()
-                print(f"stopped after {state['global_step']} steps (--max-steps); --resume continues the run")
-                return 0
-        bar.close()
-        encoder.invalidate_fingerprint()
-        seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "step": state["global_step"],
-                  "loss": state["loss_sum"] / max(state["step_in_epoch"], 1), "seconds": seconds,
-                  "triplets_per_s": seen / seconds, "data_wait_share": waited / seconds}
-        last_epoch = epoch + 1 == args.epochs
-        if (epoch + 1) % args.val_every == 0 or last_epoch:
-            model.eval()
-            metrics = fashioniq_recall(encoder, args.data, categories, workers=args.workers,
-                                       progress=not args.quiet)
-            record.update(metrics)
-        state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
-        improved = "average" in record and \
-            (record["average"]["R@10"] + record["average"]["R@50"]) / 2 > state["best"]
-        if improved:
-            state["best"] = (record["average"]["R@10"] + record["average"]["R@50"]) / 2
-        run_dir.log_metrics(record)  # then the state: a crash in between re-runs the epoch and its log line
-        save(record.get("average"))
-        if improved and args.save_best:
-            save_encoder(encoder, run_dir.file("best.safetensors"),
-                         {"epoch": epoch + 1, "global_step": state["global_step"], "metrics": record,
-                          "stage": "clip-finetune", "encoder": args.encoder})
-        print(epoch_summary(record))
+    def save_best(record: dict) -> None:
+        save_encoder(encoder, run_dir.file("best.safetensors"), info(record))
+
+    run_epochs(run_dir, state, epochs=args.epochs, sampler=sampler, batches=loader, step=step, validate=validate,
+               val_every=args.val_every, save=save, save_best=save_best if args.save_best else None,
+               start_epoch=start_epoch, max_steps=args.max_steps, progress=not args.quiet)
     return 0
-
-
-def epoch_summary(record: dict) -> str:
-    """One line per epoch: loss, throughput, and recall when validated."""
-    line = (f"epoch {record['epoch'] + 1}: loss {record['loss']:.4f}, {record['seconds']:.1f}s, "
-            f"{record['triplets_per_s']:.1f} triplets/s, data wait {100 * record['data_wait_share']:.0f}%")
-    if "average" in record:
-        line += f", val avg R@10 {record['average']['R@10']:.2f} R@50 {record['average']['R@50']:.2f}"
-    return line
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clip4cir.data import (CATEGORIES, SPLITS, DataError, GalleryDataset, ImageIndex, TripletDataset,

@@ -1,4 +1,3 @@
-import json
 
 import open_clip
 import pytest

@@ -7,7 +7,6 @@ import torch
 from clip4cir.data import DataError, TripletDataset
 from clip4cir.models import ModelError, create_model, load_encoder
 from clip4cir.train import (contrastive_loss, main as train_main, set_train_mode, set_trainable, training_step)
-from clip4cir.transforms import build_transform
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
 

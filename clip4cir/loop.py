@@ -1,0 +1,108 @@
+"""The epoch loop both training stages share: seeded order, progress bar, throughput, validation, logs, saves."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch.utils.data import Sampler
+from tqdm.auto import tqdm
+
+from .checkpointing import RunDir
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch (the same on every run and resume), optionally skipping batches already done."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator)[: self.batches_per_epoch() * self.batch_size]
+        return iter(order[self.skip_batches * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
+
+
+def new_state() -> dict:
+    """Where a run stands: epochs done, steps into the current epoch and in all, best score, epoch loss so far."""
+    return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": -math.inf, "loss_sum": 0.0}
+
+
+def score(metrics: dict) -> float:
+    """What --save-best maximises: the mean of the average R@10 and R@50."""
+    return (metrics["average"]["R@10"] + metrics["average"]["R@50"]) / 2
+
+
+def epoch_summary(record: dict) -> str:
+    """One line per epoch: loss, throughput, and recall when validated."""
+    line = (f"epoch {record['epoch'] + 1}: loss {record['loss']:.4f}, {record['seconds']:.1f}s, "
+            f"{record['triplets_per_s']:.1f} triplets/s, data wait {100 * record['data_wait_share']:.0f}%")
+    if "average" in record:
+        line += f", val avg R@10 {record['average']['R@10']:.2f} R@50 {record['average']['R@50']:.2f}"
+    return line
+
+
+def run_epochs(run_dir: RunDir, state: dict, *, epochs: int, sampler: EpochSampler, batches: Iterable,
+               step: Callable[[Any, int], tuple[float, int]], validate: Callable[[], dict], val_every: int,
+               save: Callable[[dict | None], None], save_best: Callable[[dict], None] | None,
+               start_epoch: Callable[[int], None], max_steps: int = 0, progress: bool = True) -> bool:
+    """Train until ``epochs`` are done (True) or ``max_steps`` steps in all (False, resumable mid-epoch).
+
+    ``step(batch, epoch)`` trains on one batch and returns (loss, triplets); ``save(metrics)`` writes the last
+    checkpoint and ``state``; ``save_best(record)`` the best one when the validation score improves.
+    """
+    while state["epoch"] < epochs:
+        epoch = state["epoch"]
+        sampler.set_epoch(epoch, state["step_in_epoch"])
+        start_epoch(epoch)
+        started, waited, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(total=sampler.batches_per_epoch(), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}",
+                   disable=not progress, leave=False)
+        iterator = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(iterator, None)
+            waited += time.perf_counter() - t0
+            if batch is None:
+                break
+            loss, n = step(batch, epoch)
+            state["loss_sum"] += loss
+            state["step_in_epoch"] += 1
+            state["global_step"] += 1
+            seen += n
+            bar.set_postfix(loss=f"{state['loss_sum'] / state['step_in_epoch']:.4f}",
+                            triplets_s=f"{seen / (time.perf_counter() - started):.1f}")
+            bar.update()
+            if max_steps and state["global_step"] >= max_steps:
+                bar.close()
+                save(None)
+                print(f"stopped after {state['global_step']} steps (--max-steps); --resume continues the run")
+                return False
+        bar.close()
+        seconds = time.perf_counter() - started
+        record = {"epoch": epoch, "step": state["global_step"],
+                  "loss": state["loss_sum"] / max(state["step_in_epoch"], 1), "seconds": seconds,
+                  "triplets_per_s": seen / seconds, "data_wait_share": waited / seconds}
+        if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
+            record.update(validate())
+        state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
+        improved = "average" in record and score(record) > state["best"]
+        if improved:
+            state["best"] = score(record)
+        run_dir.log_metrics(record)  # then the state: a crash in between re-runs the epoch and its log line
+        save(record.get("average"))
+        if improved and save_best is not None:
+            save_best(record)
+        print(epoch_summary(record))
+    return True

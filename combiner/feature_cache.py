@@ -1,0 +1,80 @@
+"""Frozen-encoder features of the training triplets, computed once and cached on disk.
+
+Holds the image feature of every reference and target image, and the text feature of every caption variant
+training samples ("c1 and c2", "c2 and c1", "c1", "c2"). The file name carries the encoder's fingerprint
+(weights and preprocessing) and a hash of the annotation files, so a changed encoder or data set never reuses
+stale features.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from clip4cir.data import TripletDataset, caption_variant, load_image
+from clip4cir.features import encode_texts, extract_image_features
+from clip4cir.models import CLIPEncoder, atomic_write
+
+N_VARIANTS = 4
+
+
+@dataclass
+class TripletFeatures:
+    """Cached features: ``image[reference[i]]``, ``image[target[i]]`` and ``text[i, variant]`` for triplet i."""
+
+    image_ids: list[str]
+    image: torch.Tensor  # (n_images, d)
+    reference: torch.Tensor  # (n_triplets,) indices into image
+    target: torch.Tensor  # (n_triplets,)
+    text: torch.Tensor  # (n_triplets, 4, d)
+
+    def __len__(self) -> int:
+        return len(self.reference)
+
+
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[Path], ids: Sequence[str], transform):
+        self.paths, self.ids, self.transform = paths, ids, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return self.ids[i], self.transform(load_image(self.paths[i]))
+
+
+def cache_key(encoder: CLIPEncoder, dataset: TripletDataset) -> str:
+    """Encoder fingerprint + a hash of the annotation files the triplets came from."""
+    h = hashlib.sha256(f"{dataset.split}|{','.join(dataset.categories)}".encode())
+    for category in dataset.categories:
+        h.update((dataset.root / "captions" / f"cap.{category}.{dataset.split}.json").read_bytes())
+    return f"{encoder.fingerprint()}-{h.hexdigest()[:12]}"
+
+
+def compute_triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, batch_size: int = 64,
+                             workers: int = 0, progress: bool = True) -> TripletFeatures:
+    """Encode every image the triplets use and every caption variant, once."""
+    image_ids = list(dict.fromkeys(i for t in dataset.triplets for i in (t.reference, t.target)))
+    images = _Images([dataset.images.path(i) for i in image_ids], image_ids, encoder.transform)
+    _, image = extract_image_features(encoder, images, batch_size, workers, progress, desc="train image features")
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    texts = [caption_variant(t.captions, v) for t in dataset.triplets for v in range(N_VARIANTS)]
+    text = encode_texts(encoder, texts).view(len(dataset), N_VARIANTS, -1)
+    return TripletFeatures(image_ids, image, torch.tensor([index[t.reference] for t in dataset.triplets]),
+                           torch.tensor([index[t.target] for t in dataset.triplets]), text)
+
+
+def triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, cache_dir: str | os.PathLike,
+                     batch_size: int = 64, workers: int = 0, progress: bool = True) -> tuple[TripletFeatures, bool]:
+    """Cached features of the training triplets (computed on a miss); returns them and whether the cache hit."""
+    path = Path(cache_dir) / f"triplets.{cache_key(encoder, dataset)}.pt"
+    if path.is_file():
+        return TripletFeatures(**torch.load(path, weights_only=True)), True
+    features = compute_triplet_features(encoder, dataset, batch_size, workers, progress)
+    atomic_write(path, lambda tmp: torch.save(vars(features), tmp))
+    return features, False
