@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if meta["encoder"].get("fingerprint") != encoder.fingerprint():
             raise DataError(f"--resume: the encoder differs from the one {run_dir.path} was trained on")
     else:
+        torch.manual_seed(args.seed)
         combiner = Combiner(encoder.dim, args.proj_dim, args.hidden_dim).to(device)
     optimizer = torch.optim.Adam(combiner.parameters(), lr=args.lr)
     amp_dtype, use_scaler = amp_settings(device)
@@ -131,7 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir.truncate_metrics(state["epoch"])
     else:
         run_dir.start(params)
-        torch.manual_seed(args.seed)
 
     sampler = EpochSampler(len(train_set), args.batch_size, args.seed)
     if args.reencode:
