@@ -14,8 +14,9 @@ from .models import CLIPEncoder, atomic_write
 
 
 def _collate(batch):
-    ids, images = zip(*batch)
-    return list(ids), torch.stack(images)
+    """Stack a batch of (id, image) pairs, leaving out items whose image is None (unreadable)."""
+    batch = [(image_id, image) for image_id, image in batch if image is not None]
+    return [image_id for image_id, _ in batch], torch.stack([image for _, image in batch]) if batch else None
 
 
 def loader_options(workers: int, device: torch.device) -> dict:
@@ -27,7 +28,8 @@ def loader_options(workers: int, device: torch.device) -> dict:
 @torch.inference_mode()
 def extract_image_features(encoder: CLIPEncoder, dataset: Dataset, batch_size: int = 64, workers: int = 0,
                            progress: bool = True, desc: str = "image features") -> tuple[list[str], torch.Tensor]:
-    """Features (not normalised, float32, on the CPU) of every ``(id, image tensor)`` item of ``dataset``."""
+    """Features (not normalised, float32, on the CPU) of every ``(id, image tensor)`` item of ``dataset``;
+    items whose image is None are left out (the returned ids say which were kept)."""
     device = encoder.device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate,
                         **loader_options(workers, device))
@@ -36,6 +38,8 @@ def extract_image_features(encoder: CLIPEncoder, dataset: Dataset, batch_size: i
     encoder.model.eval()
     with _autocast(device):
         for batch_ids, images in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            if images is None:
+                continue
             chunks.append(encoder.encode_image(images.to(device, non_blocking=True)).float().cpu())
             ids += batch_ids
     encoder.model.train(was_training)

@@ -124,6 +124,11 @@ class CLIPEncoder:
         """Call after changing the weights (training)."""
         self._fingerprint = None
 
+    def record(self) -> dict:
+        """What an index or Combiner stores of the encoder: its fingerprint and how to rebuild it."""
+        return {"fingerprint": self.fingerprint(), "description": self.describe(), "source": self.source,
+                "preprocess": self.preprocess.to_dict()}
+
     def describe(self) -> str:
         src = self.source
         weights = src.get("checkpoint") or src.get("pretrained") or f"random init (seed {src.get('seed', 0)})"
@@ -248,7 +253,7 @@ def load_checkpoint(path: str | os.PathLike, preprocess_kind: str = "targetpad",
         raise ModelError(f"{path}: weights do not fit the architecture inferred from them: {e}") from e
     pre = Preprocess(preprocess_kind, config["vision_cfg"]["image_size"], target_ratio=target_ratio)
     info = {"epoch": epoch} if epoch is not None else {}
-    return CLIPEncoder(model.eval(), "openai-state-dict", config, pre, {"checkpoint": str(path)}, info).to(device)
+    return CLIPEncoder(model.eval(), "openai-state-dict", config, pre, {"checkpoint": str(path.resolve())}, info).to(device)
 
 
 def save_encoder(encoder: CLIPEncoder, path: str | os.PathLike, info: dict | None = None) -> None:
@@ -283,7 +288,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise ModelError(f"{path}: weights do not match the stored config: {e}") from e
-    source = {**meta["source"], "checkpoint": str(path)}
+    source = {**meta["source"], "checkpoint": str(Path(path).resolve())}
     return CLIPEncoder(model.eval(), meta["model_name"], meta["model_config"],
                        Preprocess.from_dict(meta["preprocess"]), source, meta["info"]).to(device)
 
@@ -297,6 +302,19 @@ def load_model(model: str | None = None, pretrained: str | None = None, checkpoi
     if not model:
         raise ModelError("give a model name (e.g. --model RN50 --pretrained openai) or a checkpoint")
     return create_model(model, pretrained, seed, preprocess_kind, target_ratio, device)
+
+
+def encoder_from_record(record: dict, checkpoint: str | None = None,
+                        device: str | torch.device = "cpu") -> CLIPEncoder:
+    """Rebuild the encoder a record describes (``checkpoint`` overrides its path) and check its fingerprint."""
+    source, pre = record.get("source", {}), Preprocess.from_dict(record["preprocess"])
+    checkpoint = checkpoint or source.get("checkpoint")
+    encoder = load_model(source.get("model"), source.get("pretrained"), checkpoint, source.get("seed", 0),
+                         pre.kind, pre.target_ratio, device)
+    if encoder.fingerprint() != record["fingerprint"]:
+        raise ModelError(f"encoder {encoder.describe()} (fingerprint {encoder.fingerprint()}) is not the one the "
+                         f"features were made with: {record.get('description')} ({record['fingerprint']})")
+    return encoder
 
 
 def resolve_device(device: str = "auto") -> torch.device:

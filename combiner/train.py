@@ -54,11 +54,6 @@ def combiner_loss(combiner: Combiner, reference: torch.Tensor, text: torch.Tenso
     return contrastive_loss(query, target.to(device))
 
 
-def encoder_record(encoder: CLIPEncoder) -> dict:
-    """What a Combiner checkpoint remembers of the encoder it was trained on."""
-    return {"fingerprint": encoder.fingerprint(), "description": encoder.describe(), "source": encoder.source}
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_combiner.py", description=__doc__)
     parser.add_argument("--data", required=True, help="FashionIQ-layout root")
@@ -171,11 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "stage": "combiner"}
 
     def save(metrics: dict | None) -> None:
-        save_combiner(combiner, run_dir.file("last.safetensors"), encoder_record(encoder), info(metrics))
+        save_combiner(combiner, run_dir.file("last.safetensors"), encoder.record(), info(metrics))
         run_dir.save_state({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
 
     def save_best(record: dict) -> None:
-        save_combiner(combiner, run_dir.file("best.safetensors"), encoder_record(encoder), info(record))
+        save_combiner(combiner, run_dir.file("best.safetensors"), encoder.record(), info(record))
 
     run_epochs(run_dir, state, epochs=args.epochs, sampler=sampler, batches=batches, step=step, validate=validate,
                val_every=args.val_every, save=save, save_best=save_best if args.save_best else None,

@@ -1,0 +1,216 @@
+"""The search API: composed (reference + caption), image and text search over a catalog index.
+
+One :class:`SearchEngine` holds the encoders, an optional Combiner and an index; it is safe to call from
+several threads (a GPU index serialises its own searches).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .category_probe import predict_category
+from .cli import run
+from .data import DataError, load_image, to_rgb
+from .evaluation import combine_sum
+from .index import CatalogIndex
+from .models import CLIPEncoder, encoder_from_record, resolve_device
+
+MAX_K = 10_000
+MODES = ("combiner", "sum")
+
+
+class SearchError(ValueError):
+    """A query the engine cannot answer; the message says what to change."""
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    category: str | None
+    path: str
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    notes: list[str] = field(default_factory=list)  # e.g. a truncated caption, the predicted category
+    category: str | None = None  # the category searched within (None: all)
+    seconds: float = 0.0
+
+
+class SearchEngine:
+    """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
+
+    def __init__(self, index: CatalogIndex, encoder: CLIPEncoder, combiner=None):
+        if index.encoder.get("fingerprint") not in (None, encoder.fingerprint()):
+            raise SearchError(f"the index was built with encoder {index.encoder.get('description')} "
+                              f"({index.encoder.get('fingerprint')}), not {encoder.describe()} "
+                              f"({encoder.fingerprint()})")
+        if combiner is not None and combiner.feature_dim != encoder.dim:
+            raise SearchError(f"the Combiner takes {combiner.feature_dim}-d features, the encoder gives {encoder.dim}-d")
+        self.index, self.encoder, self.combiner = index, encoder, combiner
+        self.encoder.model.eval()
+
+    @classmethod
+    def load(cls, index_path: str | os.PathLike, clip_checkpoint: str | None = None,
+             combiner_path: str | None = None, device: str = "auto") -> "SearchEngine":
+        """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives)."""
+        index = CatalogIndex.load(index_path)
+        encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device))
+        combiner = None
+        if combiner_path:
+            from combiner.model import load_combiner
+            combiner, _ = load_combiner(combiner_path, encoder.device)
+        return cls(index, encoder, combiner)
+
+    # ---- query features -------------------------------------------------------------------------------------
+    def _image_feature(self, image: Image.Image | str | os.PathLike | None) -> torch.Tensor:
+        if image is None:
+            raise SearchError("no image given")
+        if not isinstance(image, Image.Image):
+            try:
+                image = load_image(image)
+            except DataError as e:
+                raise SearchError(str(e)) from e
+        if image.width < 1 or image.height < 1:
+            raise SearchError("the image is empty")
+        x = self.encoder.transform(to_rgb(image))[None]
+        with torch.inference_mode():
+            return self.encoder.encode_image(x)[0].float().cpu()
+
+    def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
+        caption = (caption or "").strip()
+        if not caption:
+            raise SearchError("the caption is empty")
+        n_tokens = self.encoder.count_tokens(caption)
+        if n_tokens > self.encoder.context_length:
+            notes.append(f"the caption has {n_tokens} tokens; only the first {self.encoder.context_length} were used")
+        with torch.inference_mode():
+            return self.encoder.encode_text([caption])[0].float().cpu()
+
+    def _category(self, category: str | None, image_feature: torch.Tensor | None, notes: list[str]) -> str | None:
+        if category in (None, "", "all"):
+            return None
+        if category == "auto":
+            if image_feature is None:
+                raise SearchError("category 'auto' predicts from the query image; text search has none")
+            if self.index.probe is None:
+                notes.append("this catalog has no categories to predict; searched all")
+                return None
+            predicted = predict_category(self.index.probe, image_feature.numpy())[0]
+            notes.append(f"predicted category: {predicted}")
+            return predicted
+        if category not in self.index.categories():
+            raise SearchError(f"unknown category {category!r}; this catalog has "
+                              f"{', '.join(self.index.categories()) or 'none'}")
+        return category
+
+    def _search(self, query: torch.Tensor, k: int, category: str | None, notes: list[str], started: float,
+                exclude: str | None = None) -> SearchResult:
+        scores, rows = self.index.search(query.numpy()[None], k + (exclude is not None), category)
+        hits = []
+        for score, row in zip(scores[0].tolist(), rows[0].tolist()):
+            item = self.index.items[row] if row >= 0 else None
+            if item is None or item.id == exclude:
+                continue
+            hits.append(Hit(item.id, float(score), item.category, item.path))
+        return SearchResult(hits[:k], notes, category, time.perf_counter() - started)
+
+    def _check_k(self, k: int) -> None:
+        if not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise SearchError(f"k must be a whole number from 1 to {MAX_K:,}, got {k!r}")
+
+    # ---- queries --------------------------------------------------------------------------------------------
+    def composed_search(self, caption: str, image: Image.Image | str | os.PathLike | None = None,
+                        reference_id: str | None = None, k: int = 10, category: str | None = None,
+                        mode: str = "combiner") -> SearchResult:
+        """Items like the reference (an image, or a catalog id whose stored feature is reused) changed as the
+        caption says. The reference item itself is left out of the results."""
+        started, notes = time.perf_counter(), []
+        self._check_k(k)
+        if mode not in MODES:
+            raise SearchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode == "combiner" and self.combiner is None:
+            raise SearchError("no Combiner is loaded: use mode 'sum' or load a stage-two checkpoint")
+        if (caption or "").strip() == "":
+            raise SearchError("the caption is empty: say how the wanted item differs "
+                              "(for similar items without a change, use image search)")
+        if reference_id is not None:
+            try:
+                reference = torch.from_numpy(self.index.feature(reference_id).copy())
+            except ValueError as e:
+                raise SearchError(str(e)) from e
+        elif image is not None:
+            reference = self._image_feature(image)
+        else:
+            raise SearchError("no reference: give an image or the id of a catalog item")
+        text = self._text_feature(caption, notes)
+        category = self._category(category, reference, notes)
+        combine = self.combiner.combine if mode == "combiner" else combine_sum
+        with torch.inference_mode():
+            query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
+        return self._search(query.float().cpu(), k, category, notes, started, exclude=reference_id)
+
+    def image_search(self, image: Image.Image | str | os.PathLike | None, k: int = 10,
+                     category: str | None = None) -> SearchResult:
+        """Items that look like the image."""
+        started, notes = time.perf_counter(), []
+        self._check_k(k)
+        feature = self._image_feature(image)
+        return self._search(feature, k, self._category(category, feature, notes), notes, started)
+
+    def text_search(self, caption: str, k: int = 10, category: str | None = None) -> SearchResult:
+        """Items the description fits."""
+        started, notes = time.perf_counter(), []
+        self._check_k(k)
+        feature = self._text_feature(caption, notes)
+        return self._search(feature, k, self._category(category, None, notes), notes, started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="search.py", description="A reference and a caption make a composed "
+                                     "search, a reference alone an image search, a caption alone a text search.")
+    parser.add_argument("--index", required=True, help="index folder made by build_index.py")
+    parser.add_argument("--clip-checkpoint", help="where the index's encoder checkpoint lives now, if moved")
+    parser.add_argument("--combiner", help="stage-two checkpoint for --mode combiner")
+    reference = parser.add_mutually_exclusive_group()
+    reference.add_argument("--image", help="reference / query image file")
+    reference.add_argument("--ref-id", help="id of a catalog item as the reference")
+    parser.add_argument("--caption")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--category", help="a category of the catalog, all, or auto")
+    parser.add_argument("--mode", choices=MODES, help="combining function (default: combiner if loaded, else sum)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of {id, score, category, path}")
+    args = parser.parse_args(argv)
+    engine = SearchEngine.load(args.index, args.clip_checkpoint, args.combiner, args.device)
+    if args.caption is not None and (args.image or args.ref_id):
+        mode = args.mode or ("combiner" if engine.combiner is not None else "sum")
+        result = engine.composed_search(args.caption, args.image, args.ref_id, args.k, args.category, mode)
+    elif args.image or args.ref_id:
+        image = args.image or engine.index.item(args.ref_id).path
+        result = engine.image_search(image, args.k, args.category)
+    elif args.caption is not None:
+        result = engine.text_search(args.caption, args.k, args.category)
+    else:
+        raise SearchError("give --image or --ref-id, --caption, or both")
+    if args.json:
+        print(json.dumps([asdict(h) for h in result.hits], indent=1))
+    else:
+        for note in result.notes:
+            print(f"note: {note}")
+        for rank, hit in enumerate(result.hits, 1):
+            print(f"{rank:>4}  {hit.score:8.4f}  {hit.id}  {hit.category or '-'}  {hit.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
