@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .catalog import encode_items, fashioniq_items, folder_items
@@ -17,13 +18,23 @@ from .models import CLIPEncoder
 def build_index(encoder: CLIPEncoder, items: Sequence[Item], kind: str = "flat", metric: str = "cosine",
                 nlist: int | None = None, nprobe: int = DEFAULTS["nprobe"], M: int = DEFAULTS["M"],
                 ef_search: int = DEFAULTS["ef_search"], batch_size: int = 64, workers: int = 0,
-                progress: bool = True) -> tuple[CatalogIndex, list[Item]]:
+                progress: bool = True, source: dict | None = None) -> tuple[CatalogIndex, list[Item]]:
     """Encode the items and index them; returns the index and the items whose image could not be read."""
     index = CatalogIndex(encoder.dim, kind, metric, nlist, nprobe, M, ef_search, encoder.record())
+    index.source = source or {}
     kept, features, unreadable = encode_items(encoder, items, batch_size, workers, progress)
     index.add(kept, features)
     index.probe = train_probe(features, [item.category for item in kept])
     return index, unreadable
+
+
+def catalog_source(data: str | None, images: str | None, categories: str = ",".join(CATEGORIES),
+                   splits: Sequence[str] = ("val",)) -> tuple[list[Item], dict]:
+    """The items of a FashionIQ root (``data``) or an image folder (``images``), and a record of the source."""
+    if data:
+        return fashioniq_items(data, categories, splits), {"fashioniq": str(Path(data).resolve()),
+                                                           "splits": list(splits)}
+    return folder_items(images), {"images": str(Path(images).resolve())}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,10 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     start = time.perf_counter()
-    items = fashioniq_items(args.data, args.categories, splits) if args.data else folder_items(args.images)
+    items, source = catalog_source(args.data, args.images, args.categories, splits)
     encoder = encoder_from_args(args)
     index, unreadable = build_index(encoder, items, args.kind, args.metric, args.nlist, args.nprobe, args.M,
-                                    args.ef_search, args.batch_size, args.workers, not args.quiet)
+                                    args.ef_search, args.batch_size, args.workers, not args.quiet, source)
     for item in unreadable[:10]:
         print(f"skipped unreadable image {item.path}")
     if unreadable:

@@ -76,6 +76,7 @@ class CatalogIndex:
         self.dim, self.kind, self.metric = dim, kind, metric
         self.nlist, self.nprobe, self.M, self.ef_search = nlist, nprobe, M, ef_search
         self.encoder = encoder or {}
+        self.source: dict = {}  # where the items came from, e.g. {"fashioniq": root, "splits": [...]}
         self.items: list[Item | None] = []  # row = faiss id; None once removed
         self.features = np.zeros((0, dim), dtype=np.float32)
         self.row_of: dict[str, int] = {}
@@ -225,7 +226,7 @@ class CatalogIndex:
     def meta(self) -> dict:
         return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dim": self.dim, "kind": self.kind,
                 "metric": self.metric, "nlist": self.nlist, "nprobe": self.nprobe, "M": self.M,
-                "ef_search": self.ef_search, "encoder": self.encoder, "deleted": sorted(self.deleted),
+                "ef_search": self.ef_search, "encoder": self.encoder, "source": self.source, "deleted": sorted(self.deleted),
                 "probe": self.probe, "size": len(self)}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -285,4 +286,5 @@ class CatalogIndex:
         index.row_of = {item.id: row for row, item in enumerate(index.items) if item is not None}
         index.deleted = set(meta.get("deleted", []))
         index.probe = meta.get("probe")
+        index.source = meta.get("source", {})
         return index

@@ -48,6 +48,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # as a plain write would leave it, whatever the writer's temp-file mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,0 +1,136 @@
+"""Assembling a search engine from what the user gives the app: an index, checkpoints, a zero-shot model, a data
+folder to index at start, or nothing at all (the offline demo: the synthetic `demo` catalog and the small model
+shipped in ``demo/``). Paths may be ``hf://OWNER/REPO/PATH`` (a file or folder in a Hugging Face model repo)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .build_index import build_index, catalog_source
+from .data import CATEGORIES, eval_caption, load_triplets
+from .index import CatalogIndex
+from .models import ModelError, load_model, resolve_device
+from .search import SearchEngine
+from .synthetic import make_synthetic_fashioniq
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+DEMO_SEED = 0  # scripts/make_demo_model.py trains on the catalog of this seed
+
+
+@dataclass
+class Options:
+    """What the app was asked to serve (command-line arguments or their environment variables)."""
+
+    index: str | None = None
+    clip_checkpoint: str | None = None
+    combiner: str | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    data: str | None = None
+    device: str = "auto"
+    cache_dir: str | None = None
+
+
+def cache_root(options: Options) -> Path:
+    return Path(options.cache_dir or os.environ.get("CLIP4CIR_CACHE") or Path.home() / ".cache" / "clip4cir")
+
+
+def resolve_path(spec: str | None, cache: Path) -> str | None:
+    """A local path as is; ``hf://OWNER/REPO/PATH`` downloaded from the Hugging Face Hub (file or folder)."""
+    if not spec or not spec.startswith("hf://"):
+        return spec
+    parts = spec[len("hf://"):].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"{spec!r}: expected hf://OWNER/REPO/PATH")
+    repo, path = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(repo, allow_patterns=[path, f"{path}/*"], cache_dir=str(cache / "hub"))
+    except Exception as e:
+        raise ModelError(f"could not download {spec} from the Hugging Face Hub (offline?): {e}") from e
+    local = Path(folder) / path
+    if not local.exists():
+        raise ModelError(f"{spec}: no such file or folder in {repo}")
+    return str(local)
+
+
+def ensure_demo_catalog(cache: Path, progress: Callable[[str], None] = print) -> Path:
+    """The synthetic `demo` catalog in the cache, generated (a few seconds) on first use."""
+    root = cache / f"fiq-demo-seed{DEMO_SEED}"
+    if not (root / "captions").is_dir():
+        progress(f"generating the synthetic demo catalog in {root} ...")
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_synthetic_fashioniq(tmp, "demo", seed=DEMO_SEED)
+        os.replace(tmp, root)
+    return root
+
+
+def is_fashioniq_root(path: str) -> bool:
+    return (Path(path) / "captions").is_dir() and (Path(path) / "image_splits").is_dir()
+
+
+def load_engine(options: Options, progress: Callable[[str], None] = print) -> SearchEngine:
+    """The engine the options describe; an index built from ``data`` is cached by data path and encoder."""
+    cache = cache_root(options)
+    device = resolve_device(options.device)
+    index_path = resolve_path(options.index, cache)
+    clip_checkpoint = resolve_path(options.clip_checkpoint, cache)
+    combiner = resolve_path(options.combiner, cache)
+    if index_path:
+        return SearchEngine.load(index_path, clip_checkpoint, combiner, str(device))
+    data = options.data
+    if not (data or options.model or clip_checkpoint):  # nothing given: the offline demo
+        data = str(ensure_demo_catalog(cache, progress))
+        clip_checkpoint = str(DEMO_DIR / "encoder.safetensors")
+        combiner = combiner or str(DEMO_DIR / "combiner.safetensors")
+    if not data:
+        raise ValueError("give --index, or --data (a FashionIQ root or an image folder) to index at start")
+    if not (options.model or clip_checkpoint):
+        raise ValueError("give the encoder for --data: --clip-checkpoint PATH or --model NAME [--pretrained TAG]")
+    if not Path(data).is_dir():
+        raise ValueError(f"--data {data} does not exist")
+    encoder = load_model(options.model, options.pretrained, clip_checkpoint, device=device)
+    key = hashlib.sha256(f"{Path(data).resolve()}|{encoder.fingerprint()}".encode()).hexdigest()[:16]
+    cached = cache / "indexes" / key
+    if (cached / "meta.json").is_file():
+        index = CatalogIndex.load(cached)
+    else:
+        fashioniq = is_fashioniq_root(data)
+        items, source = catalog_source(data if fashioniq else None, None if fashioniq else data)
+        progress(f"indexing {len(items):,} images of {data} with {encoder.describe()} ...")
+        index, unreadable = build_index(encoder, items, source=source, progress=False)
+        if unreadable:
+            progress(f"skipped {len(unreadable):,} unreadable images")
+        index.save(cached)
+    combiner_model = None
+    if combiner:
+        from combiner.model import load_combiner
+        combiner_model, _ = load_combiner(combiner, device)
+    return SearchEngine(index, encoder, combiner_model)
+
+
+def examples(index: CatalogIndex, n: int = 4) -> list[dict]:
+    """A few validation queries of a FashionIQ-layout catalog whose reference and target are indexed."""
+    root = index.source.get("fashioniq")
+    if not root:
+        return []
+    per_category = []
+    for category in CATEGORIES:
+        try:
+            triplets = load_triplets(root, category, "val")
+        except ValueError:
+            continue
+        per_category.append([t for t in triplets if t.reference in index.row_of and t.target in index.row_of])
+    out = []
+    for i in range(max(map(len, per_category), default=0)):
+        for triplets in per_category:
+            if i < len(triplets) and len(out) < n:
+                t = triplets[i]
+                out.append({"reference_id": t.reference, "reference_path": index.item(t.reference).path,
+                            "caption": eval_caption(t.captions), "target_id": t.target, "category": t.category})
+    return out
