@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from .data import DataError
+from .distributed import gather_objects
 from .models import atomic_write
 
 # arguments that must match for --resume to continue the same run
 RESUME_KEYS = ("model", "pretrained", "clip_checkpoint", "encoder", "batch_size", "lr", "seed", "categories",
-               "data", "proj_dim", "hidden_dim")
+               "data", "proj_dim", "hidden_dim", "world_size")
 
 
 def rng_state() -> dict:
@@ -79,8 +80,28 @@ class RunDir:
                      if line and json.loads(line)["epoch"] < epochs_done]
             atomic_write(self.metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
 
-    def save_state(self, state: dict[str, Any]) -> None:
-        atomic_write(self.state_file, lambda tmp: torch.save({**state, "rng": rng_state()}, tmp))
+    def save_state(self, state: dict[str, Any], rng_states: list[dict]) -> None:
+        """Write the training state with every rank's RNG state (rank order)."""
+        atomic_write(self.state_file, lambda tmp: torch.save({**state, "rng": rng_states}, tmp))
+
+    def save_training_state(self, state: dict, optimizer, scaler, is_main: bool = True) -> None:
+        """Called on every rank: gathers each rank's RNG state; the main rank writes."""
+        rng_states = gather_objects(rng_state())
+        if is_main:
+            self.save_state({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, rng_states)
+
+    def resume(self, optimizer, scaler, weights_step: int | None, rank: int = 0, is_main: bool = True) -> dict:
+        """Restore optimizer, scaler, this rank's RNG and the loop state; checks the weights are of the same step."""
+        saved = self.load_state()
+        if weights_step != saved["global_step"]:
+            raise DataError(f"the weights in {self.path} (step {weights_step}) do not match {self.state_file} "
+                            f"(step {saved['global_step']})")
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"][rank])
+        if is_main:
+            self.truncate_metrics(saved["epoch"])
+        return {k: saved[k] for k in ("epoch", "step_in_epoch", "global_step", "best", "loss_sum")}
 
     def load_state(self) -> dict[str, Any]:
         try:

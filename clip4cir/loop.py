@@ -10,25 +10,31 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from .checkpointing import RunDir
+from .distributed import barrier
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch (the same on every run and resume), optionally skipping batches already done."""
+    """The distributed sampler of both stages: a seeded permutation per epoch (the same on every run, resume and
+    world size), cut into global batches of ``batch_size × world_size``; each rank takes its slice of each global
+    batch, so N ranks at batch b see exactly the batches one process sees at batch N·b. Batches already done in
+    an interrupted epoch can be skipped."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.epoch, self.skip_batches = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def batches_per_epoch(self) -> int:
-        return self.n // self.batch_size
+        return self.n // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator)[: self.batches_per_epoch() * self.batch_size]
-        return iter(order[self.skip_batches * self.batch_size:].tolist())
+        global_batch = self.batch_size * self.world_size
+        order = torch.randperm(self.n, generator=generator)[: self.batches_per_epoch() * global_batch]
+        mine = order.view(-1, self.world_size, self.batch_size)[self.skip_batches:, self.rank]
+        return iter(mine.reshape(-1).tolist())
 
     def __len__(self) -> int:
         return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
@@ -56,11 +62,14 @@ def epoch_summary(record: dict) -> str:
 def run_epochs(run_dir: RunDir, state: dict, *, epochs: int, sampler: EpochSampler, batches: Iterable,
                step: Callable[[Any, int], tuple[float, int]], validate: Callable[[], dict], val_every: int,
                save: Callable[[dict | None], None], save_best: Callable[[dict], None] | None,
-               start_epoch: Callable[[int], None], max_steps: int = 0, progress: bool = True) -> bool:
+               start_epoch: Callable[[int], None], max_steps: int = 0, progress: bool = True,
+               is_main: bool = True) -> bool:
     """Train until ``epochs`` are done (True) or ``max_steps`` steps in all (False, resumable mid-epoch).
 
-    ``step(batch, epoch)`` trains on one batch and returns (loss, triplets); ``save(metrics)`` writes the last
-    checkpoint and ``state``; ``save_best(record)`` the best one when the validation score improves.
+    ``step(batch, epoch)`` trains on one batch and returns (loss over all ranks, triplets over all ranks);
+    ``save(metrics)`` writes the last checkpoint and ``state`` (it is called on every rank, so it can gather);
+    ``save_best(record)`` the best one when the validation score improves. Only the main rank validates, logs
+    and prints; the others wait for it.
     """
     while state["epoch"] < epochs:
         epoch = state["epoch"]
@@ -68,7 +77,7 @@ def run_epochs(run_dir: RunDir, state: dict, *, epochs: int, sampler: EpochSampl
         start_epoch(epoch)
         started, waited, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(total=sampler.batches_per_epoch(), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}",
-                   disable=not progress, leave=False)
+                   disable=not (progress and is_main), leave=False)
         iterator = iter(batches)
         while True:
             t0 = time.perf_counter()
@@ -87,22 +96,26 @@ def run_epochs(run_dir: RunDir, state: dict, *, epochs: int, sampler: EpochSampl
             if max_steps and state["global_step"] >= max_steps:
                 bar.close()
                 save(None)
-                print(f"stopped after {state['global_step']} steps (--max-steps); --resume continues the run")
+                if is_main:
+                    print(f"stopped after {state['global_step']} steps (--max-steps); --resume continues the run")
                 return False
         bar.close()
         seconds = time.perf_counter() - started
         record = {"epoch": epoch, "step": state["global_step"],
                   "loss": state["loss_sum"] / max(state["step_in_epoch"], 1), "seconds": seconds,
                   "triplets_per_s": seen / seconds, "data_wait_share": waited / seconds}
-        if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
+        if is_main and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
             record.update(validate())
+        barrier()
         state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
         improved = "average" in record and score(record) > state["best"]
         if improved:
             state["best"] = score(record)
-        run_dir.log_metrics(record)  # then the state: a crash in between re-runs the epoch and its log line
+        if is_main:
+            run_dir.log_metrics(record)  # then the state: a crash in between re-runs the epoch and its log line
         save(record.get("average"))
-        if improved and save_best is not None:
+        if is_main and improved and save_best is not None:
             save_best(record)
-        print(epoch_summary(record))
+        if is_main:
+            print(epoch_summary(record))
     return True

@@ -65,6 +65,7 @@ class CLIPEncoder:
         self.tokenizer = open_clip.get_tokenizer(name if name in open_clip.list_models() else "RN50")
         self.context_length = int(config["text_cfg"].get("context_length", 77))
         self.transform = build_transform(preprocess)
+        self.trim_context = True  # False pays for the full context (kept to measure the difference)
         self._fingerprint: str | None = None
 
     @property
@@ -82,6 +83,8 @@ class CLIPEncoder:
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids trimmed to the longest text of the batch (the causal text tower gives identical features)."""
         tokens = self.tokenizer(list(texts), context_length=self.context_length)
+        if not self.trim_context:
+            return tokens
         length = int((tokens != 0).sum(dim=1).max().clamp(min=1))
         return tokens[:, :length]
 

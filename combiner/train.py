@@ -7,22 +7,24 @@ then run on the cached tensors. ``--reencode`` instead encodes every batch as th
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader
 
-from clip4cir.checkpointing import RunDir, set_rng_state
-from clip4cir.cli import add_model_args, encoder_from_args, run
-from clip4cir.data import CATEGORIES, DataError, TripletDataset, load_triplets, parse_categories, random_caption_variant
+from clip4cir.checkpointing import RunDir
+from clip4cir.cli import add_model_args, add_run_args, check_run_args, encoder_from_args, run
+from clip4cir.data import DataError, TripletDataset, random_caption_variant
+from clip4cir.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
 from clip4cir.evaluation import rank_category, summarize
 from clip4cir.features import loader_options
 from clip4cir.loop import EpochSampler, new_state, run_epochs
 from clip4cir.models import CLIPEncoder, resolve_device
-from clip4cir.train import amp_settings, contrastive_loss
+from clip4cir.train import amp_settings, check_batch_fits, contrastive_loss
 
 from .feature_cache import TripletFeatures, triplet_features
 from .model import Combiner, load_combiner, save_combiner
@@ -45,99 +47,100 @@ def encoded_batch(encoder: CLIPEncoder, batch: dict, captions: list[str]
     return reference, encoder.encode_text(captions).float(), target
 
 
-def combiner_loss(combiner: Combiner, reference: torch.Tensor, text: torch.Tensor, target: torch.Tensor,
+class CombinedQuery(nn.Module):
+    """(reference image features, text features) → the Combiner's query: the module DistributedDataParallel wraps."""
+
+    def __init__(self, combiner: Combiner):
+        super().__init__()
+        self.combiner = combiner
+
+    def forward(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.combiner.combine_features(reference, text)
+
+
+def combiner_loss(query_model: nn.Module, reference: torch.Tensor, text: torch.Tensor, target: torch.Tensor,
                   amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Contrastive loss of the combined query against the batch's targets."""
-    device = next(combiner.parameters()).device
+    """Contrastive loss of the combined query against the (global) batch's targets."""
+    device = next(query_model.parameters()).device
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        query = combiner.combine_features(reference.to(device), text.to(device))
+        query = query_model(reference.to(device), text.to(device))
     return contrastive_loss(query, target.to(device))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_combiner.py", description=__doc__)
-    parser.add_argument("--data", required=True, help="FashionIQ-layout root")
+    add_run_args(parser, epochs=300, batch_size=1024, lr=2e-5)
     add_model_args(parser)
-    parser.add_argument("--output", required=True, help="run folder: params.json, metrics.jsonl, checkpoints")
-    parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--proj-dim", type=int, default=None, help="projection dim P (default 4 × feature dim)")
     parser.add_argument("--hidden-dim", type=int, default=None, help="hidden dim H (default 8 × feature dim)")
-    parser.add_argument("--categories", default=",".join(CATEGORIES))
-    parser.add_argument("--val-every", type=int, default=1)
-    parser.add_argument("--save-best", action="store_true")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps in all")
     parser.add_argument("--cache-dir", help="feature cache (default: OUTPUT/feature_cache)")
     parser.add_argument("--reencode", action="store_true", help="encode every batch instead of caching features")
-    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "val_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
     if not args.model and not args.clip_checkpoint:
         raise ValueError("give the frozen encoders: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
-    args.categories = ",".join(parse_categories(args.categories))
+    check_run_args(args)
     args.cache_dir = args.cache_dir or str(Path(args.output) / "feature_cache")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    ddp, device = init_distributed(resolve_device(args.device))
+    args.device = str(device)
+    try:
+        return train(args, ddp, device)
+    finally:
+        shutdown()
+
+
+def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     categories = args.categories.split(",")
     run_dir = RunDir(args.output)
-    params = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "max_steps")}
+    params = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "max_steps", "device")}
+    params["world_size"] = ddp.world_size
     run_dir.check_new_or_resumable(params, args.resume)
-    if not os.path.isdir(args.data):
-        raise DataError(f"--data {args.data} does not exist")
-    for category in categories:
-        load_triplets(args.data, category, "val")
     encoder = encoder_from_args(args)
     encoder.model.eval().requires_grad_(False)
     train_set = TripletDataset(args.data, "train", categories, transform=encoder.transform,
                                randomize_captions=True, seed=args.seed)
-    if args.batch_size > len(train_set):
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set):,} training triplets")
+    check_batch_fits(args.batch_size, ddp.world_size, len(train_set))
 
     if args.resume:
         combiner, meta = load_combiner(run_dir.file("last.safetensors"), device)
         if meta["encoder"].get("fingerprint") != encoder.fingerprint():
             raise DataError(f"--resume: the encoder differs from the one {run_dir.path} was trained on")
     else:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same initial Combiner on every rank
         combiner = Combiner(encoder.dim, args.proj_dim, args.hidden_dim).to(device)
+    query_model: nn.Module = CombinedQuery(combiner)
+    if ddp.enabled:
+        query_model = DistributedDataParallel(query_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(combiner.parameters(), lr=args.lr)
     amp_dtype, use_scaler = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    state = new_state()
     if args.resume:
-        saved = run_dir.load_state()
-        if meta["info"].get("global_step") != saved["global_step"]:
-            raise DataError(f"{run_dir.file('last.safetensors')} (step {meta['info'].get('global_step')}) does not "
-                            f"match {run_dir.state_file} (step {saved['global_step']})")
-        optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
-        state = {k: saved[k] for k in state}
-        set_rng_state(saved["rng"])
-        run_dir.truncate_metrics(state["epoch"])
+        state = run_dir.resume(optimizer, scaler, meta["info"].get("global_step"), ddp.rank, ddp.is_main)
     else:
-        run_dir.start(params)
+        state = new_state()
+        if ddp.is_main:
+            run_dir.start(params)
+        torch.manual_seed(args.seed + ddp.rank)  # dropout masks differ between ranks
 
-    sampler = EpochSampler(len(train_set), args.batch_size, args.seed)
+    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, ddp.rank, ddp.world_size)
     if args.reencode:
         batches = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                              **loader_options(args.workers, device))
     else:
         started = time.perf_counter()
-        features, hit = triplet_features(encoder, train_set, args.cache_dir, workers=args.workers,
-                                         progress=not args.quiet)
-        print(f"training features: {'cache hit' if hit else 'computed and cached'} in "
-              f"{time.perf_counter() - started:.1f}s ({len(features):,} triplets, {len(features.image_ids):,} images)")
+        for turn in ("main", "others"):  # the main rank fills the cache, the others then read it
+            if (turn == "main") == ddp.is_main:
+                features, hit = triplet_features(encoder, train_set, args.cache_dir, workers=args.workers,
+                                                 progress=not args.quiet and ddp.is_main)
+            barrier()
+        if ddp.is_main:
+            print(f"training features: {'cache hit' if hit else 'computed and cached'} in "
+                  f"{time.perf_counter() - started:.1f}s ({len(features):,} triplets, "
+                  f"{len(features.image_ids):,} images)")
         batches = BatchSampler(sampler, args.batch_size, drop_last=True)
 
     def step(batch, epoch: int) -> tuple[float, int]:
@@ -146,12 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             reference, text, target = encoded_batch(encoder, batch, captions)
         else:
             reference, text, target = cached_batch(features, torch.tensor(batch), args.seed, epoch)
-        loss = combiner_loss(combiner, reference, text, target, amp_dtype)
+        loss = combiner_loss(query_model, reference, text, target, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return loss.item(), len(reference)
+        return mean_over_ranks(loss.item()), len(reference) * ddp.world_size
 
     def start_epoch(epoch: int) -> None:
         train_set.set_epoch(epoch)
@@ -166,15 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "stage": "combiner"}
 
     def save(metrics: dict | None) -> None:
-        save_combiner(combiner, run_dir.file("last.safetensors"), encoder.record(), info(metrics))
-        run_dir.save_state({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
+        if ddp.is_main:
+            save_combiner(combiner, run_dir.file("last.safetensors"), encoder.record(), info(metrics))
+        run_dir.save_training_state(state, optimizer, scaler, ddp.is_main)
 
     def save_best(record: dict) -> None:
         save_combiner(combiner, run_dir.file("best.safetensors"), encoder.record(), info(record))
 
     run_epochs(run_dir, state, epochs=args.epochs, sampler=sampler, batches=batches, step=step, validate=validate,
                val_every=args.val_every, save=save, save_best=save_best if args.save_best else None,
-               start_epoch=start_epoch, max_steps=args.max_steps, progress=not args.quiet)
+               start_epoch=start_epoch, max_steps=args.max_steps, progress=not args.quiet, is_main=ddp.is_main)
     return 0
 
 

@@ -1,25 +1,23 @@
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
-import app as app_module  # noqa: E402
 from clip4cir.build_index import build_index  # noqa: E402
 from clip4cir.catalog import fashioniq_items  # noqa: E402
 from clip4cir.models import create_model  # noqa: E402
 from clip4cir.search import SearchEngine  # noqa: E402
 from clip4cir.service import examples  # noqa: E402
+from clip4cir.ui import build_app  # noqa: E402
 from combiner.model import Combiner  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +37,7 @@ def served(tiny_root):
     index, _ = build_index(encoder, fashioniq_items(tiny_root), source={"fashioniq": str(tiny_root)},
                            progress=False)
     engine = SearchEngine(index, encoder, Combiner(encoder.dim))
-    ui = app_module.build_app(engine, examples(index))
+    ui = build_app(engine, examples(index))
     ui.queue(default_concurrency_limit=4)
     port = free_port()
     ui.launch(server_port=port, prevent_thread_lock=True, show_error=True, quiet=True)

@@ -8,7 +8,7 @@ from clip4cir.data import TripletDataset
 from clip4cir.models import ModelError, create_model, save_encoder
 from combiner.feature_cache import triplet_features
 from combiner.model import Combiner, load_combiner, save_combiner
-from combiner.train import cached_batch, combiner_loss, encoded_batch, main as combiner_main
+from combiner.train import CombinedQuery, cached_batch, combiner_loss, encoded_batch, main as combiner_main
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
 
@@ -96,7 +96,7 @@ def test_training_lowers_the_loss(tiny_root, tmp_path):
     batch = cached_batch(features, torch.arange(16), seed=0, epoch=0)
     losses = []
     for _ in range(30):
-        loss = combiner_loss(combiner, *batch, amp_dtype=None)
+        loss = combiner_loss(CombinedQuery(combiner), *batch, amp_dtype=None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -6,7 +6,8 @@ import torch
 
 from clip4cir.data import DataError, TripletDataset
 from clip4cir.models import ModelError, create_model, load_encoder
-from clip4cir.train import (contrastive_loss, main as train_main, set_train_mode, set_trainable, training_step)
+from clip4cir.train import (TowerFeatures, contrastive_loss, main as train_main, set_train_mode, set_trainable,
+                            training_step)
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
 
@@ -38,7 +39,7 @@ def test_real_step_changes_weights_and_lowers_loss_on_fixed_batch(tiny_root):
     set_train_mode(encoder.model, "both")
     losses = []
     for _ in range(5):
-        loss = training_step(encoder, batch, captions, "both", None)
+        loss = training_step(TowerFeatures(encoder, "both"), encoder, batch, captions, None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -54,7 +55,7 @@ def test_frozen_tower_does_not_change_and_has_no_optimizer_state(tiny_root, towe
     params = set_trainable(encoder.model, towers)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     before = snapshot(encoder.model)
-    loss = training_step(encoder, batch, captions, towers, None)
+    loss = training_step(TowerFeatures(encoder, towers), encoder, batch, captions, None)
     loss.backward()
     optimizer.step()
     after = encoder.model.state_dict()

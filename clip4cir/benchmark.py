@@ -1,0 +1,413 @@
+"""Benchmarks (``scripts/benchmark.py``): feature extraction, both training stages, evaluation ranking, query
+latency (Python and HTTP API) and index scale, with peak memory per step; writes JSON and a markdown table.
+
+Timings are medians of repeated runs after a warm-up. ``--config smoke`` is the smallest (the test suite runs
+it), ``quick`` takes a few minutes, ``full`` is the README's table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from .cli import run
+from .data import CATEGORIES, GalleryDataset, TripletDataset, load_image_split, load_triplets
+from .evaluation import target_ranks
+from .features import extract_image_features, loader_options
+from .index import CatalogIndex, Item
+from .models import create_model
+from .search import SearchEngine
+from .synthetic import make_synthetic_fashioniq
+from .train import TowerFeatures, set_train_mode, set_trainable, training_step
+
+CONFIGS = {
+    "smoke": {"models": ["cir-tiny"], "catalog": "tiny", "extract_images": 32, "train_steps": 2,
+              "train_batch": 8, "stage_two": [("cir-tiny", "tiny", 8)], "gallery": 2_000, "repeats": 5,
+              "scales": [2_000], "encoders": ["both"]},
+    "quick": {"models": ["cir-tiny", "RN50"], "catalog": "tiny", "extract_images": 64, "train_steps": 3,
+              "train_batch": 8, "stage_two": [("cir-tiny", "tiny", 16), ("RN50", "tiny", 16)], "gallery": 10_000,
+              "repeats": 20, "scales": [10_000, 100_000], "encoders": ["both", "image", "text"]},
+    "full": {"models": ["cir-tiny", "RN50"], "catalog": "demo", "extract_images": 256, "train_steps": 8,
+             "train_batch": 16, "stage_two": [("cir-tiny", "demo", 256), ("RN50", "tiny", 32)], "gallery": 10_000,
+             "repeats": 50, "scales": [10_000, 100_000, 1_000_000], "encoders": ["both", "image", "text"]},
+}
+# the index the project recommends per catalog size (see README): exact below 100k, IVF above
+RECOMMENDED_IVF = {1_000_000: {"nlist": 1024, "nprobe": 16}}
+HNSW_MAX_BUILD = 1_000_000  # at 1M 1024-d vectors an HNSW build takes well over 15 minutes on 2 cores
+
+
+# ---- measuring -----------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def peak_memory(record: dict):
+    """Peak resident memory (MiB) of the process during the block (Linux's VmHWM, reset first)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    yield
+    record["peak_rss_mib"] = round(_status_kb("VmHWM:") / 1024, 1)
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def percentiles_ms(times: Sequence[float]) -> dict:
+    ms = np.array(times) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2)}
+
+
+def mixture(n: int, d: int, clusters: int = 1000, seed: int = 0) -> np.ndarray:
+    """Normalised vectors with cluster structure (a mixture of Gaussians), like image embeddings."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, d), dtype=np.float32)
+    out = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(start + 100_000, n)
+        out[start:stop] = centers[rng.integers(0, clusters, stop - start)]
+        out[start:stop] += rng.standard_normal((stop - start, d), dtype=np.float32)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+# ---- the steps -----------------------------------------------------------------------------------------------
+def bench_extraction(model: str, root: Path, n_images: int, device: torch.device, workers: int) -> dict:
+    encoder = create_model(model, device=device)
+    dataset = GalleryDataset(root, "train", transform=encoder.transform)
+    subset = Subset(dataset, range(min(n_images, len(dataset))))
+    extract_image_features(encoder, Subset(dataset, range(32)), 32, 0, progress=False)  # warm-up
+    start = time.perf_counter()
+    extract_image_features(encoder, subset, 32, workers, progress=False)
+    seconds = time.perf_counter() - start
+    return {"model": model, "device": device.type, "images": len(subset), "images_per_s": round(len(subset) / seconds, 1)}
+
+
+def bench_stage_one(model: str, root: Path, towers: str, steps: int, batch: int, device: torch.device,
+                    workers: int) -> dict:
+    encoder = create_model(model, device=device)
+    dataset = TripletDataset(root, "train", transform=encoder.transform, randomize_captions=True)
+    optimizer = torch.optim.AdamW(set_trainable(encoder.model, towers), lr=1e-6, eps=1e-7)
+    set_train_mode(encoder.model, towers)
+    features = TowerFeatures(encoder, towers)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, **loader_options(workers, device))
+    batches, waited, computed = iter(loader), 0.0, 0.0
+    for step in range(steps + 1):  # the first step is the warm-up
+        t0 = time.perf_counter()
+        item = next(batches, None)
+        if item is None:
+            batches = iter(loader)
+            item = next(batches)
+        t1 = time.perf_counter()
+        loss = training_step(features, encoder, item, [dataset.caption(i) for i in item["index"].tolist()], None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        t2 = time.perf_counter()
+        if step:
+            waited, computed = waited + t1 - t0, computed + t2 - t1
+    return {"model": model, "encoder": towers, "batch": batch,
+            "triplets_per_s": round(steps * batch / (waited + computed), 1),
+            "data_wait_share": round(waited / (waited + computed), 3)}
+
+
+def bench_stage_two(model: str, root: Path, batch: int, workers: int, tmp: Path) -> dict:
+    """Seconds per Combiner epoch on cached features vs re-encoding every batch (same data, batch, loss)."""
+    from combiner.feature_cache import triplet_features
+    from combiner.train import main as train_combiner
+
+    encoder = create_model(model)  # seeded: the training runs below build the same weights
+    start = time.perf_counter()
+    train_set = TripletDataset(root, "train", transform=encoder.transform)
+    triplet_features(encoder, train_set, tmp / "cache", workers=workers, progress=False)
+    out = {"model": model, "triplets": len(train_set), "batch": batch,
+           "cache_build_s": round(time.perf_counter() - start, 2)}
+    for name, extra in (("cached", []), ("reencode", ["--reencode"])):
+        run_dir = tmp / f"stage2-{model}-{name}"
+        train_combiner(["--data", str(root), "--model", model, "--output", str(run_dir), "--epochs", "2",
+                        "--batch-size", str(batch), "--lr", "1e-3", "--workers", str(workers),
+                        "--cache-dir", str(tmp / "cache"), "--quiet", "--device", "cpu"] + extra)
+        log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out[f"{name}_epoch_s"] = round(log[-1]["seconds"], 4)  # the second epoch: warm
+        out[f"{name}_val_R@10"] = round(log[-1]["average"]["R@10"], 2)
+    out["speedup"] = round(out["reencode_epoch_s"] / out["cached_epoch_s"], 1)
+    return out
+
+
+def index_mib(index: CatalogIndex, tmp: Path) -> float:
+    """The index's footprint: stored features plus the FAISS structure (its serialised size)."""
+    import faiss
+    path = tmp / "size.faiss"
+    faiss.write_index(index._faiss, str(path))
+    size = index.features.nbytes + path.stat().st_size
+    path.unlink()
+    return round(size / 2 ** 20, 1)
+
+
+def bench_evaluation(annotations: Path, repeats: int) -> dict:
+    """Ranking FashionIQ-sized inputs (real annotation files, random 1024-d features), all three categories."""
+    rng = np.random.default_rng(0)
+    inputs = []
+    for category in CATEGORIES:
+        gallery = load_image_split(annotations, category, "val")
+        index = {g: i for i, g in enumerate(gallery)}
+        triplets = load_triplets(annotations, category, "val")
+        inputs.append((F.normalize(torch.from_numpy(rng.standard_normal((len(gallery), 1024), dtype=np.float32)), dim=-1),
+                       F.normalize(torch.from_numpy(rng.standard_normal((len(triplets), 1024), dtype=np.float32)), dim=-1),
+                       torch.tensor([index[t.target] for t in triplets])))
+    times = timed(lambda: [target_ranks(q, g, t) for g, q, t in inputs], repeats)
+    return {"galleries": [len(g) for g, _, _ in inputs], "queries": [len(q) for _, q, _ in inputs],
+            "dim": 1024, "seconds": round(statistics.median(times), 3)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http: bool) -> dict:
+    from combiner.model import Combiner
+    encoder = create_model(model)
+    images = GalleryDataset(root, "val")
+    paths = [str(images.path(i)) for i in range(len(images))]
+    rng = np.random.default_rng(0)
+    index = CatalogIndex(encoder.dim, encoder=encoder.record())
+    index.add([Item(f"item{i}", paths[i % len(paths)], CATEGORIES[i % 3]) for i in range(gallery_size)],
+              rng.standard_normal((gallery_size, encoder.dim), dtype=np.float32))
+    torch.manual_seed(0)
+    engine = SearchEngine(index, encoder, Combiner(encoder.dim))
+    ids = [f"item{i}" for i in rng.integers(0, gallery_size, repeats + 1)]
+    captions = ["is red with shorter sleeves", "is darker and has a collar", "is blue instead of white"]
+    queries = {
+        "composed_gallery_ref": lambda i: engine.composed_search(captions[i % 3], reference_id=ids[i], k=10),
+        "composed_upload": lambda i: engine.composed_search(captions[i % 3], image=paths[i % len(paths)], k=10),
+        "image": lambda i: engine.image_search(paths[i % len(paths)], k=10),
+        "text": lambda i: engine.text_search(captions[i % 3], k=10),
+    }
+    out = {"model": model, "gallery": gallery_size, "python": {}}
+    for name, query in queries.items():
+        counter = iter(range(10 ** 9))
+        out["python"][name] = percentiles_ms(timed(lambda: query(next(counter) % repeats), repeats))
+    encoder.trim_context = False  # before: the full 77-token context
+    counter = iter(range(10 ** 9))
+    out["python"]["composed_gallery_ref_full_context"] = percentiles_ms(
+        timed(lambda: queries["composed_gallery_ref"](next(counter) % repeats), repeats))
+    encoder.trim_context = True
+    if http:
+        out["http"] = _bench_http(engine, ids, paths, captions, repeats)
+    return out
+
+
+def _bench_http(engine: SearchEngine, ids, paths, captions, repeats: int) -> dict:
+    from gradio_client import Client, handle_file
+
+    from .ui import build_app
+    ui = build_app(engine)
+    ui.queue(default_concurrency_limit=4)
+    port = _free_port()
+    ui.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        calls = {
+            "composed_gallery_ref": lambda i: client.predict(None, captions[i % 3], "all", 10, "Combiner", ids[i], "",
+                                                             api_name="/composed_search"),
+            "composed_upload": lambda i: client.predict(handle_file(paths[i % len(paths)]), captions[i % 3], "all",
+                                                        10, "Combiner", "", "", api_name="/composed_search"),
+            "image": lambda i: client.predict(handle_file(paths[i % len(paths)]), "all", 10, api_name="/image_search"),
+            "text": lambda i: client.predict(captions[i % 3], "all", 10, api_name="/text_search"),
+        }
+        out = {}
+        for name, call in calls.items():
+            counter = iter(range(10 ** 9))
+            out[name] = percentiles_ms(timed(lambda: call(next(counter) % repeats), repeats))
+        return out
+    finally:
+        ui.close()
+
+
+def bench_scale(n: int, dim: int, tmp: Path, n_queries: int = 200) -> list[dict]:
+    """Build time, memory, single-query latency and recall@10 against exact, per index kind, at one size."""
+    x = mixture(n, dim)
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal((n_queries, dim), dtype=np.float32) * (0.3 / np.sqrt(dim))  # norm about 0.3
+    queries = x[rng.choice(n, n_queries, replace=False)] + noise
+    items = [Item(str(i), "", None) for i in range(n)]
+    rows, truth = [], None
+    for kind in ("flat", "ivf", "hnsw"):
+        row = {"n": n, "dim": dim, "kind": kind}
+        if kind == "hnsw" and n >= HNSW_MAX_BUILD:
+            row["skipped"] = "build would take over 15 minutes on this machine"
+            rows.append(row)
+            continue
+        knobs = RECOMMENDED_IVF.get(n, {}) if kind == "ivf" else {}
+        start = time.perf_counter()
+        index = CatalogIndex(dim, kind, **knobs)
+        index.add(items, x)
+        row["build_s"] = round(time.perf_counter() - start, 2)
+        row["memory_mib"] = index_mib(index, tmp)
+        row.update({k: v for k, v in (("nlist", index.nlist), ("nprobe", index.nprobe)) if kind == "ivf"})
+        if kind == "hnsw":
+            row.update(M=index.M, ef_search=index.ef_search)
+        _, found = index.search(queries, 10)
+        if truth is None:
+            truth = found
+        row["recall@10"] = round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])), 4)
+        counter = iter(range(10 ** 9))
+        row.update(percentiles_ms(timed(lambda: index.search(queries[next(counter) % n_queries], 10), 100)))
+        rows.append(row)
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    import faiss
+    import gradio
+    import open_clip
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": None,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "open_clip": open_clip.__version__, "faiss": faiss.__version__, "gradio": gradio.__version__,
+                         "numpy": np.__version__}}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def markdown(report: dict) -> str:
+    r, m = report["results"], report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['versions']['torch']}, "
+             f"faiss {m['versions']['faiss']}; config `{report['config']}`.", "",
+             "| step | setting | result | peak RSS MiB |", "|---|---|---|---|"]
+    for e in r.get("extraction", []):
+        lines.append(f"| feature extraction | {e['model']} ({e['device']}) | {e['images_per_s']} images/s | {e['peak_rss_mib']} |")
+    for s in r.get("stage_one", []):
+        lines.append(f"| stage one | {s['model']}, encoder {s['encoder']}, batch {s['batch']} | "
+                     f"{s['triplets_per_s']} triplets/s, data wait {100 * s['data_wait_share']:.0f}% | {s['peak_rss_mib']} |")
+    for s in r.get("stage_two", []):
+        lines.append(f"| stage two epoch | {s['model']}, {s['triplets']:,} triplets, batch {s['batch']} | "
+                     f"cached {s['cached_epoch_s']} s vs "
+                     f"re-encoding {s['reencode_epoch_s']} s: **{s['speedup']}×** (val R@10 {s['cached_val_R@10']} vs "
+                     f"{s['reencode_val_R@10']}; cache built in {s['cache_build_s']} s) | {s['peak_rss_mib']} |")
+    if "evaluation" in r:
+        e = r["evaluation"]
+        lines.append(f"| evaluation ranking | FashionIQ val sizes, 1024-d, 3 categories | {e['seconds']} s | {e['peak_rss_mib']} |")
+    for q in r.get("latency", []):
+        for api in ("python", "http"):
+            for name, p in q.get(api, {}).items():
+                lines.append(f"| query latency ({api}) | {q['model']}, {q['gallery']:,} items, {name} | "
+                             f"p50 {p['p50_ms']} ms, p95 {p['p95_ms']} ms | {q['peak_rss_mib']} |")
+    for s in r.get("scale", []):
+        if "skipped" in s:
+            lines.append(f"| index scale | {s['kind']}, {s['n']:,} × {s['dim']} | skipped: {s['skipped']} | |")
+            continue
+        knobs = f", nlist {s['nlist']}, nprobe {s['nprobe']}" if s["kind"] == "ivf" else \
+            (f", M {s['M']}, efSearch {s['ef_search']}" if s["kind"] == "hnsw" else "")
+        lines.append(f"| index scale | {s['kind']}{knobs}, {s['n']:,} × {s['dim']} | build {s['build_s']} s, "
+                     f"{s['memory_mib']} MiB, p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, recall@10 {s['recall@10']} | "
+                     f"{s.get('peak_rss_mib', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__)
+    parser.add_argument("--config", choices=list(CONFIGS), default="full")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="--config quick")
+    parser.add_argument("--out", default="benchmark", help="folder for report.json and report.md")
+    parser.add_argument("--annotations", default=str(Path(__file__).resolve().parents[2] / "shared" / "fashioniq"),
+                        help="the real FashionIQ annotation files (for the evaluation step)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP-API latencies")
+    parser.add_argument("--steps", default="extraction,stage_one,stage_two,evaluation,latency,scale")
+    args = parser.parse_args(argv)
+    cfg, steps = CONFIGS[args.config], set(args.steps.split(","))
+    if "evaluation" in steps and not (Path(args.annotations) / "captions").is_dir():
+        raise FileNotFoundError(f"--annotations {args.annotations} holds no FashionIQ captions/ folder")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    results: dict = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = tmp / "catalog"
+        make_synthetic_fashioniq(root, cfg["catalog"], seed=0)
+
+        def step(name: str, fn: Callable[[], dict | list]) -> None:
+            record: dict = {}
+            print(f"benchmark: {name} ...", flush=True)
+            with peak_memory(record):
+                value = fn()
+            for row in value if isinstance(value, list) else [value]:
+                row.setdefault("peak_rss_mib", record["peak_rss_mib"])
+            results.setdefault(name, []).extend(value if isinstance(value, list) else [value])
+
+        if "extraction" in steps:
+            for model in cfg["models"]:
+                for device in devices:
+                    step("extraction", lambda: bench_extraction(model, root, cfg["extract_images"], device, args.workers))
+        if "stage_one" in steps:
+            for model in cfg["models"]:
+                for towers in cfg["encoders"]:
+                    step("stage_one", lambda: bench_stage_one(model, root, towers, cfg["train_steps"],
+                                                              cfg["train_batch"], devices[-1], args.workers))
+        if "stage_two" in steps:
+            for model, catalog, batch in cfg["stage_two"]:
+                catalog_root = root if catalog == cfg["catalog"] else tmp / f"catalog-{catalog}"
+                if not catalog_root.exists():
+                    make_synthetic_fashioniq(catalog_root, catalog, seed=0)
+                step("stage_two", lambda: bench_stage_two(model, catalog_root, batch, args.workers, tmp))
+        if "evaluation" in steps:
+            step("evaluation", lambda: bench_evaluation(Path(args.annotations), 3))
+            results["evaluation"] = results["evaluation"][0]
+        if "latency" in steps:
+            for model in cfg["models"]:
+                step("latency", lambda: bench_latency(model, root, cfg["gallery"], cfg["repeats"], not args.no_http))
+        if "scale" in steps:
+            for n in cfg["scales"]:
+                step("scale", lambda: bench_scale(n, 1024, tmp))
+    report = {"config": args.config, "machine": machine(), "seconds": round(time.perf_counter() - started, 1),
+              "results": results}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,8 @@
+"""Benchmarks: python scripts/benchmark.py [--quick | --config smoke|quick|full] [--out DIR]."""
+import sys
+
+from clip4cir.benchmark import main
+from clip4cir.cli import run
+
+if __name__ == "__main__":
+    sys.exit(run(main))
