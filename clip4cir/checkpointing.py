@@ -38,6 +38,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_params(args, world_size: int) -> dict:
+    """The hyper-parameters a run records (and --resume checks): the arguments, less the per-invocation ones."""
+    params = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "max_steps")}
+    return {**params, "world_size": world_size}
+
+
 class RunDir:
     """The output folder of one training run."""
 

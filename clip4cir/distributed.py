@@ -6,16 +6,18 @@ rendezvous endpoint); without torchrun everything runs as one process.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from .models import ModelError
+from .models import ModelError, resolve_device
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=int(os.environ.get("CLIP4CIR_DIST_TIMEOUT", "30"))))
     return Dist(rank, world_size, local_rank), device
+
+
+def run_distributed(train: Callable[[argparse.Namespace, Dist, torch.device], int], args: argparse.Namespace) -> int:
+    """Join the torchrun job if there is one, run ``train(args, dist, device)``, and leave the process group."""
+    ddp, device = init_distributed(resolve_device(args.device))
+    try:
+        return train(args, ddp, device)
+    finally:
+        shutdown()
 
 
 def active() -> bool:

@@ -13,9 +13,10 @@ import torch
 
 from .cli import add_model_args, encoder_from_args, run
 from .data import CATEGORIES, DataError, GalleryDataset, parse_categories
+from .category_probe import predict_category, train_probe
 from .evaluation import (RECALL_KS, Combine, combine_sum, image_retrieval_metrics, query_records, rank_category,
                          summarize, top_k)
-from .features import extract_image_features
+from .features import extract_image_features, gallery_features
 from .models import CLIPEncoder, ModelError, load_model, resolve_device
 
 TABLE_ENCODERS = ("none", "image", "text", "both")
@@ -77,14 +78,15 @@ def ablation_table(args: argparse.Namespace, categories: list[str]) -> str:
             notes.append(f"checkpoint {path} for '{encoder_ft}' does not exist: its rows are left out")
             continue
         encoder = load_model(args.model, args.pretrained, path, seed=args.seed, device=device)
+        galleries = {c: gallery_features(encoder, args.data, "val", c, args.cache_dir, args.batch_size, args.workers,
+                                         not args.quiet) for c in categories}  # once for both rows
         for combining, combiner_path in (("Sum", None), ("Combiner", combiners.get(encoder_ft))):
             if combining == "Combiner" and not (combiner_path and Path(combiner_path).is_file()):
                 notes.append(f"no Combiner checkpoint for '{encoder_ft}'" +
                              (f" ({combiner_path} does not exist)" if combiner_path else ""))
                 continue
             combine = combining_function(encoder, combiner_path, "combiner" if combiner_path else "sum")
-            rankings = [rank_category(encoder, args.data, c, combine, "val", args.cache_dir, args.batch_size,
-                                      args.workers, not args.quiet) for c in categories]
+            rankings = [rank_category(encoder, args.data, c, combine, gallery=galleries[c]) for c in categories]
             rows.append((encoder_ft, combining, summarize(rankings)))
     return markdown_table(rows) + "".join(f"\n\nNote: {n}" for n in notes)
 
@@ -95,6 +97,21 @@ def image_task(encoder: CLIPEncoder, args: argparse.Namespace, categories: list[
     ids, features = extract_image_features(encoder, dataset, args.batch_size, args.workers, not args.quiet)
     labels = torch.tensor([[c in dataset.categories_of[i] for c in categories] for i in ids])
     return {**image_retrieval_metrics(features, labels), "images": len(ids)}
+
+
+def category_task(encoder: CLIPEncoder, args: argparse.Namespace, categories: list[str]) -> dict:
+    """How often ``category="auto"`` is right: the probe trained on train-split images, scored on the split's."""
+    features = {}
+    for split in ("train", args.split):
+        dataset = GalleryDataset(args.data, split, categories, transform=encoder.transform)
+        ids, feats = extract_image_features(encoder, dataset, args.batch_size, args.workers, not args.quiet)
+        features[split] = (ids, feats.numpy(), dataset.categories_of)
+    ids, feats, categories_of = features["train"]
+    probe = train_probe(feats, [categories_of[i][0] for i in ids])
+    ids, feats, categories_of = features[args.split]
+    predicted = predict_category(probe, feats)
+    right = sum(p in categories_of[i] for p, i in zip(predicted, ids))
+    return {"accuracy": 100.0 * right / len(ids), "images": len(ids), "train_images": len(features["train"][0])}
 
 
 def _write_json(path: str, obj) -> None:
@@ -112,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "when --combiner is given, else sum)")
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--split", choices=["val", "test"], default="val")
-    parser.add_argument("--task", choices=["composed", "image"], default="composed")
+    parser.add_argument("--task", choices=["composed", "image", "category"], default="composed",
+                        help="composed: Recall@K; image: image-search mAP@K/P@K; category: accuracy of category=auto")
     parser.add_argument("--json", help="write the metrics here")
     parser.add_argument("--dump", help="write per-query JSON lines here (reference, captions, target, rank, top-10)")
     parser.add_argument("--predictions", help="--split test: write the top-50 gallery ids per query here")
@@ -132,8 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ablation_table(args, categories))
         return 0
     encoder = encoder_from_args(args)
-    if args.task == "image":
-        metrics = image_task(encoder, args, categories)
+    if args.task in ("image", "category"):
+        metrics = (image_task if args.task == "image" else category_task)(encoder, args, categories)
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         if args.json:
             _write_json(args.json, {**metrics, "model": encoder.describe(), "seconds": time.perf_counter() - start})

@@ -72,9 +72,12 @@ class CategoryRanking:
 
 def rank_category(encoder: CLIPEncoder, root: str | os.PathLike, category: str, combine: Combine = combine_sum,
                   split: str = "val", cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
-                  workers: int = 0, progress: bool = True) -> CategoryRanking:
-    """Composed queries ("c1 and c2" + reference image) of one category ranked against its split gallery."""
-    ids, features = gallery_features(encoder, root, split, category, cache_dir, batch_size, workers, progress)
+                  workers: int = 0, progress: bool = True,
+                  gallery: tuple[list[str], torch.Tensor] | None = None) -> CategoryRanking:
+    """Composed queries ("c1 and c2" + reference image) of one category ranked against its split gallery
+    (``gallery``: its ids and features, when already extracted with this encoder)."""
+    ids, features = gallery or gallery_features(encoder, root, split, category, cache_dir, batch_size, workers,
+                                                progress)
     index = {image_id: i for i, image_id in enumerate(ids)}
     triplets = load_triplets(root, category, split)
     for t in triplets:

@@ -14,14 +14,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .checkpointing import RunDir
+from .checkpointing import RunDir, run_params
 from .cli import add_model_args, add_run_args, check_run_args, run
 from .data import TripletDataset
-from .distributed import Dist, gather_with_grad, init_distributed, mean_over_ranks, shutdown
+from .distributed import Dist, gather_with_grad, mean_over_ranks, run_distributed
 from .evaluation import fashioniq_recall
 from .features import loader_options
 from .loop import EpochSampler, new_state, run_epochs
-from .models import CLIPEncoder, load_encoder, load_model, resolve_device, save_encoder
+from .models import CLIPEncoder, load_encoder, load_model, save_encoder
 
 LOGIT_SCALE = 100.0
 ENCODER_CHOICES = ("both", "image", "text")
@@ -110,19 +110,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    ddp, device = init_distributed(resolve_device(args.device))
-    try:
-        return train(args, ddp, device)
-    finally:
-        shutdown()
+    return run_distributed(train, parse_args(argv))
 
 
 def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     categories = args.categories.split(",")
     run_dir = RunDir(args.output)
-    params = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "max_steps")}
-    params["world_size"] = ddp.world_size
+    params = run_params(args, ddp.world_size)
     run_dir.check_new_or_resumable(params, args.resume)
     if args.resume:
         encoder = load_encoder(run_dir.file("last.safetensors"), device=device)

@@ -16,14 +16,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader
 
-from clip4cir.checkpointing import RunDir
-from clip4cir.cli import add_model_args, add_run_args, check_run_args, encoder_from_args, run
+from clip4cir.checkpointing import RunDir, run_params
+from clip4cir.cli import add_model_args, add_run_args, check_run_args, run
 from clip4cir.data import DataError, TripletDataset, random_caption_variant
-from clip4cir.distributed import Dist, barrier, init_distributed, mean_over_ranks, shutdown
+from clip4cir.distributed import Dist, barrier, mean_over_ranks, run_distributed
 from clip4cir.evaluation import rank_category, summarize
 from clip4cir.features import loader_options
 from clip4cir.loop import EpochSampler, new_state, run_epochs
-from clip4cir.models import CLIPEncoder, resolve_device
+from clip4cir.models import CLIPEncoder, load_model
 from clip4cir.train import amp_settings, check_batch_fits, contrastive_loss
 
 from .feature_cache import TripletFeatures, triplet_features
@@ -84,22 +84,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    ddp, device = init_distributed(resolve_device(args.device))
-    args.device = str(device)
-    try:
-        return train(args, ddp, device)
-    finally:
-        shutdown()
+    return run_distributed(train, parse_args(argv))
 
 
 def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     categories = args.categories.split(",")
     run_dir = RunDir(args.output)
-    params = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "max_steps", "device")}
-    params["world_size"] = ddp.world_size
+    params = run_params(args, ddp.world_size)
     run_dir.check_new_or_resumable(params, args.resume)
-    encoder = encoder_from_args(args)
+    encoder = load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, device=device)
     encoder.model.eval().requires_grad_(False)
     train_set = TripletDataset(args.data, "train", categories, transform=encoder.transform,
                                randomize_captions=True, seed=args.seed)

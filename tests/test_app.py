@@ -141,27 +141,45 @@ def test_browser_composed_search_and_refine(served, tmp_path):
         browser.close()
 
 
+def start_app(args: list[str], env: dict, port: int) -> tuple[subprocess.Popen, Client]:
+    """Run app.py as a user would and wait until it answers."""
+    process = subprocess.Popen([sys.executable, "app.py"] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app.py exited: {process.stdout.read()}")
+        try:
+            return process, Client(f"http://127.0.0.1:{port}/", verbose=False)
+        except Exception:
+            time.sleep(1)
+    process.kill()
+    raise AssertionError("the app did not start")
+
+
+def stop(process: subprocess.Popen) -> str:
+    process.terminate()
+    return process.communicate(timeout=20)[0]
+
+
 @pytest.mark.slow
 def test_readme_start_command_serves_the_offline_demo(tmp_path):
     port = free_port()
     env = {**os.environ, "CLIP4CIR_CACHE": str(tmp_path / "cache"), "CLIP4CIR_PORT": str(port),
            "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process, client = start_app([], env, port)
     try:
-        deadline = time.time() + 240
-        client = None
-        while time.time() < deadline and client is None:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            except Exception:
-                time.sleep(1)
-        assert client is not None, "the app did not start"
         items, info = client.predict("a blue dress", "dress", 5, api_name="/text_search")
         assert len(items) == 5 and "results in" in info
-        # second start: catalog and index come from the cache
-        assert (tmp_path / "cache" / "indexes").is_dir()
+        index_dirs = list((tmp_path / "cache" / "indexes").iterdir())
+        assert len(index_dirs) == 1
     finally:
-        process.terminate()
-        process.wait(20)
+        stop(process)
+    # second start: catalog and index come from the cache; a share link cannot be made offline, the app runs on
+    process, client = start_app(["--share"], env, port)
+    try:
+        items, _ = client.predict("a red shirt", "shirt", 3, api_name="/text_search")
+        assert len(items) == 3 and list((tmp_path / "cache" / "indexes").iterdir()) == index_dirs
+    finally:
+        output = stop(process)
+    assert "could not create a Gradio share link" in output and "Traceback" not in output

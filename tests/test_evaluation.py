@@ -144,3 +144,37 @@ def test_command_line_exit_code(tiny_root, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "error:" in result.stderr and "none" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ablation_table_in_the_papers_layout(tiny_root, tmp_path, capsys):
+    from clip4cir.models import create_model, load_encoder, save_encoder
+    from combiner.model import Combiner, save_combiner
+    for name, seed in (("image", 1), ("both", 2)):
+        save_encoder(create_model("cir-tiny", seed=seed), tmp_path / f"{name}.safetensors")
+    both = load_encoder(tmp_path / "both.safetensors")
+    save_combiner(Combiner(both.dim), tmp_path / "comb-both.safetensors", both.record())
+    assert evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--table", "--quiet", "--workers", "0",
+                          "--table-checkpoints", f"image={tmp_path}/image.safetensors,both={tmp_path}/both.safetensors,"
+                          f"text={tmp_path}/missing.safetensors",
+                          "--table-combiners", f"both={tmp_path}/comb-both.safetensors"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert lines[0].split("|")[3:11] == [f" {c} R@{k} " for c in ("Shirt", "Dress", "Toptee", "Average") for k in (10, 50)]
+    rows = [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in lines[2:]]
+    assert rows == [("none", "Sum"), ("image", "Sum"), ("both", "Sum"), ("both", "Combiner")]
+    assert "missing.safetensors for 'text' does not exist" in out and "no Combiner checkpoint for 'image'" in out
+    # the Sum row of "both" is what evaluating that checkpoint alone reports
+    evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(tmp_path / "both.safetensors"), "--quiet",
+                   "--workers", "0", "--json", str(tmp_path / "both.json")])
+    average = json.loads((tmp_path / "both.json").read_text())["average"]
+    assert lines[4].split("|")[-3].strip() == f"{average['R@10']:.2f}"
+    with pytest.raises(ValueError, match="ENCODER=PATH"):
+        evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--table", "--table-checkpoints", "all=x"])
+
+
+def test_category_task_scores_the_probe_on_held_out_images(tiny_root, tmp_path):
+    out = tmp_path / "c.json"
+    assert evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--task", "category", "--quiet",
+                          "--workers", "0", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["images"] == 72 and metrics["train_images"] == 90 and 0 <= metrics["accuracy"] <= 100
