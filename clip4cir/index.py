@@ -154,6 +154,10 @@ class CatalogIndex:
             rows.append(self.row_of[item_id])
         if self.kind == "hnsw":
             self.deleted.update(rows)
+        elif use_gpu(self.kind):  # GPU indexes cannot remove: remove on a CPU copy and move it back
+            cpu = faiss.index_gpu_to_cpu(self._faiss)
+            cpu.remove_ids(np.array(rows, dtype=np.int64))
+            self._faiss = faiss.index_cpu_to_all_gpus(cpu)
         else:
             self._faiss.remove_ids(np.array(rows, dtype=np.int64))
         for item_id, row in zip(ids, rows):

@@ -31,7 +31,7 @@ def free_port() -> int:
 def launch(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "scripts" / script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"}
     return subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -56,7 +56,7 @@ def test_sampler_shards_global_batches():
 def _gradients(rank: int, world: int, port: int, root: str, out: str) -> None:
     """One training step's loss and (DDP-averaged) gradients at per-rank batch 8 / world."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     ddp, device = init_distributed(torch.device("cpu"))
     encoder = create_model("cir-tiny")

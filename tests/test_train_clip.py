@@ -131,3 +131,18 @@ def test_bad_inputs_exit_cleanly_and_overwrite_nothing(tiny_root, tmp_path):
     with pytest.raises(DataError, match="lr was"):
         train_main(["--data", str(tiny_root), "--output", str(out), "--epochs", "2", "--resume"] + BASE + ["--lr", "0.1"])
     assert (out / "last.safetensors").read_bytes() == before
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tiny_root):
+    grads = []
+    for checkpointing in (False, True):
+        encoder = create_model("cir-tiny")
+        set_trainable(encoder.model, "both")
+        encoder.model.set_grad_checkpointing(checkpointing)
+        set_train_mode(encoder.model, "both")
+        batch, captions = fixed_batch(tiny_root, encoder)
+        training_step(TowerFeatures(encoder, "both"), encoder, batch, captions, None).backward()
+        grads.append({n: p.grad for n, p in encoder.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
