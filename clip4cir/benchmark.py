@@ -109,7 +109,8 @@ def bench_extraction(model: str, root: Path, n_images: int, device: torch.device
     start = time.perf_counter()
     extract_image_features(encoder, subset, 32, workers, progress=False)
     seconds = time.perf_counter() - start
-    return {"model": model, "device": device.type, "images": len(subset), "images_per_s": round(len(subset) / seconds, 1)}
+    return {"model": model, "device": device.type, "images": len(subset),
+            "images_per_s": round(len(subset) / seconds, 1)}
 
 
 def bench_stage_one(model: str, root: Path, towers: str, steps: int, batch: int, device: torch.device,
@@ -177,13 +178,16 @@ def index_mib(index: CatalogIndex, tmp: Path) -> float:
 def bench_evaluation(annotations: Path, repeats: int) -> dict:
     """Ranking FashionIQ-sized inputs (real annotation files, random 1024-d features), all three categories."""
     rng = np.random.default_rng(0)
+
+    def features(n: int) -> torch.Tensor:
+        return F.normalize(torch.from_numpy(rng.standard_normal((n, 1024), dtype=np.float32)), dim=-1)
+
     inputs = []
     for category in CATEGORIES:
         gallery = load_image_split(annotations, category, "val")
         index = {g: i for i, g in enumerate(gallery)}
         triplets = load_triplets(annotations, category, "val")
-        inputs.append((F.normalize(torch.from_numpy(rng.standard_normal((len(gallery), 1024), dtype=np.float32)), dim=-1),
-                       F.normalize(torch.from_numpy(rng.standard_normal((len(triplets), 1024), dtype=np.float32)), dim=-1),
+        inputs.append((features(len(gallery)), features(len(triplets)),
                        torch.tensor([index[t.target] for t in triplets])))
     times = timed(lambda: [target_ranks(q, g, t) for g, q, t in inputs], repeats)
     return {"galleries": [len(g) for g, _, _ in inputs], "queries": [len(q) for _, q, _ in inputs],
@@ -315,10 +319,12 @@ def markdown(report: dict) -> str:
              f"faiss {m['versions']['faiss']}; config `{report['config']}`.", "",
              "| step | setting | result | peak RSS MiB |", "|---|---|---|---|"]
     for e in r.get("extraction", []):
-        lines.append(f"| feature extraction | {e['model']} ({e['device']}) | {e['images_per_s']} images/s | {e['peak_rss_mib']} |")
+        lines.append(f"| feature extraction | {e['model']} ({e['device']}) | {e['images_per_s']} images/s | "
+                     f"{e['peak_rss_mib']} |")
     for s in r.get("stage_one", []):
         lines.append(f"| stage one | {s['model']}, encoder {s['encoder']}, batch {s['batch']} | "
-                     f"{s['triplets_per_s']} triplets/s, data wait {100 * s['data_wait_share']:.0f}% | {s['peak_rss_mib']} |")
+                     f"{s['triplets_per_s']} triplets/s, data wait {100 * s['data_wait_share']:.0f}% | "
+                     f"{s['peak_rss_mib']} |")
     for s in r.get("stage_two", []):
         lines.append(f"| stage two epoch | {s['model']}, {s['triplets']:,} triplets, batch {s['batch']} | "
                      f"cached {s['cached_epoch_s']} s vs "
@@ -326,7 +332,8 @@ def markdown(report: dict) -> str:
                      f"{s['reencode_val_R@10']}; cache built in {s['cache_build_s']} s) | {s['peak_rss_mib']} |")
     if "evaluation" in r:
         e = r["evaluation"]
-        lines.append(f"| evaluation ranking | FashionIQ val sizes, 1024-d, 3 categories | {e['seconds']} s | {e['peak_rss_mib']} |")
+        lines.append(f"| evaluation ranking | FashionIQ val sizes, 1024-d, 3 categories | {e['seconds']} s | "
+                     f"{e['peak_rss_mib']} |")
     for q in r.get("latency", []):
         for api in ("python", "http"):
             for name, p in q.get(api, {}).items():
@@ -380,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "extraction" in steps:
             for model in cfg["models"]:
                 for device in devices:
-                    step("extraction", lambda: bench_extraction(model, root, cfg["extract_images"], device, args.workers))
+                    step("extraction",
+                         lambda: bench_extraction(model, root, cfg["extract_images"], device, args.workers))
         if "stage_one" in steps:
             for model in cfg["models"]:
                 for towers in cfg["encoders"]:

@@ -64,7 +64,8 @@ class RunDir:
             saved = json.loads(self.params_file.read_text())
             changed = [k for k in RESUME_KEYS if k in params and saved.get(k) != params[k]]
             if changed:
-                raise DataError(f"--resume: {', '.join(f'{k} was {saved.get(k)!r}, now {params[k]!r}' for k in changed)}"
+                what = ", ".join(f"{k} was {saved.get(k)!r}, now {params[k]!r}" for k in changed)
+                raise DataError(f"--resume: {what}"
                                 f" in {self.params_file}")
         elif self.state_file.is_file() or self.metrics_file.is_file():
             raise DataError(f"--output {self.path} already holds a run; pass --resume to continue it "

@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in rankings:
             _, top = top_k(r.queries, r.gallery, 50)
             predictions[r.category] = [{"candidate": t.reference, "captions": list(t.captions),
-                                        "top50": [r.gallery_ids[j] for j in row]} for t, row in zip(r.triplets, top.tolist())]
+                                        "top50": [r.gallery_ids[j] for j in row]}
+                                       for t, row in zip(r.triplets, top.tolist())]
         _write_json(args.predictions, predictions)
         print(f"wrote top-50 predictions for {sum(map(len, predictions.values())):,} queries to {args.predictions}")
         return 0

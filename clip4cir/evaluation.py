@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, eval_caption, load_triplets, parse_categories
+from .data import CATEGORIES, DataError, eval_caption, load_triplets, parse_categories
 from .features import encode_texts, gallery_features
 from .models import CLIPEncoder
 
@@ -104,7 +104,7 @@ def summarize(rankings: Sequence[CategoryRanking], ks: Sequence[int] = RECALL_KS
     return metrics
 
 
-def fashioniq_recall(encoder: CLIPEncoder, root: str | os.PathLike, categories: str | Sequence[str] = "dress,shirt,toptee",
+def fashioniq_recall(encoder: CLIPEncoder, root: str | os.PathLike, categories: str | Sequence[str] = CATEGORIES,
                      combine: Combine = combine_sum, cache_dir: str | os.PathLike | None = None,
                      batch_size: int = 64, workers: int = 0, progress: bool = True) -> dict:
     """The standard FashionIQ validation protocol: Recall@10/50 per category and averaged."""

@@ -230,7 +230,8 @@ class CatalogIndex:
     def meta(self) -> dict:
         return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dim": self.dim, "kind": self.kind,
                 "metric": self.metric, "nlist": self.nlist, "nprobe": self.nprobe, "M": self.M,
-                "ef_search": self.ef_search, "encoder": self.encoder, "source": self.source, "deleted": sorted(self.deleted),
+                "ef_search": self.ef_search, "encoder": self.encoder, "source": self.source,
+                "deleted": sorted(self.deleted),
                 "probe": self.probe, "size": len(self)}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -286,7 +287,8 @@ class CatalogIndex:
         except (OSError, ValueError, RuntimeError, TypeError) as e:
             raise CatalogIndexError(f"cannot read index {path}: {e}") from e
         if len(index.items) != len(index.features):
-            raise CatalogIndexError(f"{path}: items.jsonl has {len(index.items)} rows, features.npy {len(index.features)}")
+            raise CatalogIndexError(f"{path}: items.jsonl has {len(index.items)} rows, "
+                                    f"features.npy {len(index.features)}")
         index.row_of = {item.id: row for row, item in enumerate(index.items) if item is not None}
         index.deleted = set(meta.get("deleted", []))
         index.probe = meta.get("probe")

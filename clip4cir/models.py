@@ -257,7 +257,8 @@ def load_checkpoint(path: str | os.PathLike, preprocess_kind: str = "targetpad",
         raise ModelError(f"{path}: weights do not fit the architecture inferred from them: {e}") from e
     pre = Preprocess(preprocess_kind, config["vision_cfg"]["image_size"], target_ratio=target_ratio)
     info = {"epoch": epoch} if epoch is not None else {}
-    return CLIPEncoder(model.eval(), "openai-state-dict", config, pre, {"checkpoint": str(path.resolve())}, info).to(device)
+    source = {"checkpoint": str(path.resolve())}
+    return CLIPEncoder(model.eval(), "openai-state-dict", config, pre, source, info).to(device)
 
 
 def save_encoder(encoder: CLIPEncoder, path: str | os.PathLike, info: dict | None = None) -> None:

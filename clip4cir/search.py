@@ -55,7 +55,8 @@ class SearchEngine:
                               f"({index.encoder.get('fingerprint')}), not {encoder.describe()} "
                               f"({encoder.fingerprint()})")
         if combiner is not None and combiner.feature_dim != encoder.dim:
-            raise SearchError(f"the Combiner takes {combiner.feature_dim}-d features, the encoder gives {encoder.dim}-d")
+            raise SearchError(f"the Combiner takes {combiner.feature_dim}-d features, "
+                              f"the encoder gives {encoder.dim}-d")
         self.index, self.encoder, self.combiner = index, encoder, combiner
         self.encoder.model.eval()
 

@@ -110,7 +110,10 @@ def _captions(rng: np.random.Generator, category: str, changes: list[tuple[str, 
     n = len(changes)
     first = rng.permutation(n)[: rng.integers(1, n + 1)]
     rest = [i for i in range(n) if i not in set(first)]
-    second = rest + [i for i in first if rng.random() < 0.3] if rest else list(rng.permutation(n)[: rng.integers(1, n + 1)])
+    if rest:  # the second caption names what the first left out, and sometimes repeats some of it
+        second = rest + [i for i in first if rng.random() < 0.3]
+    else:
+        second = list(rng.permutation(n)[: rng.integers(1, n + 1)])
     captions = []
     for subset in (first, second):
         phrases = [rng.choice(_phrases(category, *changes[i])) for i in sorted(subset)]

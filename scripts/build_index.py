@@ -1,4 +1,4 @@
-"""Build a search index: python scripts/build_index.py (--data FIQ_ROOT | --images FOLDER) --model NAME --output INDEX."""
+"""Build a search index from a FashionIQ root (--data) or an image folder (--images). See --help."""
 import sys
 
 from clip4cir.build_index import main

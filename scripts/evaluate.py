@@ -1,4 +1,4 @@
-"""FashionIQ Recall@10/50 evaluation: python scripts/evaluate.py --data DIR --model NAME [--clip-checkpoint P] [--combiner P]."""
+"""FashionIQ Recall@10/50 evaluation (and the ablation table, image and category tasks). See --help."""
 import sys
 
 from clip4cir.cli import run

@@ -1,4 +1,4 @@
-"""Search an index: python scripts/search.py --index INDEX [--image P | --ref-id ID] [--caption TEXT] [--k N] [--json]."""
+"""Search an index: a reference and a caption, a reference, or a caption. See --help."""
 import sys
 
 from clip4cir.cli import run

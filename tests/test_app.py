@@ -67,7 +67,8 @@ def test_three_endpoints(served, client, tiny_root):
     items, _ = client.predict(None, "is blue", "all", 50, "Combiner", triplet["candidate"], triplet["target"],
                               api_name="/composed_search")
     found = [i["caption"] for i in items if i["caption"].startswith("★ TARGET")]
-    assert len(items) == 50 and len(found) == (triplet["target"] in ids_of(items)) and triplet["candidate"] not in ids_of(items)
+    assert len(items) == 50 and len(found) == (triplet["target"] in ids_of(items))
+    assert triplet["candidate"] not in ids_of(items)
     items, info = client.predict(handle_file(path), "auto", 3, api_name="/image_search")
     assert ids_of(items)[0] == triplet["candidate"] and "predicted category" in info
     items, info = client.predict("a red dress", "dress", 4, api_name="/text_search")
@@ -133,7 +134,8 @@ def test_browser_composed_search_and_refine(served, tmp_path):
         page.fill("#caption textarea", "is darker")
         page.click("#composed-search")
         page.wait_for_function(
-            "document.querySelector('#composed-info') && document.querySelector('#composed-info').innerText.includes('results')")
+            "document.querySelector('#composed-info')"
+            " && document.querySelector('#composed-info').innerText.includes('results')")
         page.wait_for_timeout(500)
         page.screenshot(path=str(ARTIFACTS / "composed-refined.png"), full_page=True)
         captions = page.locator("#composed-results .grid-container").inner_text()

@@ -120,7 +120,8 @@ def test_resume_under_torchrun_and_stage_two(tiny_root, tmp_path):
     assert part.returncode == 0, part.stderr[-3000:]
     resumed = launch("train_clip.py", common(tiny_root, tmp_path / "part") + args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    logs = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("full", "part")]
+    logs = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("full", "part")]
     assert [r["epoch"] for r in logs[0]] == [0, 1] and len(logs[1]) == 2
     assert logs[1][-1]["loss"] == pytest.approx(logs[0][-1]["loss"], rel=1e-5)
     assert logs[1][-1]["average"] == pytest.approx(logs[0][-1]["average"])

@@ -132,7 +132,8 @@ def test_bad_inputs(tiny_root, tmp_path):
              if i != triplets[0]["target"]]
     (root / "image_splits" / "split.shirt.val.json").write_text(json.dumps(split))
     with pytest.raises(DataError, match=f"target {triplets[0]['target']}.*split.shirt.val.json"):
-        evaluate_main(["--data", str(root), "--model", "cir-tiny", "--categories", "shirt", "--quiet", "--workers", "0"])
+        evaluate_main(["--data", str(root), "--model", "cir-tiny", "--categories", "shirt", "--quiet",
+                       "--workers", "0"])
 
 
 def test_command_line_exit_code(tiny_root, tmp_path):
@@ -159,7 +160,8 @@ def test_ablation_table_in_the_papers_layout(tiny_root, tmp_path, capsys):
                           "--table-combiners", f"both={tmp_path}/comb-both.safetensors"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("|")]
-    assert lines[0].split("|")[3:11] == [f" {c} R@{k} " for c in ("Shirt", "Dress", "Toptee", "Average") for k in (10, 50)]
+    columns = [f" {c} R@{k} " for c in ("Shirt", "Dress", "Toptee", "Average") for k in (10, 50)]
+    assert lines[0].split("|")[3:11] == columns
     rows = [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in lines[2:]]
     assert rows == [("none", "Sum"), ("image", "Sum"), ("both", "Sum"), ("both", "Combiner")]
     assert "missing.safetensors for 'text' does not exist" in out and "no Combiner checkpoint for 'image'" in out

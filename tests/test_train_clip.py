@@ -62,7 +62,8 @@ def test_frozen_tower_does_not_change_and_has_no_optimizer_state(tiny_root, towe
     frozen_prefix = "visual." if towers == "text" else ("transformer.", "token_embedding", "ln_final")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and not any(k.startswith(frozen_prefix) for k in changed)
-    assert all(p.requires_grad for p in params) and len(optimizer.state) == len([p for p in params if p.grad is not None])
+    assert all(p.requires_grad for p in params)
+    assert len(optimizer.state) == len([p for p in params if p.grad is not None])
     frozen = [p for n, p in encoder.model.named_parameters() if n.startswith(frozen_prefix)]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
 
@@ -129,7 +130,8 @@ def test_bad_inputs_exit_cleanly_and_overwrite_nothing(tiny_root, tmp_path):
     with pytest.raises(DataError, match="already holds a run"):
         train_main(["--data", str(tiny_root), "--output", str(out), "--epochs", "1"] + BASE)
     with pytest.raises(DataError, match="lr was"):
-        train_main(["--data", str(tiny_root), "--output", str(out), "--epochs", "2", "--resume"] + BASE + ["--lr", "0.1"])
+        train_main(["--data", str(tiny_root), "--output", str(out), "--epochs", "2", "--resume"] + BASE
+                   + ["--lr", "0.1"])
     assert (out / "last.safetensors").read_bytes() == before
 
 
