@@ -85,13 +85,28 @@ class CatalogIndex:
         self._faiss: faiss.Index | None = None
         self._lock = threading.Lock() if use_gpu(kind) else None  # a GPU index serves one query at a time
         self._selectors: dict = {}
+        self._category_rows: dict[str, np.ndarray] | None = None  # derived from items; reset when they change
 
     # ---- contents -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.row_of)
 
+    def rows_by_category(self) -> dict[str, np.ndarray]:
+        """The rows of each category's items, computed once per change of the contents (queries use it)."""
+        if self._category_rows is None:
+            rows: dict[str, list[int]] = {}
+            for row, item in enumerate(self.items):
+                if item is not None and item.category is not None:
+                    rows.setdefault(item.category, []).append(row)
+            self._category_rows = {c: np.array(r, dtype=np.int64) for c, r in sorted(rows.items())}
+        return self._category_rows
+
     def categories(self) -> list[str]:
-        return sorted({i.category for i in self.items if i is not None and i.category is not None})
+        return list(self.rows_by_category())
+
+    def _contents_changed(self) -> None:
+        self._selectors.clear()
+        self._category_rows = None
 
     def item(self, item_id: str) -> Item:
         row = self.row_of.get(item_id)
@@ -143,7 +158,7 @@ class CatalogIndex:
         self.items += list(items)
         self.features = np.concatenate([self.features, features])
         self.row_of.update({item.id: start + i for i, item in enumerate(items)})
-        self._selectors.clear()
+        self._contents_changed()
 
     def remove(self, ids: Iterable[str]) -> int:
         """Remove items by id; returns how many. Unknown ids are an error (nothing is removed then)."""
@@ -163,7 +178,7 @@ class CatalogIndex:
         for item_id, row in zip(ids, rows):
             del self.row_of[item_id]
             self.items[row] = None
-        self._selectors.clear()
+        self._contents_changed()
         return len(rows)
 
     # ---- search ---------------------------------------------------------------------------------------------
@@ -172,11 +187,7 @@ class CatalogIndex:
         if key not in self._selectors:
             parts = []
             if category is not None:
-                if category not in self.categories():
-                    raise CatalogIndexError(f"unknown category {category!r}; this index has "
-                                      f"{', '.join(self.categories()) or 'no categories'}")
-                rows = [r for r, i in enumerate(self.items) if i is not None and i.category == category]
-                parts.append(faiss.IDSelectorBatch(np.array(rows, dtype=np.int64)))
+                parts.append(faiss.IDSelectorBatch(self._members(category)))
             if self.deleted:
                 parts.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(np.array(sorted(self.deleted), dtype=np.int64))))
             selector = None
@@ -210,9 +221,16 @@ class CatalogIndex:
         scores = distances if self.metric == "cosine" else -np.sqrt(np.maximum(distances, 0))
         return scores, rows
 
+    def _members(self, category: str) -> np.ndarray:
+        members = self.rows_by_category().get(category)
+        if members is None:
+            raise CatalogIndexError(f"unknown category {category!r}; this index has "
+                                    f"{', '.join(self.categories()) or 'no categories'}")
+        return members
+
     def _complete_filtered(self, queries, k, category, distances, rows):
         """Approximate indexes may return fewer than k items of a small category: rank those exactly."""
-        members = np.array([r for r, i in enumerate(self.items) if i is not None and i.category == category])
+        members = self._members(category)
         want = min(k, len(members))
         if ((rows >= 0).sum(1) >= want).all():
             return distances, rows
