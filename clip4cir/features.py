@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import GalleryDataset
-from .models import CLIPEncoder, atomic_write
+from .models import CLIPEncoder, amp_dtype, atomic_write, autocast, eval_mode
 
 
 def _collate(batch):
@@ -34,15 +34,12 @@ def extract_image_features(encoder: CLIPEncoder, dataset: Dataset, batch_size: i
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate,
                         **loader_options(workers, device))
     ids, chunks = [], []
-    was_training = encoder.model.training
-    encoder.model.eval()
-    with _autocast(device):
+    with eval_mode(encoder.model), autocast(device, amp_dtype(device)):
         for batch_ids, images in tqdm(loader, desc=desc, disable=not progress, leave=False):
             if images is None:
                 continue
             chunks.append(encoder.encode_image(images.to(device, non_blocking=True)).float().cpu())
             ids += batch_ids
-    encoder.model.train(was_training)
     return ids, torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
 
 
@@ -54,22 +51,11 @@ def encode_texts(encoder: CLIPEncoder, texts: Sequence[str], batch_size: int = 2
     lengths = [len(t) for t in texts]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     out = torch.empty(len(texts), encoder.dim)
-    was_training = encoder.model.training
-    encoder.model.eval()
-    with _autocast(encoder.device):
+    with eval_mode(encoder.model), autocast(encoder.device, amp_dtype(encoder.device)):
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
             out[idx] = encoder.encode_text([texts[i] for i in idx]).float().cpu()
-    encoder.model.train(was_training)
     return out
-
-
-def _autocast(device: torch.device):
-    """bf16/fp16 autocast on CUDA (features are returned as float32), a no-op on the CPU."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
 
 
 def gallery_features(encoder: CLIPEncoder, root: str | os.PathLike, split: str, category: str,

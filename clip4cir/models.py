@@ -322,6 +322,29 @@ def encoder_from_record(record: dict, checkpoint: str | None = None,
     return encoder
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision type on CUDA: bf16 where supported, else fp16; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``; a no-op when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Evaluation mode (no dropout) for the block, then the module's own mode again."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
     if device == "auto":

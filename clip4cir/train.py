@@ -21,7 +21,7 @@ from .distributed import Dist, gather_with_grad, mean_over_ranks, run_distribute
 from .evaluation import fashioniq_recall
 from .features import loader_options
 from .loop import EpochSampler, new_state, run_epochs
-from .models import CLIPEncoder, load_encoder, load_model, save_encoder
+from .models import CLIPEncoder, amp_dtype, autocast, load_encoder, load_model, save_encoder
 
 LOGIT_SCALE = 100.0
 ENCODER_CHOICES = ("both", "image", "text")
@@ -61,9 +61,8 @@ def set_train_mode(model: nn.Module, encoder: str) -> None:
 
 def amp_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype, use a grad scaler): bf16 where supported, else fp16 with a scaler on CUDA; fp32 on CPU."""
-    if device.type != "cuda":
-        return None, False
-    return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+    dtype = amp_dtype(device)
+    return dtype, dtype == torch.float16
 
 
 class TowerFeatures(nn.Module):
@@ -84,12 +83,12 @@ class TowerFeatures(nn.Module):
 
 
 def training_step(features: nn.Module, encoder: CLIPEncoder, batch: dict, captions: list[str],
-                  amp_dtype: torch.dtype | None) -> torch.Tensor:
+                  dtype: torch.dtype | None) -> torch.Tensor:
     """The loss of one batch; ``features`` is a TowerFeatures, wrapped in DistributedDataParallel under torchrun."""
     device = encoder.device
     images = torch.cat([batch["reference"], batch["target"]]).to(device, non_blocking=True)
     tokens = encoder.tokenize(captions).to(device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(device, dtype):
         image_features, text_features = features(images, tokens)
     reference, target = image_features.float().chunk(2)
     return contrastive_loss(reference + text_features.float(), target)
@@ -136,7 +135,7 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
         features = DistributedDataParallel(features, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-7,
                                   weight_decay=args.weight_decay)
-    amp_dtype, use_scaler = amp_settings(device)
+    dtype, use_scaler = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     if args.resume:
         state = run_dir.resume(optimizer, scaler, encoder.info.get("global_step"), ddp.rank, ddp.is_main)
@@ -160,7 +159,7 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
 
     def step(batch: dict, epoch: int) -> tuple[float, int]:
         captions = [train_set.caption(i) for i in batch["index"].tolist()]
-        loss = training_step(features, encoder, batch, captions, amp_dtype)
+        loss = training_step(features, encoder, batch, captions, dtype)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from clip4cir.models import ModelError, atomic_write
+from clip4cir.models import ModelError, atomic_write, eval_mode
 
 COMBINER_FORMAT = "clip4cir.combiner"
 COMBINER_VERSION = "1"
@@ -61,12 +61,9 @@ class Combiner(nn.Module):
     @torch.inference_mode()
     def combine(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Evaluation-mode combining function (no dropout), with the signature of ``combine_sum``."""
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
-        out = self.combine_features(image_features.to(device).float(), text_features.to(device).float())
-        self.train(was_training)
-        return out
+        with eval_mode(self):
+            return self.combine_features(image_features.to(device).float(), text_features.to(device).float())
 
 
 def save_combiner(combiner: Combiner, path: str | os.PathLike, encoder: dict | None = None,

@@ -23,7 +23,7 @@ from clip4cir.distributed import Dist, barrier, mean_over_ranks, run_distributed
 from clip4cir.evaluation import rank_category, summarize
 from clip4cir.features import loader_options
 from clip4cir.loop import EpochSampler, new_state, run_epochs
-from clip4cir.models import CLIPEncoder, load_model
+from clip4cir.models import CLIPEncoder, autocast, load_model
 from clip4cir.train import amp_settings, check_batch_fits, contrastive_loss
 
 from .feature_cache import TripletFeatures, triplet_features
@@ -62,7 +62,7 @@ def combiner_loss(query_model: nn.Module, reference: torch.Tensor, text: torch.T
                   amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Contrastive loss of the combined query against the (global) batch's targets."""
     device = next(query_model.parameters()).device
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(device, amp_dtype):
         query = query_model(reference.to(device), text.to(device))
     return contrastive_loss(query, target.to(device))
 
