@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.data).is_dir():
         raise DataError(f"--data {args.data} does not exist")
     categories = parse_categories(args.categories)
+    if args.split == "test" and args.task == "composed" and not args.table and not args.predictions:
+        raise ValueError("--split test has no targets to score: give --predictions FILE for the top-50 lists")
     start = time.perf_counter()
     if args.table:
         print(ablation_table(args, categories))
@@ -158,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     mode = args.mode or ("combiner" if args.combiner else "sum")
     combine = combining_function(encoder, args.combiner, mode)
-    if args.split == "test" and not args.predictions:
-        raise ValueError("--split test has no targets to score: give --predictions FILE for the top-50 lists")
     rankings = [rank_category(encoder, args.data, c, combine, args.split, args.cache_dir, args.batch_size,
                               args.workers, not args.quiet) for c in categories]
     if args.dump:

@@ -125,11 +125,12 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
                              **loader_options(args.workers, device))
     else:
         started = time.perf_counter()
-        for turn in ("main", "others"):  # the main rank fills the cache, the others then read it
-            if (turn == "main") == ddp.is_main:
-                features, hit = triplet_features(encoder, train_set, args.cache_dir, workers=args.workers,
-                                                 progress=not args.quiet and ddp.is_main)
-            barrier()
+        if ddp.is_main:  # the main rank fills the cache, the others then read it
+            features, hit = triplet_features(encoder, train_set, args.cache_dir, workers=args.workers,
+                                             progress=not args.quiet)
+        barrier()
+        if not ddp.is_main:
+            features, hit = triplet_features(encoder, train_set, args.cache_dir, progress=False)
         if ddp.is_main:
             print(f"training features: {'cache hit' if hit else 'computed and cached'} in "
                   f"{time.perf_counter() - started:.1f}s ({len(features):,} triplets, "

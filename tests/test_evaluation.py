@@ -180,3 +180,8 @@ def test_category_task_scores_the_probe_on_held_out_images(tiny_root, tmp_path):
                           "--workers", "0", "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["images"] == 72 and metrics["train_images"] == 90 and 0 <= metrics["accuracy"] <= 100
+
+
+def test_test_split_without_predictions_is_refused_before_loading_models(tiny_root, tmp_path):
+    with pytest.raises(ValueError, match="--predictions"):  # not the missing checkpoint: nothing was loaded
+        evaluate_main(["--data", str(tiny_root), "--split", "test", "--clip-checkpoint", str(tmp_path / "none.pt")])
