@@ -17,7 +17,7 @@ from PIL import Image
 
 from .category_probe import predict_category
 from .cli import run
-from .data import DataError, load_image, to_rgb
+from .data import DataError, load_image
 from .evaluation import combine_sum
 from .index import CatalogIndex
 from .models import CLIPEncoder, encoder_from_record, resolve_device
@@ -83,7 +83,7 @@ class SearchEngine:
                 raise SearchError(str(e)) from e
         if image.width < 1 or image.height < 1:
             raise SearchError("the image is empty")
-        x = self.encoder.transform(to_rgb(image))[None]
+        x = self.encoder.transform(image)[None]  # the transform converts any mode to RGB and bounds the size
         with torch.inference_mode():
             return self.encoder.encode_image(x)[0].float().cpu()
 
