@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Sequence
 
-from clip4cir.service import Options, examples, load_engine
-from clip4cir.ui import build_app
+from clip4cir.service import Options, load_engine
+from clip4cir.ui import serve
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,10 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # bad paths, models, indexes: one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = build_app(engine, examples(engine.index))
-    app.queue(default_concurrency_limit=4)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-               prevent_thread_lock=True)
+    app = serve(engine, args.host, args.port, args.share)
     if args.share and not app.share_url:
         print("could not create a Gradio share link (no connection to the share server?); "
               f"the app keeps running locally at {app.local_url}", file=sys.stderr)

@@ -27,8 +27,9 @@ from .cli import run
 from .data import CATEGORIES, GalleryDataset, TripletDataset, load_image_split, load_triplets
 from .evaluation import target_ranks
 from .features import extract_image_features, loader_options
+from .fusion import Combiner
 from .index import CatalogIndex, Item
-from .models import create_model
+from .factory import create_model
 from .search import SearchEngine
 from .synthetic import make_synthetic_fashioniq
 from .train import TowerFeatures, set_train_mode, set_trainable, training_step
@@ -141,30 +142,6 @@ def bench_stage_one(model: str, root: Path, towers: str, steps: int, batch: int,
             "data_wait_share": round(waited / (waited + computed), 3)}
 
 
-def bench_stage_two(model: str, root: Path, batch: int, workers: int, tmp: Path) -> dict:
-    """Seconds per Combiner epoch on cached features vs re-encoding every batch (same data, batch, loss)."""
-    from combiner.feature_cache import triplet_features
-    from combiner.train import main as train_combiner
-
-    encoder = create_model(model)  # seeded: the training runs below build the same weights
-    start = time.perf_counter()
-    train_set = TripletDataset(root, "train", transform=encoder.transform)
-    triplet_features(encoder, train_set, tmp / "cache", workers=workers, progress=False)
-    out = {"model": model, "triplets": len(train_set), "batch": batch,
-           "cache_build_s": round(time.perf_counter() - start, 2)}
-    for name, extra in (("cached", []), ("reencode", ["--reencode"])):
-        run_dir = tmp / f"stage2-{model}-{name}"
-        epochs = 2 if model == "cir-tiny" else 1  # an RN50 re-encoding epoch takes minutes on a CPU
-        train_combiner(["--data", str(root), "--model", model, "--output", str(run_dir), "--epochs", str(epochs),
-                        "--batch-size", str(batch), "--lr", "1e-3", "--workers", str(workers),
-                        "--cache-dir", str(tmp / "cache"), "--quiet", "--device", "cpu"] + extra)
-        log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        out[f"{name}_epoch_s"] = round(log[-1]["seconds"], 4)  # the last epoch: warm where there are two
-        out[f"{name}_val_R@10"] = round(log[-1]["average"]["R@10"], 2)
-    out["speedup"] = round(out["reencode_epoch_s"] / out["cached_epoch_s"], 1)
-    return out
-
-
 def index_mib(index: CatalogIndex, tmp: Path) -> float:
     """The index's footprint: stored features plus the FAISS structure (its serialised size)."""
     import faiss
@@ -201,7 +178,6 @@ def _free_port() -> int:
 
 
 def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http: bool) -> dict:
-    from combiner.model import Combiner
     encoder = create_model(model)
     images = GalleryDataset(root, "val")
     paths = [str(images.path(i)) for i in range(len(images))]
@@ -351,7 +327,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         stage_two: Callable[[str, Path, int, int, Path], dict] | None = None) -> int:
+    """The benchmark command; ``stage_two`` measures stage two (``combiner.benchmark.bench_stage_two``, passed in
+    by ``scripts/benchmark.py``: the library does not depend on the ``combiner`` package)."""
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__)
     parser.add_argument("--config", choices=list(CONFIGS), default="full")
     parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="--config quick")
@@ -363,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", default="extraction,stage_one,stage_two,evaluation,latency,scale")
     args = parser.parse_args(argv)
     cfg, steps = CONFIGS[args.config], set(args.steps.split(","))
+    if "stage_two" in steps and stage_two is None:
+        raise ValueError("the stage_two step needs the stage-two benchmark: run scripts/benchmark.py")
     if "evaluation" in steps and not (Path(args.annotations) / "captions").is_dir():
         raise FileNotFoundError(f"--annotations {args.annotations} holds no FashionIQ captions/ folder")
     out = Path(args.out)
@@ -399,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 catalog_root = root if catalog == cfg["catalog"] else tmp / f"catalog-{catalog}"
                 if not catalog_root.exists():
                     make_synthetic_fashioniq(catalog_root, catalog, seed=0)
-                step("stage_two", lambda: bench_stage_two(model, catalog_root, batch, args.workers, tmp))
+                step("stage_two", lambda: stage_two(model, catalog_root, batch, args.workers, tmp))
         if "evaluation" in steps:
             step("evaluation", lambda: bench_evaluation(Path(args.annotations), 3))
             results["evaluation"] = results["evaluation"][0]

@@ -7,24 +7,29 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .catalog import encode_items, fashioniq_items, folder_items
+from .catalog import encode_items, fashioniq_items, folder_items, items_fingerprint
 from .category_probe import train_probe
 from .cli import add_model_args, encoder_from_args, run
 from .data import CATEGORIES, SPLITS
+from .encoder import CLIPEncoder
+from .errors import CatalogIndexError, DataError
 from .index import DEFAULTS, KINDS, METRICS, CatalogIndex, Item
-from .models import CLIPEncoder
 
 
 def build_index(encoder: CLIPEncoder, items: Sequence[Item], kind: str = "flat", metric: str = "cosine",
                 nlist: int | None = None, nprobe: int = DEFAULTS["nprobe"], M: int = DEFAULTS["M"],
                 ef_search: int = DEFAULTS["ef_search"], batch_size: int = 64, workers: int = 0,
                 progress: bool = True, source: dict | None = None) -> tuple[CatalogIndex, list[Item]]:
-    """Encode the items and index them; returns the index and the items whose image could not be read."""
+    """Encode the items and index them; returns the index and the items whose image could not be read.
+    DataError when none can be read (an empty index is never a result)."""
     index = CatalogIndex(encoder.dim, kind, metric, nlist, nprobe, M, ef_search, encoder.record())
-    index.source = source or {}
     kept, features, unreadable = encode_items(encoder, items, batch_size, workers, progress)
+    if not kept:
+        shown = ", ".join(item.path for item in unreadable[:3])
+        raise DataError(f"none of the {len(items):,} images could be read (first: {shown}); no index was written")
+    index.source = {**(source or {}), "items": len(kept), "fingerprint": items_fingerprint(kept)}
     index.add(kept, features)
-    index.probe = train_probe(features, [item.category for item in kept])
+    index.probe = train_probe(features, [item.categories for item in kept])
     return index, unreadable
 
 
@@ -63,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     start = time.perf_counter()
+    CatalogIndex.check_destination(args.output)  # before any work: never replace what is not an index
     items, source = catalog_source(args.data, args.images, args.categories, splits)
+    if args.kind == "ivf" and args.nlist is not None and not 1 <= args.nlist <= len(items):
+        raise CatalogIndexError(f"--nlist {args.nlist} must be between 1 and the catalog's {len(items):,} images "
+                                f"(default: 4·√N)")
     encoder = encoder_from_args(args)
     index, unreadable = build_index(encoder, items, args.kind, args.metric, args.nlist, args.nprobe, args.M,
                                     args.ef_search, args.batch_size, args.workers, not args.quiet, source)

@@ -8,24 +8,29 @@ from typing import Iterable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .data import CATEGORIES, DataError, GalleryDataset, load_image, parse_categories
+from .data import CATEGORIES, GalleryDataset, load_image, parse_categories
+from .encoder import CLIPEncoder
+from .errors import DataError
 from .features import extract_image_features
+from .fingerprints import digest, file_stats
 from .index import Item
-from .models import CLIPEncoder
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def fashioniq_items(root: str | os.PathLike, categories: str | Iterable[str] = CATEGORIES,
                     splits: Sequence[str] = ("val",)) -> list[Item]:
-    """The images of the chosen splits and categories; an id in several categories keeps the first."""
-    items: dict[str, Item] = {}
+    """The images of the chosen splits and categories, each once, with every category and split that lists it."""
+    paths: dict[str, str] = {}
+    memberships: dict[str, tuple[dict, dict]] = {}
     for split in splits:
         for category in parse_categories(categories):
             gallery = GalleryDataset(root, split, [category], skip_missing=True)
             for i, image_id in enumerate(gallery.ids):
-                items.setdefault(image_id, Item(image_id, str(gallery.path(i).resolve()), category, split))
-    return list(items.values())
+                paths.setdefault(image_id, str(gallery.path(i).resolve()))
+                cats, spls = memberships.setdefault(image_id, ({}, {}))
+                cats[category] = spls[split] = None
+    return [Item(i, paths[i], tuple(cats), tuple(spls)) for i, (cats, spls) in memberships.items()]
 
 
 def folder_items(folder: str | os.PathLike) -> list[Item]:
@@ -37,11 +42,17 @@ def folder_items(folder: str | os.PathLike) -> list[Item]:
     items = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS):
         relative = path.relative_to(folder)
-        category = relative.parts[0] if len(relative.parts) > 1 else None
-        items.append(Item(relative.with_suffix("").as_posix(), str(path.resolve()), category, None))
+        categories = (relative.parts[0],) if len(relative.parts) > 1 else ()
+        items.append(Item(relative.with_suffix("").as_posix(), str(path.resolve()), categories))
     if not items:
         raise DataError(f"no images ({', '.join(sorted(FOLDER_EXTENSIONS))}) under {folder}")
     return items
+
+
+def items_fingerprint(items: Sequence[Item]) -> str:
+    """What a catalog's items are now: their ids, categories and splits, and their image files' paths, sizes and
+    modification times."""
+    return digest([(i.id, i.categories, i.splits) for i in items], file_stats(item.path for item in items))
 
 
 class _ItemImages(Dataset):

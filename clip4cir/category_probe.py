@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
-def train_probe(features: np.ndarray, categories: Sequence[str | None], steps: int = 300,
+def train_probe(features: np.ndarray, categories: Sequence[Sequence[str]], steps: int = 300,
                 weight_decay: float = 1e-4, seed: int = 0) -> dict | None:
-    """Multinomial logistic regression on normalised features; None when fewer than two categories exist."""
-    labelled = [(i, c) for i, c in enumerate(categories) if c is not None]
+    """Multinomial logistic regression on normalised features (an item counts once for each of its categories);
+    None when fewer than two categories exist."""
+    labelled = [(i, c) for i, cs in enumerate(categories) for c in cs]
     classes = sorted({c for _, c in labelled})
     if len(classes) < 2:
         return None

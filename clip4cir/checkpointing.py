@@ -1,26 +1,38 @@
-"""A training run's folder: hyper-parameters, metrics log and resumable state, all written atomically.
+"""A training run's folder, written so that a kill at any moment loses at most the work since the last save.
 
-``params.json`` holds the hyper-parameters; ``metrics.jsonl`` one JSON line per epoch; ``last.state.pt`` what
-``--resume`` needs beyond the weights (optimizer, grad scaler, epoch, step, RNG states, best score).
+    OUTPUT/params.json                  hyper-parameters and the data trained on (written at the start)
+    OUTPUT/metrics.jsonl                one JSON line per epoch
+    OUTPUT/best.safetensors             the best validated model (--save-best)
+    OUTPUT/checkpoints/step-000000120/  one save, committed as one unit (clip4cir.artifacts): model.safetensors,
+                                        state.pt (optimizer, grad scaler, loop state, every rank's RNG state),
+                                        metrics.jsonl (the log up to this step) and manifest.json
+
+``--resume`` continues from the newest checkpoint whose files are complete, and restores ``metrics.jsonl`` from
+it (so a line cut by a kill, or logged after the checkpoint, is dropped). The two newest checkpoints are kept.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .data import DataError
+from .artifacts import (atomic_write, atomic_write_text, clean_temporaries, read_json, read_manifest,
+                        remove_artifact, temp_path, write_folder)
 from .distributed import gather_objects
-from .models import atomic_write
+from .errors import ArtifactError, DataError
 
+CHECKPOINT_FORMAT = "clip4cir.checkpoint"
+KEEP_CHECKPOINTS = 2
 # arguments that must match for --resume to continue the same run
 RESUME_KEYS = ("model", "pretrained", "clip_checkpoint", "encoder", "batch_size", "lr", "seed", "categories",
-               "data", "proj_dim", "hidden_dim", "world_size")
+               "data", "proj_dim", "hidden_dim", "world_size", "weight_decay", "preprocess", "target_ratio")
+RUN_FILES = ("params.json", "metrics.jsonl", "best.safetensors", "checkpoints")
 
 
 def rng_state() -> dict:
@@ -44,6 +56,32 @@ def run_params(args, world_size: int) -> dict:
     return {**params, "world_size": world_size}
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a last line cut short by a kill is left out with a warning, a
+    malformed line elsewhere is a DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                warnings.warn(f"{path}: the last line is incomplete (the run was interrupted while logging); "
+                              f"it is left out")
+                break
+            raise DataError(f"{path}: line {number} is not JSON: {e}") from e
+    return records
+
+
+def _metrics_text(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
 class RunDir:
     """The output folder of one training run."""
 
@@ -51,67 +89,107 @@ class RunDir:
         self.path = Path(path)
         self.params_file = self.path / "params.json"
         self.metrics_file = self.path / "metrics.jsonl"
-        self.state_file = self.path / "last.state.pt"
+        self.checkpoints = self.path / "checkpoints"
+        self.log: list[dict] = []  # the metrics records of this run so far (saved with every checkpoint)
 
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def holds_run(self) -> bool:
+        return any((self.path / name).exists() for name in RUN_FILES)
+
     def check_new_or_resumable(self, params: dict, resume: bool) -> None:
-        """Refuse to overwrite a finished or interrupted run unless resuming it with the same settings."""
+        """Before any work: refuse to overwrite a run or a user's files, and refuse to resume with other settings."""
+        if self.path.exists() and not self.path.is_dir():
+            raise DataError(f"--output {self.path} is a file; give a folder for the run")
         if resume:
-            if not self.state_file.is_file():
-                raise DataError(f"--resume: {self.path} holds no run to resume ({self.state_file.name} is missing)")
-            saved = json.loads(self.params_file.read_text())
+            if not self.params_file.is_file():
+                raise DataError(f"--resume: {self.path} holds no run to resume ({self.params_file.name} is missing)")
+            saved = read_json(self.params_file, "--resume")
             changed = [k for k in RESUME_KEYS if k in params and saved.get(k) != params[k]]
             if changed:
                 what = ", ".join(f"{k} was {saved.get(k)!r}, now {params[k]!r}" for k in changed)
-                raise DataError(f"--resume: {what}"
-                                f" in {self.params_file}")
-        elif self.state_file.is_file() or self.metrics_file.is_file():
+                raise DataError(f"--resume: {what} in {self.params_file}")
+        elif self.holds_run():
             raise DataError(f"--output {self.path} already holds a run; pass --resume to continue it "
                             f"or choose another folder")
+        elif self.path.is_dir() and any(p for p in self.path.iterdir() if not p.name.startswith(".")):
+            raise DataError(f"--output {self.path} holds other files; choose a new or empty folder for the run")
+
+    def check_same_data(self, data: dict) -> None:
+        """--resume: the training data must be what the run started on (same annotations and image files)."""
+        saved = read_json(self.params_file, "--resume").get("training_data", {})
+        if saved.get("train", {}).get("fingerprint") != data["train"]["fingerprint"]:
+            raise DataError(f"--resume: the training data in {data['train']['root']} changed since the run started "
+                            f"(annotation or image files differ from {self.params_file}); start a new run")
 
     def start(self, params: dict) -> None:
+        """Begin the run (also a resumed one that was stopped before its first checkpoint): params, empty log."""
         self.path.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(params, indent=1, default=str)
-        atomic_write(self.params_file, lambda tmp: tmp.write_text(text))
+        atomic_write_text(self.params_file, json.dumps(params, indent=1, default=str))
+        atomic_write_text(self.metrics_file, "")
 
-    def log_metrics(self, record: dict) -> None:
+    def append_metrics(self, record: dict) -> None:
+        """Append one epoch's record to ``metrics.jsonl`` (the newest checkpoint holds the log up to its step)."""
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def truncate_metrics(self, epochs_done: int) -> None:
-        """On resume, drop log lines of epochs the saved state does not include (a crash after logging)."""
-        if self.metrics_file.is_file():
-            lines = [line for line in self.metrics_file.read_text().splitlines()
-                     if line and json.loads(line)["epoch"] < epochs_done]
-            atomic_write(self.metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+    def _steps(self) -> list[Path]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted((p for p in self.checkpoints.glob("step-*") if p.is_dir()), reverse=True)
 
-    def save_state(self, state: dict[str, Any], rng_states: list[dict]) -> None:
-        """Write the training state with every rank's RNG state (rank order)."""
-        atomic_write(self.state_file, lambda tmp: torch.save({**state, "rng": rng_states}, tmp))
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint folder whose files are complete (a broken one is passed over, with a warning)."""
+        for folder in self._steps():
+            try:
+                step = read_manifest(folder, CHECKPOINT_FORMAT).get("step")
+                if folder.name != f"step-{step:09d}":
+                    raise ArtifactError(f"its manifest is of step {step}")
+                return folder
+            except (ArtifactError, TypeError, ValueError) as e:
+                warnings.warn(f"passing over checkpoint {folder}: {e}")
+        return None
 
-    def save_training_state(self, state: dict, optimizer, scaler, is_main: bool = True) -> None:
-        """Called on every rank: gathers each rank's RNG state; the main rank writes."""
+    def save_checkpoint(self, step: int, write_model: Callable[[Path], None], state: dict, optimizer, scaler,
+                        is_main: bool = True) -> None:
+        """Commit the model, optimizer, loop state, every rank's RNG and the log of one step as one folder.
+        Called on every rank (it gathers the RNG states); the main rank writes."""
         rng_states = gather_objects(rng_state())
-        if is_main:
-            self.save_state({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, rng_states)
+        if not is_main:
+            return
 
-    def resume(self, optimizer, scaler, weights_step: int | None, rank: int = 0, is_main: bool = True) -> dict:
-        """Restore optimizer, scaler, this rank's RNG and the loop state; checks the weights are of the same step."""
-        saved = self.load_state()
-        if weights_step != saved["global_step"]:
-            raise DataError(f"the weights in {self.path} (step {weights_step}) do not match {self.state_file} "
-                            f"(step {saved['global_step']})")
+        def write(tmp: Path) -> None:
+            write_model(tmp / "model.safetensors")
+            torch.save({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "rng": rng_states}, tmp / "state.pt")
+            (tmp / "metrics.jsonl").write_text(_metrics_text(self.log), encoding="utf-8")
+
+        write_folder(self.checkpoints / f"step-{step:09d}", CHECKPOINT_FORMAT, write, {"step": step})
+        for old in self._steps()[KEEP_CHECKPOINTS:]:
+            remove_artifact(old, CHECKPOINT_FORMAT)
+
+    def save_best(self, write_model: Callable[[Path], None]) -> None:
+        atomic_write(self.file("best.safetensors"), write_model)
+
+    def resume(self, folder: Path, optimizer, scaler, rank: int = 0, is_main: bool = True) -> dict:
+        """Restore optimizer, scaler, this rank's RNG and the log from a checkpoint (the model is loaded from its
+        ``model.safetensors`` by the caller); returns the loop state."""
+        try:
+            saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ArtifactError(f"cannot read training state {folder / 'state.pt'}: {e}") from e
+        if len(saved["rng"]) <= rank:
+            raise DataError(f"--resume: {folder} was saved by {len(saved['rng'])} processes, this is rank {rank}")
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"][rank])
+        self.log = read_metrics(folder / "metrics.jsonl")
         if is_main:
-            self.truncate_metrics(saved["epoch"])
+            clean_temporaries(self.checkpoints)
+            for newer in (p for p in self._steps() if p.name > folder.name):  # passed over as incomplete: kept aside
+                aside = temp_path(newer, "broken")
+                os.replace(newer, aside)
+                warnings.warn(f"moved the incomplete checkpoint {newer.name} aside to {aside}")
+            atomic_write_text(self.metrics_file, _metrics_text(self.log))
         return {k: saved[k] for k in ("epoch", "step_in_epoch", "global_step", "best", "loss_sum")}
-
-    def load_state(self) -> dict[str, Any]:
-        try:
-            return torch.load(self.state_file, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise DataError(f"cannot read training state {self.state_file}: {e}") from e

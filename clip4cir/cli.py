@@ -1,13 +1,19 @@
-"""Shared command-line plumbing: the model arguments every tool takes, and turning errors into exit codes."""
+"""Shared command-line plumbing: the arguments every tool takes, the checks made before any long work starts, and
+turning errors into one clear line and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
-from .data import DataError
-from .models import CLIPEncoder, ModelError, load_model, resolve_device
+from .data import CATEGORIES, GalleryDataset, TripletDataset, parse_categories
+from .device import resolve_device
+from .encoder import CLIPEncoder
+from .errors import DataError
+from .factory import load_model
 
 
 def add_model_args(parser: argparse.ArgumentParser, checkpoint_flag: str = "--clip-checkpoint") -> None:
@@ -23,7 +29,6 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_flag: str = "--cl
 
 def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
     """The arguments both training stages share (their defaults differ)."""
-    from .data import CATEGORIES
     parser.add_argument("--data", required=True, help="FashionIQ-layout root")
     parser.add_argument("--output", required=True, help="run folder: params.json, metrics.jsonl, checkpoints")
     parser.add_argument("--epochs", type=int, default=epochs)
@@ -32,6 +37,8 @@ def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, 
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
     parser.add_argument("--save-best", action="store_true", help="keep best.safetensors (mean of avg R@10, R@50)")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also commit a checkpoint every N steps (besides the end of every epoch)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     parser.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps in all")
@@ -39,18 +46,37 @@ def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, 
 
 
 def check_run_args(args: argparse.Namespace) -> None:
-    """Reject impossible values, and check the data exists, before anything is written or loaded."""
-    from .data import DataError, load_triplets, parse_categories
+    """Reject impossible values, and check that every file the run will read exists (the training triplets,
+    the validation triplets and every validation gallery image), before anything is written or loaded."""
     for name in ("epochs", "batch_size", "val_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+    for name in ("workers", "max_steps", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
     args.categories = ",".join(parse_categories(args.categories))
     if not os.path.isdir(args.data):
         raise DataError(f"--data {args.data} does not exist")
-    for category in args.categories.split(","):  # validation data must exist before hours of training
-        load_triplets(args.data, category, "val")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise DataError(f"--output {args.output} is a file; give a folder for the run")
+    TripletDataset(args.data, "train", args.categories)  # missing images are named here, not after an epoch
+    TripletDataset(args.data, "val", args.categories)
+    for category in args.categories.split(","):
+        GalleryDataset(args.data, "val", [category])
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Before the work whose result it will hold: the folder of an output file must exist, and the path must not
+    be a folder."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise DataError(f"{flag} {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise DataError(f"{flag} {path}: the folder {target.parent} does not exist")
 
 
 def encoder_from_args(args: argparse.Namespace) -> CLIPEncoder:
@@ -59,10 +85,21 @@ def encoder_from_args(args: argparse.Namespace) -> CLIPEncoder:
     return load_model(args.model, args.pretrained, args.clip_checkpoint, seed=args.seed, device=device)
 
 
+def error_line(error: BaseException) -> str:
+    """The message of an error; for one re-raised from a DataLoader worker, the original error's own line
+    rather than the worker's traceback."""
+    message = str(error)
+    if "Original Traceback" in message:
+        lines = [line for line in message.strip().splitlines() if line.strip()]
+        last = lines[-1]
+        message = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    return message
+
+
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a tool's main; a bad input prints one clear line and gives exit status 2, not a traceback."""
     try:
         return main(argv)
-    except (DataError, ModelError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # the project's errors are ValueErrors
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +21,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .errors import DataError
+from .fingerprints import contents, digest, file_stats
+
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 CAPTION_STRIP = " \t\r\n.,;:!?"
 SHOWN_IDS = 5  # how many missing ids an error message lists
-
-
-class DataError(ValueError):
-    """A data file, folder or value is missing or malformed; the message names it."""
+# what crowd workers wrote when they had nothing to say; such a caption carries no information
+PLACEHOLDER_CAPTIONS = re.compile(r"(n/?a|none|nan|null|-+)?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,11 @@ def _read_json(path: Path):
 def clean_caption(caption: str) -> str:
     """Strip the surrounding whitespace and end punctuation of a crowd-written caption."""
     return caption.strip(CAPTION_STRIP)
+
+
+def is_empty_caption(caption: str) -> bool:
+    """Whether a caption says nothing once cleaned: empty, or a placeholder such as "na", "n/a" or "none"."""
+    return PLACEHOLDER_CAPTIONS.fullmatch(clean_caption(caption)) is not None
 
 
 def eval_caption(captions: Sequence[str]) -> str:
@@ -161,6 +168,11 @@ class ImageIndex:
         return self.images_dir / name
 
 
+def count_empty_captions(triplets: Sequence[Triplet]) -> int:
+    """How many triplets have a caption that says nothing (see :func:`is_empty_caption`)."""
+    return sum(any(map(is_empty_caption, t.captions)) for t in triplets)
+
+
 def missing_message(what: str, n_missing: int, total: int, ids: Sequence[str], images_dir: Path) -> str:
     """A readable account of missing images: how many of what, where, and the first few missing ids."""
     shown = ", ".join(ids[:SHOWN_IDS]) + (", ..." if len(ids) > SHOWN_IDS else "")
@@ -168,19 +180,30 @@ def missing_message(what: str, n_missing: int, total: int, ids: Sequence[str], i
             f"({len(ids):,} ids, first: {shown}); pass skip_missing=True to drop them")
 
 
-MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused before they are decoded (a JPEG is decoded smaller)
 MAX_SIDE = 4096  # larger images are downscaled before preprocessing
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, whatever its mode; a corrupt, truncated or huge file raises DataError naming it."""
+    """Open an image file as RGB, whatever its mode; a corrupt, truncated, non-image or huge file raises DataError
+    naming it, before a huge one is decoded."""
+    too_big = (f"image {path} has more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels, the limit "
+               f"(scale it down first)")
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(too_big)
             image.load()
             return to_rgb(image)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(too_big) from e
+    except UnidentifiedImageError as e:
+        raise DataError(f"{path} is not an image file that can be read (JPEG, PNG, WebP, ...)") from e
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
@@ -210,11 +233,13 @@ class TripletDataset(Dataset):
     Items are dicts with ``index``, ``reference_id``, ``target_id`` ("" on the test split), ``captions`` (the two raw
     captions), ``caption`` (the training caption, randomised four ways when ``randomize_captions``, else
     "c1 and c2"), ``category``, and, when ``transform`` is given, the ``reference`` and ``target`` images.
+    ``skip_empty_captions`` drops triplets with an empty caption (training; ``empty_captions`` counts them).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, categories: str | Iterable[str] = CATEGORIES,
                  transform: Callable | None = None, randomize_captions: bool = False,
-                 skip_missing: bool = False, check_images: bool = True, seed: int = 0):
+                 skip_missing: bool = False, check_images: bool = True, seed: int = 0,
+                 skip_empty_captions: bool = False):
         self.root, self.split = Path(root), split
         self.categories = parse_categories(categories)
         self.transform, self.randomize_captions, self.seed, self.epoch = transform, randomize_captions, seed, 0
@@ -236,9 +261,28 @@ class TripletDataset(Dataset):
                 self.skipped = len(missing)
                 warnings.warn(f"skipped {len(missing):,} of {len(triplets):,} {split} triplets with missing images")
                 triplets = [t for t in triplets if has_images(t)]
+        self.empty_captions = count_empty_captions(triplets)
+        if skip_empty_captions and self.empty_captions:
+            warnings.warn(f"skipped {self.empty_captions:,} of {len(triplets):,} {split} triplets with an empty "
+                          f"caption (such as '' or 'n/a')")
+            triplets = [t for t in triplets if not any(map(is_empty_caption, t.captions))]
         if not triplets:
             raise DataError(f"no {split} triplets for {','.join(self.categories)} in {self.root}")
         self.triplets = triplets
+
+    def fingerprint(self) -> str:
+        """What the triplets were read from: the caption files' contents and the image files' paths, sizes and
+        modification times."""
+        files = [self.root / "captions" / f"cap.{c}.{self.split}.json" for c in self.categories]
+        images = sorted({i for t in self.triplets for i in (t.reference, t.target) if i})
+        paths = [self.images.path(i) for i in images] if self.images is not None else []
+        return digest(str(self.root.resolve()), self.split, self.categories, contents(files), file_stats(paths),
+                      len(self.triplets))
+
+    def record(self) -> dict:
+        """What artifacts made from these triplets record of them."""
+        return {"root": str(self.root.resolve()), "split": self.split, "categories": self.categories,
+                "triplets": len(self.triplets), "fingerprint": self.fingerprint()}
 
     def set_epoch(self, epoch: int) -> None:
         """Select the caption randomisation of an epoch (deterministic, also across workers)."""
@@ -302,6 +346,12 @@ class GalleryDataset(Dataset):
 
     def path(self, index: int) -> Path:
         return self.images.path(self.ids[index])
+
+    def fingerprint(self) -> str:
+        """The split files' contents and the image files' paths, sizes and modification times."""
+        files = [self.root / "image_splits" / f"split.{c}.{self.split}.json" for c in self.categories]
+        return digest(str(self.root.resolve()), self.split, self.categories, contents(files),
+                      file_stats(self.path(i) for i in range(len(self.ids))))
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor]:
         image = load_image(self.path(index))

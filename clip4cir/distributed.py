@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from .models import ModelError, resolve_device
+from .device import resolve_device
+from .errors import ModelError
 
 
 @dataclass(frozen=True)

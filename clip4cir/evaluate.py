@@ -11,13 +11,17 @@ from typing import Sequence
 
 import torch
 
-from .cli import add_model_args, encoder_from_args, run
-from .data import CATEGORIES, DataError, GalleryDataset, parse_categories
+from .artifacts import atomic_write_text
 from .category_probe import predict_category, train_probe
-from .evaluation import (RECALL_KS, Combine, combine_sum, image_retrieval_metrics, query_records, rank_category,
-                         summarize, top_k)
+from .cli import add_model_args, check_output_file, encoder_from_args, run
+from .data import CATEGORIES, GalleryDataset, parse_categories
+from .device import resolve_device
+from .encoder import CLIPEncoder
+from .errors import DataError, ModelError
+from .evaluation import RECALL_KS, image_retrieval_metrics, query_records, rank_category, summarize, top_k
+from .factory import load_model
 from .features import extract_image_features, gallery_features
-from .models import CLIPEncoder, ModelError, load_model, resolve_device
+from .fusion import Combine, combine_sum, load_combiner
 
 TABLE_ENCODERS = ("none", "image", "text", "both")
 TABLE_COLUMNS = ("shirt", "dress", "toptee", "average")  # the paper's column order
@@ -29,18 +33,7 @@ def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: st
         return combine_sum
     if not combiner_path:
         raise ModelError("--mode combiner needs --combiner PATH (a stage-two checkpoint)")
-    from combiner.model import load_combiner
-
-    combiner, meta = load_combiner(combiner_path, device=encoder.device)
-    trained_on = meta["encoder"].get("fingerprint")
-    if trained_on and trained_on != encoder.fingerprint():
-        raise ModelError(f"combiner {combiner_path} was trained on features of encoder {trained_on} "
-                         f"({meta['encoder'].get('description', '?')}), not of {encoder.describe()} "
-                         f"({encoder.fingerprint()})")
-    if combiner.feature_dim != encoder.dim:
-        raise ModelError(f"combiner {combiner_path} takes {combiner.feature_dim}-d features, "
-                         f"the encoder gives {encoder.dim}-d")
-    return combiner.combine
+    return load_combiner(combiner_path, encoder.device, encoder)[0].combine
 
 
 def _parse_pairs(text: str | None, flag: str) -> dict[str, str]:
@@ -107,7 +100,7 @@ def category_task(encoder: CLIPEncoder, args: argparse.Namespace, categories: li
         ids, feats = extract_image_features(encoder, dataset, args.batch_size, args.workers, not args.quiet)
         features[split] = (ids, feats.numpy(), dataset.categories_of)
     ids, feats, categories_of = features["train"]
-    probe = train_probe(feats, [categories_of[i][0] for i in ids])
+    probe = train_probe(feats, [categories_of[i] for i in ids])
     ids, feats, categories_of = features[args.split]
     predicted = predict_category(probe, feats)
     right = sum(p in categories_of[i] for p, i in zip(predicted, ids))
@@ -115,9 +108,7 @@ def category_task(encoder: CLIPEncoder, args: argparse.Namespace, categories: li
 
 
 def _write_json(path: str, obj) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     categories = parse_categories(args.categories)
     if args.split == "test" and args.task == "composed" and not args.table and not args.predictions:
         raise ValueError("--split test has no targets to score: give --predictions FILE for the top-50 lists")
+    for flag in ("json", "dump", "predictions"):  # before the long work whose results they will hold
+        check_output_file(getattr(args, flag), f"--{flag}")
     start = time.perf_counter()
     if args.table:
         print(ablation_table(args, categories))
@@ -163,11 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rankings = [rank_category(encoder, args.data, c, combine, args.split, args.cache_dir, args.batch_size,
                               args.workers, not args.quiet) for c in categories]
     if args.dump:
-        Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.dump, "w", encoding="utf-8") as f:
-            for ranking in rankings:
-                for record in query_records(ranking):
-                    f.write(json.dumps(record) + "\n")
+        lines = [json.dumps(record) for ranking in rankings for record in query_records(ranking)]
+        atomic_write_text(args.dump, "".join(line + "\n" for line in lines))
     if args.split == "test":
         predictions = {}
         for r in rankings:

@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import CATEGORIES, DataError, eval_caption, load_triplets, parse_categories
-from .features import encode_texts, gallery_features
-from .models import CLIPEncoder
+from .data import CATEGORIES, count_empty_captions, eval_caption, load_triplets, parse_categories
+from .encoder import CLIPEncoder
+from .errors import DataError
+from .features import check_finite, encode_texts, gallery_features
+from .fusion import Combine, combine_sum
 
-Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RECALL_KS = (10, 50)
-
-
-def combine_sum(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """CLIP4Cir's Sum combining function: normalise(image feature + text feature)."""
-    return F.normalize(image_features + text_features, dim=-1)
 
 
 def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor,
@@ -80,6 +77,10 @@ def rank_category(encoder: CLIPEncoder, root: str | os.PathLike, category: str, 
                                                 progress)
     index = {image_id: i for i, image_id in enumerate(ids)}
     triplets = load_triplets(root, category, split)
+    empty = count_empty_captions(triplets)
+    if empty:  # the published protocol counts these queries: keep them, but say so
+        warnings.warn(f"{empty:,} of {len(triplets):,} {category} {split} queries have an empty caption (such as '' or "
+                      f"'n/a'); they are kept, as in CLIP4Cir's evaluation and the published figures")
     for t in triplets:
         for role, image_id in (("reference", t.reference), ("target", t.target)):
             if image_id is not None and image_id not in index:
@@ -89,8 +90,9 @@ def rank_category(encoder: CLIPEncoder, root: str | os.PathLike, category: str, 
     device = encoder.device
     reference = features[[index[t.reference] for t in triplets]]
     with torch.inference_mode():
-        queries = combine(reference.to(device), text.to(device)).float().cpu()
-    gallery = F.normalize(features, dim=-1)
+        queries = check_finite(combine(reference.to(device), text.to(device)).float().cpu(),
+                               f"{category} {split} query features")
+    gallery = F.normalize(check_finite(features, f"{category} {split} gallery features"), dim=-1)
     ranks = None
     if split != "test":
         ranks = target_ranks(queries, gallery, torch.tensor([index[t.target] for t in triplets]))

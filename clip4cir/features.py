@@ -1,16 +1,23 @@
-"""Batched feature extraction with the CLIP encoders, and an on-disk cache keyed by the encoder's fingerprint."""
+"""Batched feature extraction with the CLIP encoders, and on-disk feature caches keyed by what the features were
+computed from (the encoder's fingerprint and the data's), so a changed encoder, image or split is never served
+from a stale cache."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .artifacts import atomic_write
 from .data import GalleryDataset
-from .models import CLIPEncoder, amp_dtype, atomic_write, autocast, eval_mode
+from .device import amp_dtype, autocast, eval_mode
+from .encoder import CLIPEncoder
+from .errors import NonFiniteError
+from .fingerprints import digest
 
 
 def _collate(batch):
@@ -19,10 +26,21 @@ def _collate(batch):
     return [image_id for image_id, _ in batch], torch.stack([image for _, image in batch]) if batch else None
 
 
-def loader_options(workers: int, device: torch.device) -> dict:
-    """DataLoader settings that keep the model fed: worker processes, persistent, pinned memory on CUDA."""
+def loader_options(workers: int, device: torch.device, seed: int = 0) -> dict:
+    """DataLoader settings that keep the model fed (worker processes, persistent, pinned memory on CUDA) and draw
+    worker seeds from their own generator: creating a loader never consumes the global random state, so results
+    do not depend on whether a cache was warm."""
     return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device.type == "cuda",
-            **({"prefetch_factor": 4} if workers > 0 else {})}
+            "generator": torch.Generator().manual_seed(seed), **({"prefetch_factor": 4} if workers > 0 else {})}
+
+
+def check_finite(features: torch.Tensor, what: str) -> torch.Tensor:
+    """NonFiniteError when any feature is NaN or infinite (a broken model gives no result, not a wrong one)."""
+    bad = ~torch.isfinite(features).all(dim=-1) if features.ndim > 1 else ~torch.isfinite(features)
+    if bad.any():
+        raise NonFiniteError(f"{int(bad.sum()):,} of {len(features):,} {what} are NaN or infinite: the model is "
+                             f"broken (diverged training?); no result is computed from them")
+    return features
 
 
 @torch.inference_mode()
@@ -40,7 +58,8 @@ def extract_image_features(encoder: CLIPEncoder, dataset: Dataset, batch_size: i
                 continue
             chunks.append(encoder.encode_image(images.to(device, non_blocking=True)).float().cpu())
             ids += batch_ids
-    return ids, torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
+    features = torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
+    return ids, check_finite(features, f"{desc} of {encoder.describe()}")
 
 
 @torch.inference_mode()
@@ -55,22 +74,41 @@ def encode_texts(encoder: CLIPEncoder, texts: Sequence[str], batch_size: int = 2
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
             out[idx] = encoder.encode_text([texts[i] for i in idx]).float().cpu()
-    return out
+    return check_finite(out, f"caption features of {encoder.describe()}")
+
+
+def cached(path: Path | None, key: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """``compute()``'s dict of tensors, cached in the file ``path`` together with ``key`` (what it was computed
+    from); returns it and whether the cache hit. An unreadable cache file or one with another key is recomputed
+    (with a warning naming it) and replaced atomically."""
+    if path is not None and path.is_file():
+        try:
+            value = torch.load(path, weights_only=True)
+            if isinstance(value, dict) and value.get("key") == key:
+                return value, True
+            reason = "it was computed from other inputs"
+        except Exception as e:  # truncated, corrupt, foreign: a cache is derived data, compute it again
+            reason = f"it cannot be read ({type(e).__name__}: {e})"
+        warnings.warn(f"feature cache {path}: {reason}; computing the features again")
+    value = {**compute(), "key": key}
+    if path is not None:
+        atomic_write(path, lambda tmp: torch.save(value, tmp))
+    return value, False
 
 
 def gallery_features(encoder: CLIPEncoder, root: str | os.PathLike, split: str, category: str,
                      cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
                      progress: bool = True) -> tuple[list[str], torch.Tensor]:
-    """Features of ``split.<category>.<split>.json``'s images, cached on disk under the encoder's fingerprint."""
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / encoder.fingerprint() / f"gallery.{category}.{split}.pt"
-        if path.is_file():
-            cached = torch.load(path, weights_only=True)
-            return cached["ids"], cached["features"]
+    """Features of ``split.<category>.<split>.json``'s images, cached on disk under a key of the encoder's
+    fingerprint, the split file and the images."""
     dataset = GalleryDataset(root, split, [category], transform=encoder.transform)
-    ids, feats = extract_image_features(encoder, dataset, batch_size, workers, progress,
-                                        desc=f"{category} {split} gallery")
-    if path is not None:
-        atomic_write(path, lambda tmp: torch.save({"ids": ids, "features": feats}, tmp))
-    return ids, feats
+    key = digest(encoder.fingerprint(), dataset.fingerprint())
+    path = Path(cache_dir) / f"gallery.{category}.{split}.{key}.pt" if cache_dir is not None else None
+
+    def compute() -> dict:
+        ids, features = extract_image_features(encoder, dataset, batch_size, workers, progress,
+                                               desc=f"{category} {split} gallery")
+        return {"ids": ids, "features": features}
+
+    value, _ = cached(path, key, compute)
+    return value["ids"], check_finite(value["features"], f"{category} {split} gallery features")

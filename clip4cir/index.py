@@ -1,9 +1,10 @@
-"""A FAISS index of catalog image features, with every item's id, path, category and split stored beside it.
+"""A FAISS index of catalog image features, with every item's id, path, categories and splits stored beside it.
 
-Saved as a folder: ``meta.json`` (format, kind, metric, knobs, the encoder's fingerprint and how to rebuild it,
-the category probe), ``items.jsonl``, ``features.npy`` (the raw, not normalised, features: composed search
-reuses a gallery item's feature without re-encoding) and ``index.faiss``. Saving writes a new folder and
-renames it into place.
+Saved as a folder artifact (:mod:`clip4cir.artifacts`): ``meta.json`` (kind, metric, knobs, the encoder's
+fingerprint and how to rebuild it, the catalog it was built from, the category probe), ``items.jsonl``,
+``features.npy`` (the raw, not normalised, features: composed search reuses a gallery item's feature without
+re-encoding), ``index.faiss`` and ``manifest.json``, written last, with every file's size and hash: a folder
+whose files do not belong together is refused when loaded.
 
 Kinds: ``flat`` (exact), ``ivf`` (``nlist``/``nprobe``) and ``hnsw`` (``M``/``efSearch``). Metrics: ``cosine``
 (score = inner product of normalised features) and ``euclidean`` (score = minus the L2 distance between
@@ -11,37 +12,79 @@ normalised features; the same ranking). A GPU is used for flat and IVF when fais
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
 
+from .artifacts import check_destination, read_json, read_manifest, write_folder
+from .errors import CatalogIndexError
+
 INDEX_FORMAT = "clip4cir.index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("cosine", "euclidean")
 DEFAULTS = {"nprobe": 32, "M": 32, "ef_construction": 80, "ef_search": 128}
 
 
-class CatalogIndexError(ValueError):
-    """A bad index file, id, category or knob; the message names it."""
-
-
 @dataclass(frozen=True)
 class Item:
-    """A catalog image: its id, file, category (None when the catalog has none) and split."""
+    """A catalog image: its id, file, and the categories and splits it belongs to (FashionIQ lists some ids in
+    several categories' and splits' files; a plain image folder has at most one category and no split)."""
 
     id: str
     path: str
-    category: str | None = None
-    split: str | None = None
+    categories: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Item":
+        return cls(d["id"], d["path"], tuple(d.get("categories", ())), tuple(d.get("splits", ())))
+
+
+class ReadWriteLock:
+    """Any number of searches at once, or one change (add, remove) alone; a waiting change goes first."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = self._writers_waiting = 0
+        self._writing = False
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 def default_nlist(n: int) -> int:
@@ -60,6 +103,12 @@ def normalized(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def check_finite(x: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(x).all(axis=-1)
+    if bad.any():
+        raise CatalogIndexError(f"{int(bad.sum()):,} {what} are NaN or infinite; they cannot be indexed or searched")
+
+
 class CatalogIndex:
     """Nearest-neighbour search over catalog features, with per-item metadata, add/remove and category filters."""
 
@@ -76,14 +125,15 @@ class CatalogIndex:
         self.dim, self.kind, self.metric = dim, kind, metric
         self.nlist, self.nprobe, self.M, self.ef_search = nlist, nprobe, M, ef_search
         self.encoder = encoder or {}
-        self.source: dict = {}  # where the items came from, e.g. {"fashioniq": root, "splits": [...]}
+        self.source: dict = {}  # where the items came from and its fingerprint, e.g. {"fashioniq": root, ...}
         self.items: list[Item | None] = []  # row = faiss id; None once removed
         self.features = np.zeros((0, dim), dtype=np.float32)
         self.row_of: dict[str, int] = {}
         self.deleted: set[int] = set()  # HNSW cannot remove: its removed rows are filtered out
         self.probe: dict | None = None
         self._faiss: faiss.Index | None = None
-        self._lock = threading.Lock() if use_gpu(kind) else None  # a GPU index serves one query at a time
+        self._lock = ReadWriteLock()
+        self._gpu_lock = threading.Lock() if use_gpu(kind) else None  # a GPU index serves one query at a time
         self._selectors: dict = {}
         self._category_rows: dict[str, np.ndarray] | None = None  # derived from items; reset when they change
 
@@ -96,8 +146,8 @@ class CatalogIndex:
         if self._category_rows is None:
             rows: dict[str, list[int]] = {}
             for row, item in enumerate(self.items):
-                if item is not None and item.category is not None:
-                    rows.setdefault(item.category, []).append(row)
+                for category in item.categories if item is not None else ():
+                    rows.setdefault(category, []).append(row)
             self._category_rows = {c: np.array(r, dtype=np.int64) for c, r in sorted(rows.items())}
         return self._category_rows
 
@@ -115,9 +165,10 @@ class CatalogIndex:
         return self.items[row]
 
     def feature(self, item_id: str) -> np.ndarray:
-        """The stored raw feature of an item (no re-encoding)."""
-        self.item(item_id)
-        return self.features[self.row_of[item_id]]
+        """A copy of the stored raw feature of an item (no re-encoding)."""
+        with self._lock.reading():
+            self.item(item_id)
+            return self.features[self.row_of[item_id]].copy()
 
     def _new_faiss(self, train: np.ndarray) -> faiss.Index:
         metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
@@ -139,10 +190,15 @@ class CatalogIndex:
         return index
 
     def add(self, items: Sequence[Item], features: np.ndarray) -> None:
-        """Add items with their raw features; an id already present is an error."""
+        """Add items with their raw features; an id already present is an error (nothing is added then)."""
+        with self._lock.writing():
+            self._add(items, features)
+
+    def _add(self, items: Sequence[Item], features: np.ndarray) -> None:
         features = np.asarray(features, dtype=np.float32)
         if features.shape != (len(items), self.dim):
             raise CatalogIndexError(f"expected features of shape ({len(items)}, {self.dim}), got {features.shape}")
+        check_finite(features, "features")
         seen = set()
         for item in items:
             if item.id in self.row_of or item.id in seen:
@@ -150,6 +206,9 @@ class CatalogIndex:
             seen.add(item.id)
         if not len(items):
             return
+        if self.kind == "ivf" and self._faiss is None and (self.nlist or 0) > len(items):
+            raise CatalogIndexError(f"--nlist {self.nlist} is larger than the {len(items):,} items: an IVF index "
+                                    f"needs at least one item per list (default: 4·√N)")
         vectors = normalized(features)
         if self._faiss is None:
             self._faiss = self._new_faiss(vectors)
@@ -161,8 +220,13 @@ class CatalogIndex:
         self._contents_changed()
 
     def remove(self, ids: Iterable[str]) -> int:
-        """Remove items by id; returns how many. Unknown ids are an error (nothing is removed then)."""
-        ids = list(ids)
+        """Remove items by id (an id given twice counts once); returns how many. Unknown ids are an error, and
+        then nothing is removed."""
+        ids = list(dict.fromkeys(ids))
+        with self._lock.writing():
+            return self._remove(ids)
+
+    def _remove(self, ids: list[str]) -> int:
         rows = []
         for item_id in ids:
             self.item(item_id)
@@ -205,16 +269,27 @@ class CatalogIndex:
 
     def search(self, queries: np.ndarray, k: int, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, rows) per query; rows are -1 past the end of a small catalog or category."""
+        with self._lock.reading():
+            return self._search(queries, k, category)
+
+    def top_items(self, query: np.ndarray, k: int, category: str | None = None) -> list[tuple[Item, float]]:
+        """The top-k items of one query with their scores, looked up in the same snapshot as the search (safe
+        while other threads add or remove items)."""
+        with self._lock.reading():
+            scores, rows = self._search(query[None], k, category)
+            return [(self.items[r], float(s)) for s, r in zip(scores[0].tolist(), rows[0].tolist())
+                    if r >= 0 and self.items[r] is not None]
+
+    def _search(self, queries: np.ndarray, k: int, category: str | None) -> tuple[np.ndarray, np.ndarray]:
         if self._faiss is None or not len(self):
             raise CatalogIndexError("the index is empty")
-        queries = normalized(np.atleast_2d(queries))
+        queries = np.atleast_2d(queries)
+        check_finite(queries, "query features")
+        queries = normalized(queries)
         selector = self._selector(category)
         params = self._params(selector)
         k_eff = min(k, len(self))
-        if self._lock is not None:
-            with self._lock:
-                distances, rows = self._faiss.search(queries, k_eff, params=params)
-        else:
+        with self._gpu_lock or contextlib.nullcontext():
             distances, rows = self._faiss.search(queries, k_eff, params=params)
         if category is not None and self.kind != "flat":
             distances, rows = self._complete_filtered(queries, k_eff, category, distances, rows)
@@ -246,20 +321,13 @@ class CatalogIndex:
 
     # ---- storage --------------------------------------------------------------------------------------------
     def meta(self) -> dict:
-        return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dim": self.dim, "kind": self.kind,
-                "metric": self.metric, "nlist": self.nlist, "nprobe": self.nprobe, "M": self.M,
-                "ef_search": self.ef_search, "encoder": self.encoder, "source": self.source,
-                "deleted": sorted(self.deleted),
-                "probe": self.probe, "size": len(self)}
+        return {"version": INDEX_VERSION, "dim": self.dim, "kind": self.kind, "metric": self.metric,
+                "nlist": self.nlist, "nprobe": self.nprobe, "M": self.M, "ef_search": self.ef_search,
+                "deleted": sorted(self.deleted), "probe": self.probe, "size": len(self)}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the folder atomically: a new folder, then renamed over the old one."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        try:
+        """Commit the folder as one unit (see the module docstring); replaces only an index."""
+        def write(tmp: Path) -> None:
             (tmp / "meta.json").write_text(json.dumps(self.meta(), indent=1))
             with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
                 for item in self.items:
@@ -270,45 +338,47 @@ class CatalogIndex:
                 index = faiss.index_gpu_to_cpu(index)
             if index is not None:
                 faiss.write_index(index, str(tmp / "index.faiss"))
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old.exists():
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+
+        with self._lock.reading():
+            write_folder(path, INDEX_FORMAT, write, {"encoder": self.encoder, "source": self.source})
+
+    @staticmethod
+    def check_destination(path: str | os.PathLike) -> None:
+        """Before any work: ArtifactError if saving to ``path`` would replace something that is not an index."""
+        check_destination(path, INDEX_FORMAT)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CatalogIndex":
+        """Read an index folder, after checking that its files are the ones it was written with."""
         path = Path(path)
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            raise CatalogIndexError(f"{path} is not an index folder (no meta.json)")
+        if not path.is_dir():
+            raise CatalogIndexError(f"{path} is not an index folder")
+        manifest = read_manifest(path, INDEX_FORMAT)
+        meta = read_json(path / "meta.json", "index")
+        missing = [k for k in ("dim", "kind", "metric", "nlist", "nprobe", "M", "ef_search") if k not in meta]
+        if missing:
+            raise CatalogIndexError(f"{path / 'meta.json'} has no {', '.join(map(repr, missing))}")
         try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CatalogIndexError(f"malformed {meta_file}: {e}") from e
-        if meta.get("format") != INDEX_FORMAT:
-            raise CatalogIndexError(f"{meta_file}: not a clip4cir index (format {meta.get('format')!r})")
-        index = cls(meta["dim"], meta["kind"], meta["metric"], meta["nlist"], meta["nprobe"], meta["M"],
-                    meta["ef_search"], meta["encoder"])
-        try:
+            index = cls(int(meta["dim"]), meta["kind"], meta["metric"], meta["nlist"], meta["nprobe"], meta["M"],
+                        meta["ef_search"], manifest.get("encoder"))
             with open(path / "items.jsonl", encoding="utf-8") as f:
-                index.items = [Item(**d) if d is not None else None for d in map(json.loads, f)]
+                index.items = [Item.from_dict(d) if d is not None else None for d in map(json.loads, f)]
             index.features = np.load(path / "features.npy")
             if (path / "index.faiss").is_file():
                 index._faiss = faiss.read_index(str(path / "index.faiss"))
                 if use_gpu(index.kind):
                     index._faiss = faiss.index_cpu_to_all_gpus(index._faiss)
-        except (OSError, ValueError, RuntimeError, TypeError) as e:
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
             raise CatalogIndexError(f"cannot read index {path}: {e}") from e
-        if len(index.items) != len(index.features):
-            raise CatalogIndexError(f"{path}: items.jsonl has {len(index.items)} rows, "
-                                    f"features.npy {len(index.features)}")
+        if len(index.items) != len(index.features) or index.features.shape[1:] != (index.dim,):
+            raise CatalogIndexError(f"{path}: items.jsonl has {len(index.items)} rows and features.npy "
+                                    f"{index.features.shape}, for {index.dim}-d features")
         index.row_of = {item.id: row for row, item in enumerate(index.items) if item is not None}
         index.deleted = set(meta.get("deleted", []))
+        stored = index._faiss.ntotal if index._faiss is not None else 0
+        if stored != len(index.row_of) + len(index.deleted) or (index._faiss and index._faiss.d != index.dim):
+            raise CatalogIndexError(f"{path}/index.faiss holds {stored:,} vectors, the metadata {len(index.row_of):,} "
+                                    f"items: the files do not belong together")
         index.probe = meta.get("probe")
-        index.source = meta.get("source", {})
+        index.source = manifest.get("source", {})
         return index

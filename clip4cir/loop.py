@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .checkpointing import RunDir
 from .distributed import barrier
+from .errors import NonFiniteError
 
 
 class EpochSampler(Sampler[int]):
@@ -59,18 +61,35 @@ def epoch_summary(record: dict) -> str:
     return line
 
 
+def check_finite_parameters(parameters: Iterable[torch.Tensor], where: str) -> None:
+    """NonFiniteError when a weight is NaN or infinite: such a model is never saved."""
+    for p in parameters:
+        if not torch.isfinite(p).all():
+            raise NonFiniteError(f"the weights became NaN or infinite {where}; nothing from this point was saved "
+                                 f"(lower --lr?)")
+
+
 def run_epochs(run_dir: RunDir, state: dict, *, epochs: int, sampler: EpochSampler, batches: Iterable,
                step: Callable[[Any, int], tuple[float, int]], validate: Callable[[], dict], val_every: int,
-               save: Callable[[dict | None], None], save_best: Callable[[dict], None] | None,
-               start_epoch: Callable[[int], None], max_steps: int = 0, progress: bool = True,
-               is_main: bool = True) -> bool:
+               write_model: Callable[[Path, dict | None], None], parameters: Callable[[], Iterable[torch.Tensor]],
+               optimizer, scaler, save_best: bool, start_epoch: Callable[[int], None], max_steps: int = 0,
+               save_every: int = 0, progress: bool = True, is_main: bool = True) -> bool:
     """Train until ``epochs`` are done (True) or ``max_steps`` steps in all (False, resumable mid-epoch).
 
     ``step(batch, epoch)`` trains on one batch and returns (loss over all ranks, triplets over all ranks);
-    ``save(metrics)`` writes the last checkpoint and ``state`` (it is called on every rank, so it can gather);
-    ``save_best(record)`` the best one when the validation score improves. Only the main rank validates, logs
-    and prints; the others wait for it.
+    ``write_model(path, metrics)`` writes the model file of a checkpoint (or best.safetensors). A checkpoint is
+    committed after every epoch, every ``save_every`` steps and at ``max_steps`` (on every rank: it gathers the RNG
+    states). A non-finite loss, weight or validation feature stops the run with an error naming the step; the
+    last checkpoint stays the last good one. Only the main rank validates, logs and prints.
     """
+    def where() -> str:
+        return f"at epoch {state['epoch'] + 1}, step {state['step_in_epoch']} (global step {state['global_step']})"
+
+    def save(metrics: dict | None) -> None:
+        check_finite_parameters(parameters(), where())
+        run_dir.save_checkpoint(state["global_step"], lambda path: write_model(path, metrics), state, optimizer,
+                                scaler, is_main)
+
     while state["epoch"] < epochs:
         epoch = state["epoch"]
         sampler.set_epoch(epoch, state["step_in_epoch"])
@@ -86,9 +105,13 @@ def run_epochs(run_dir: RunDir, state: dict, *, epochs: int, sampler: EpochSampl
             if batch is None:
                 break
             loss, n = step(batch, epoch)
-            state["loss_sum"] += loss
             state["step_in_epoch"] += 1
             state["global_step"] += 1
+            if not math.isfinite(loss):
+                bar.close()
+                raise NonFiniteError(f"the loss became {loss} {where()}; the run stopped and nothing from this "
+                                     f"point was saved (lower --lr?); --resume continues from the last checkpoint")
+            state["loss_sum"] += loss
             seen += n
             bar.set_postfix(loss=f"{state['loss_sum'] / state['step_in_epoch']:.4f}",
                             triplets_s=f"{seen / (time.perf_counter() - started):.1f}")
@@ -99,23 +122,31 @@ def run_epochs(run_dir: RunDir, state: dict, *, epochs: int, sampler: EpochSampl
                 if is_main:
                     print(f"stopped after {state['global_step']} steps (--max-steps); --resume continues the run")
                 return False
+            if save_every and state["global_step"] % save_every == 0:
+                save(None)
         bar.close()
         seconds = time.perf_counter() - started
         record = {"epoch": epoch, "step": state["global_step"],
                   "loss": state["loss_sum"] / max(state["step_in_epoch"], 1), "seconds": seconds,
                   "triplets_per_s": seen / seconds, "data_wait_share": waited / seconds}
         if is_main and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
-            record.update(validate())
+            try:
+                record.update(validate())
+            except NonFiniteError as e:
+                raise NonFiniteError(f"validation after epoch {epoch + 1} (global step {state['global_step']}): "
+                                     f"{e}") from e
         barrier()
         state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
         improved = "average" in record and score(record) > state["best"]
         if improved:
             state["best"] = score(record)
         if is_main:
-            run_dir.log_metrics(record)  # then the state: a crash in between re-runs the epoch and its log line
+            run_dir.log.append(record)
+            if improved and save_best:  # before the checkpoint: a kill in between re-runs the epoch, same result
+                check_finite_parameters(parameters(), where())
+                run_dir.save_best(lambda path: write_model(path, record))
         save(record.get("average"))
-        if is_main and improved and save_best is not None:
-            save_best(record)
         if is_main:
+            run_dir.append_metrics(record)
             print(epoch_summary(record))
     return True

@@ -1,7 +1,8 @@
 """The search API: composed (reference + caption), image and text search over a catalog index.
 
 One :class:`SearchEngine` holds the encoders, an optional Combiner and an index; it is safe to call from
-several threads (a GPU index serialises its own searches).
+several threads, also while items are added or removed (a GPU index serialises its own searches). Its models stay
+in evaluation mode: the same query always gives the same results.
 """
 from __future__ import annotations
 
@@ -17,24 +18,24 @@ from PIL import Image
 
 from .category_probe import predict_category
 from .cli import run
-from .data import DataError, load_image
-from .evaluation import combine_sum
+from .data import load_image
+from .device import resolve_device
+from .encoder import CLIPEncoder
+from .errors import CatalogIndexError, DataError, SearchError
+from .factory import check_same_encoder, encoder_from_record
+from .features import check_finite
+from .fusion import Combiner, combine_sum, load_combiner
 from .index import CatalogIndex
-from .models import CLIPEncoder, encoder_from_record, resolve_device
 
 MAX_K = 10_000
 MODES = ("combiner", "sum")
-
-
-class SearchError(ValueError):
-    """A query the engine cannot answer; the message says what to change."""
 
 
 @dataclass
 class Hit:
     id: str
     score: float
-    category: str | None
+    categories: list[str]
     path: str
 
 
@@ -49,27 +50,27 @@ class SearchResult:
 class SearchEngine:
     """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
 
-    def __init__(self, index: CatalogIndex, encoder: CLIPEncoder, combiner=None):
-        if index.encoder.get("fingerprint") not in (None, encoder.fingerprint()):
-            raise SearchError(f"the index was built with encoder {index.encoder.get('description')} "
-                              f"({index.encoder.get('fingerprint')}), not {encoder.describe()} "
-                              f"({encoder.fingerprint()})")
-        if combiner is not None and combiner.feature_dim != encoder.dim:
-            raise SearchError(f"the Combiner takes {combiner.feature_dim}-d features, "
-                              f"the encoder gives {encoder.dim}-d")
+    def __init__(self, index: CatalogIndex, encoder: CLIPEncoder, combiner: Combiner | None = None):
+        try:
+            check_same_encoder(index.encoder, encoder, "the index")
+            if combiner is not None:
+                combiner.check_fits(encoder)
+        except ValueError as e:
+            raise SearchError(str(e)) from e
         self.index, self.encoder, self.combiner = index, encoder, combiner
-        self.encoder.model.eval()
+        self.encoder.model.eval()  # for good: serving never switches modes (other threads may be encoding)
+        if combiner is not None:
+            combiner.eval()
 
     @classmethod
     def load(cls, index_path: str | os.PathLike, clip_checkpoint: str | None = None,
              combiner_path: str | None = None, device: str = "auto") -> "SearchEngine":
-        """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives)."""
+        """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives); a
+        Combiner trained on another encoder's features is refused."""
         index = CatalogIndex.load(index_path)
-        encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device))
-        combiner = None
-        if combiner_path:
-            from combiner.model import load_combiner
-            combiner, _ = load_combiner(combiner_path, encoder.device)
+        encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device),
+                                      artifact=f"index {index_path}")
+        combiner = load_combiner(combiner_path, encoder.device, encoder)[0] if combiner_path else None
         return cls(index, encoder, combiner)
 
     # ---- query features -------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ class SearchEngine:
             raise SearchError("the image is empty")
         x = self.encoder.transform(image)[None]  # the transform converts any mode to RGB and bounds the size
         with torch.inference_mode():
-            return self.encoder.encode_image(x)[0].float().cpu()
+            return check_finite(self.encoder.encode_image(x)[0].float().cpu(), "image features")
 
     def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
         caption = (caption or "").strip()
@@ -95,7 +96,7 @@ class SearchEngine:
         if n_tokens > self.encoder.context_length:
             notes.append(f"the caption has {n_tokens} tokens; only the first {self.encoder.context_length} were used")
         with torch.inference_mode():
-            return self.encoder.encode_text([caption])[0].float().cpu()
+            return check_finite(self.encoder.encode_text([caption])[0].float().cpu(), "caption features")
 
     def _category(self, category: str | None, image_feature: torch.Tensor | None, notes: list[str]) -> str | None:
         if category in (None, "", "all"):
@@ -116,13 +117,11 @@ class SearchEngine:
 
     def _search(self, query: torch.Tensor, k: int, category: str | None, notes: list[str], started: float,
                 exclude: str | None = None) -> SearchResult:
-        scores, rows = self.index.search(query.numpy()[None], k + (exclude is not None), category)
-        hits = []
-        for score, row in zip(scores[0].tolist(), rows[0].tolist()):
-            item = self.index.items[row] if row >= 0 else None
-            if item is None or item.id == exclude:
-                continue
-            hits.append(Hit(item.id, float(score), item.category, item.path))
+        try:
+            found = self.index.top_items(query.numpy(), k + (exclude is not None), category)
+        except CatalogIndexError as e:
+            raise SearchError(str(e)) from e
+        hits = [Hit(item.id, score, list(item.categories), item.path) for item, score in found if item.id != exclude]
         return SearchResult(hits[:k], notes, category, time.perf_counter() - started)
 
     def _check_k(self, k: int) -> None:
@@ -146,7 +145,7 @@ class SearchEngine:
                               "(for similar items without a change, use image search)")
         if reference_id is not None:
             try:
-                reference = torch.from_numpy(self.index.feature(reference_id).copy())
+                reference = torch.from_numpy(self.index.feature(reference_id))
             except ValueError as e:
                 raise SearchError(str(e)) from e
         elif image is not None:
@@ -209,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in result.notes:
             print(f"note: {note}")
         for rank, hit in enumerate(result.hits, 1):
-            print(f"{rank:>4}  {hit.score:8.4f}  {hit.id}  {hit.category or '-'}  {hit.path}")
+            print(f"{rank:>4}  {hit.score:8.4f}  {hit.id}  {','.join(hit.categories) or '-'}  {hit.path}")
     return 0
 
 

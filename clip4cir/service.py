@@ -3,17 +3,21 @@ folder to index at start, or nothing at all (the offline demo: the synthetic `de
 shipped in ``demo/``). Paths may be ``hf://OWNER/REPO/PATH`` (a file or folder in a Hugging Face model repo)."""
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .artifacts import is_artifact, write_folder
 from .build_index import build_index, catalog_source
+from .catalog import items_fingerprint
 from .data import CATEGORIES, eval_caption, load_triplets
-from .index import CatalogIndex
-from .models import ModelError, load_model, resolve_device
+from .device import resolve_device
+from .errors import ModelError
+from .factory import load_model
+from .fingerprints import digest
+from .fusion import load_combiner
+from .index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
 from .search import SearchEngine
 from .synthetic import make_synthetic_fashioniq
 
@@ -58,15 +62,17 @@ def resolve_path(spec: str | None, cache: Path) -> str | None:
     return str(local)
 
 
+CATALOG_FORMAT = "clip4cir.synthetic-catalog"
+
+
 def ensure_demo_catalog(cache: Path, progress: Callable[[str], None] = print) -> Path:
-    """The synthetic `demo` catalog in the cache, generated (a few seconds) on first use."""
+    """The synthetic `demo` catalog in the cache, generated (a few seconds) on first use and committed as one
+    folder, so an interrupted first start leaves no half catalog."""
     root = cache / f"fiq-demo-seed{DEMO_SEED}"
-    if not (root / "captions").is_dir():
+    if not is_artifact(root, CATALOG_FORMAT):
         progress(f"generating the synthetic demo catalog in {root} ...")
-        tmp = root.with_name(root.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_synthetic_fashioniq(tmp, "demo", seed=DEMO_SEED)
-        os.replace(tmp, root)
+        write_folder(root, CATALOG_FORMAT, lambda tmp: make_synthetic_fashioniq(tmp, "demo", seed=DEMO_SEED),
+                     {"size": "demo", "seed": DEMO_SEED})
     return root
 
 
@@ -95,23 +101,26 @@ def load_engine(options: Options, progress: Callable[[str], None] = print) -> Se
     if not Path(data).is_dir():
         raise ValueError(f"--data {data} does not exist")
     encoder = load_model(options.model, options.pretrained, clip_checkpoint, device=device)
-    key = hashlib.sha256(f"{Path(data).resolve()}|{encoder.fingerprint()}".encode()).hexdigest()[:16]
+    combiner_model = load_combiner(combiner, device, encoder)[0] if combiner else None  # before indexing
+    fashioniq = is_fashioniq_root(data)
+    items, source = catalog_source(data if fashioniq else None, None if fashioniq else data)
+    # keyed on what the index is computed from: the catalog's files as they are now, and the encoder
+    key = digest(source, items_fingerprint(items), encoder.fingerprint(), INDEX_VERSION)
     cached = cache / "indexes" / key
-    if (cached / "meta.json").is_file():
+    if is_artifact(cached, INDEX_FORMAT):
         index = CatalogIndex.load(cached)
     else:
-        fashioniq = is_fashioniq_root(data)
-        items, source = catalog_source(data if fashioniq else None, None if fashioniq else data)
         progress(f"indexing {len(items):,} images of {data} with {encoder.describe()} ...")
         index, unreadable = build_index(encoder, items, source=source, progress=False)
         if unreadable:
             progress(f"skipped {len(unreadable):,} unreadable images")
         index.save(cached)
-    combiner_model = None
-    if combiner:
-        from combiner.model import load_combiner
-        combiner_model, _ = load_combiner(combiner, device)
     return SearchEngine(index, encoder, combiner_model)
+
+
+def image_folders(index: CatalogIndex) -> list[str]:
+    """The folders holding the catalog's images: exactly what the app may serve files from."""
+    return sorted({os.path.dirname(item.path) for item in index.items if item is not None})
 
 
 def examples(index: CatalogIndex, n: int = 4) -> list[dict]:

@@ -17,11 +17,14 @@ from torch.utils.data import DataLoader
 from .checkpointing import RunDir, run_params
 from .cli import add_model_args, add_run_args, check_run_args, run
 from .data import TripletDataset
+from .device import amp_dtype, autocast
 from .distributed import Dist, gather_with_grad, mean_over_ranks, run_distributed
+from .encoder import CLIPEncoder
+from .encoder_file import load_encoder, save_encoder
 from .evaluation import fashioniq_recall
+from .factory import load_model
 from .features import loader_options
 from .loop import EpochSampler, new_state, run_epochs
-from .models import CLIPEncoder, amp_dtype, autocast, load_encoder, load_model, save_encoder
 
 LOGIT_SCALE = 100.0
 ENCODER_CHOICES = ("both", "image", "text")
@@ -117,14 +120,18 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     run_dir = RunDir(args.output)
     params = run_params(args, ddp.world_size)
     run_dir.check_new_or_resumable(params, args.resume)
-    if args.resume:
-        encoder = load_encoder(run_dir.file("last.safetensors"), device=device)
+    checkpoint = run_dir.latest_checkpoint() if args.resume else None
+    if checkpoint is not None:
+        encoder = load_encoder(checkpoint / "model.safetensors", device)
     else:
         encoder = load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, args.preprocess,
                              args.target_ratio, device)
     train_set = TripletDataset(args.data, "train", categories, transform=encoder.transform,
-                               randomize_captions=True, seed=args.seed)
+                               randomize_captions=True, seed=args.seed, skip_empty_captions=True)
     check_batch_fits(args.batch_size, ddp.world_size, len(train_set))
+    data = {"train": train_set.record(), "skipped_empty_captions": train_set.empty_captions}
+    if args.resume:
+        run_dir.check_same_data(data)  # (a run stopped before its first checkpoint starts again from step 0)
 
     model = encoder.model
     trainable = set_trainable(model, args.encoder)
@@ -137,21 +144,24 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
                                   weight_decay=args.weight_decay)
     dtype, use_scaler = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    if args.resume:
-        state = run_dir.resume(optimizer, scaler, encoder.info.get("global_step"), ddp.rank, ddp.is_main)
+    if checkpoint is not None:
+        state = run_dir.resume(checkpoint, optimizer, scaler, ddp.rank, ddp.is_main)
     else:
         state = new_state()
         if ddp.is_main:
-            run_dir.start(params)
+            run_dir.start({**params, "training_data": data})
         torch.manual_seed(args.seed + ddp.rank)
+    if ddp.is_main and train_set.empty_captions:
+        print(f"training on {len(train_set):,} triplets; skipped {train_set.empty_captions:,} with an empty caption")
 
     sampler = EpochSampler(len(train_set), args.batch_size, args.seed, ddp.rank, ddp.world_size)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        **loader_options(args.workers, device))
+                        **loader_options(args.workers, device, args.seed))
 
-    def info(metrics) -> dict:
-        return {"epoch": state["epoch"], "global_step": state["global_step"], "metrics": metrics,
-                "stage": "clip-finetune", "encoder": args.encoder}
+    def write_model(path, metrics) -> None:
+        save_encoder(encoder, path, {"epoch": state["epoch"], "global_step": state["global_step"],
+                                     "metrics": metrics, "stage": "clip-finetune", "encoder": args.encoder,
+                                     "data": data})
 
     def start_epoch(epoch: int) -> None:
         train_set.set_epoch(epoch)
@@ -171,17 +181,10 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
         model.eval()
         return fashioniq_recall(encoder, args.data, categories, workers=args.workers, progress=not args.quiet)
 
-    def save(metrics: dict | None) -> None:
-        if ddp.is_main:
-            save_encoder(encoder, run_dir.file("last.safetensors"), info(metrics))
-        run_dir.save_training_state(state, optimizer, scaler, ddp.is_main)
-
-    def save_best(record: dict) -> None:
-        save_encoder(encoder, run_dir.file("best.safetensors"), info(record))
-
     run_epochs(run_dir, state, epochs=args.epochs, sampler=sampler, batches=loader, step=step, validate=validate,
-               val_every=args.val_every, save=save, save_best=save_best if args.save_best else None,
-               start_epoch=start_epoch, max_steps=args.max_steps, progress=not args.quiet, is_main=ddp.is_main)
+               val_every=args.val_every, write_model=write_model, parameters=model.parameters,
+               optimizer=optimizer, scaler=scaler, save_best=args.save_best, start_epoch=start_epoch,
+               max_steps=args.max_steps, save_every=args.save_every, progress=not args.quiet, is_main=ddp.is_main)
     return 0
 
 

@@ -1,13 +1,12 @@
 """Frozen-encoder features of the training triplets, computed once and cached on disk.
 
 Holds the image feature of every reference and target image, and the text feature of every caption variant
-training samples ("c1 and c2", "c2 and c1", "c1", "c2"). The file name carries the encoder's fingerprint
-(weights and preprocessing) and a hash of the annotation files, so a changed encoder or data set never reuses
-stale features.
+training samples ("c1 and c2", "c2 and c1", "c1", "c2"). The cache is keyed on the encoder's fingerprint
+(weights and preprocessing) and the triplets' (caption files, split, categories, and the image files' paths,
+sizes and modification times), so a changed encoder, caption, image or split never reuses stale features.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ import torch
 from torch.utils.data import Dataset
 
 from clip4cir.data import TripletDataset, caption_variant, load_image
-from clip4cir.features import encode_texts, extract_image_features
-from clip4cir.models import CLIPEncoder, atomic_write
+from clip4cir.encoder import CLIPEncoder
+from clip4cir.features import cached, encode_texts, extract_image_features
+from clip4cir.fingerprints import digest
 
 N_VARIANTS = 4
 
@@ -49,11 +49,8 @@ class _Images(Dataset):
 
 
 def cache_key(encoder: CLIPEncoder, dataset: TripletDataset) -> str:
-    """Encoder fingerprint + a hash of the annotation files the triplets came from."""
-    h = hashlib.sha256(f"{dataset.split}|{','.join(dataset.categories)}".encode())
-    for category in dataset.categories:
-        h.update((dataset.root / "captions" / f"cap.{category}.{dataset.split}.json").read_bytes())
-    return f"{encoder.fingerprint()}-{h.hexdigest()[:12]}"
+    """The encoder's fingerprint and the triplets' (see the module docstring)."""
+    return digest(encoder.fingerprint(), dataset.fingerprint(), N_VARIANTS)
 
 
 def compute_triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, batch_size: int = 64,
@@ -71,10 +68,9 @@ def compute_triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, batc
 
 def triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, cache_dir: str | os.PathLike,
                      batch_size: int = 64, workers: int = 0, progress: bool = True) -> tuple[TripletFeatures, bool]:
-    """Cached features of the training triplets (computed on a miss); returns them and whether the cache hit."""
-    path = Path(cache_dir) / f"triplets.{cache_key(encoder, dataset)}.pt"
-    if path.is_file():
-        return TripletFeatures(**torch.load(path, weights_only=True)), True
-    features = compute_triplet_features(encoder, dataset, batch_size, workers, progress)
-    atomic_write(path, lambda tmp: torch.save(vars(features), tmp))
-    return features, False
+    """Cached features of the training triplets (computed on a miss, or when the cache file cannot be read);
+    returns them and whether the cache hit."""
+    key = cache_key(encoder, dataset)
+    value, hit = cached(Path(cache_dir) / f"triplets.{key}.pt", key,
+                        lambda: vars(compute_triplet_features(encoder, dataset, batch_size, workers, progress)))
+    return TripletFeatures(**{k: v for k, v in value.items() if k != "key"}), hit

@@ -18,16 +18,18 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from clip4cir.checkpointing import RunDir, run_params
 from clip4cir.cli import add_model_args, add_run_args, check_run_args, run
-from clip4cir.data import DataError, TripletDataset, random_caption_variant
+from clip4cir.data import TripletDataset, random_caption_variant
+from clip4cir.device import autocast, eval_mode
 from clip4cir.distributed import Dist, barrier, mean_over_ranks, run_distributed
+from clip4cir.encoder import CLIPEncoder
 from clip4cir.evaluation import rank_category, summarize
+from clip4cir.factory import load_model
 from clip4cir.features import loader_options
+from clip4cir.fusion import Combiner, load_combiner, save_combiner
 from clip4cir.loop import EpochSampler, new_state, run_epochs
-from clip4cir.models import CLIPEncoder, autocast, load_model
 from clip4cir.train import amp_settings, check_batch_fits, contrastive_loss
 
 from .feature_cache import TripletFeatures, triplet_features
-from .model import Combiner, load_combiner, save_combiner
 
 
 def cached_batch(features: TripletFeatures, indices: torch.Tensor, seed: int, epoch: int
@@ -78,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.model and not args.clip_checkpoint:
         raise ValueError("give the frozen encoders: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+    for name in ("proj_dim", "hidden_dim"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     check_run_args(args)
     args.cache_dir = args.cache_dir or str(Path(args.output) / "feature_cache")
     return args
@@ -95,13 +100,15 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     encoder = load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, device=device)
     encoder.model.eval().requires_grad_(False)
     train_set = TripletDataset(args.data, "train", categories, transform=encoder.transform,
-                               randomize_captions=True, seed=args.seed)
+                               randomize_captions=True, seed=args.seed, skip_empty_captions=True)
     check_batch_fits(args.batch_size, ddp.world_size, len(train_set))
-
+    data = {"train": train_set.record(), "skipped_empty_captions": train_set.empty_captions}
     if args.resume:
-        combiner, meta = load_combiner(run_dir.file("last.safetensors"), device)
-        if meta["encoder"].get("fingerprint") != encoder.fingerprint():
-            raise DataError(f"--resume: the encoder differs from the one {run_dir.path} was trained on")
+        run_dir.check_same_data(data)  # (a run stopped before its first checkpoint starts again from step 0)
+
+    checkpoint = run_dir.latest_checkpoint() if args.resume else None
+    if checkpoint is not None:
+        combiner = load_combiner(checkpoint / "model.safetensors", device, encoder)[0]
     else:
         torch.manual_seed(args.seed)  # the same initial Combiner on every rank
         combiner = Combiner(encoder.dim, args.proj_dim, args.hidden_dim).to(device)
@@ -111,18 +118,19 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     optimizer = torch.optim.Adam(combiner.parameters(), lr=args.lr)
     amp_dtype, use_scaler = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    if args.resume:
-        state = run_dir.resume(optimizer, scaler, meta["info"].get("global_step"), ddp.rank, ddp.is_main)
+    if checkpoint is not None:
+        state = run_dir.resume(checkpoint, optimizer, scaler, ddp.rank, ddp.is_main)
     else:
         state = new_state()
         if ddp.is_main:
-            run_dir.start(params)
-        torch.manual_seed(args.seed + ddp.rank)  # dropout masks differ between ranks
+            run_dir.start({**params, "training_data": data})
+    if ddp.is_main and train_set.empty_captions:
+        print(f"training on {len(train_set):,} triplets; skipped {train_set.empty_captions:,} with an empty caption")
 
     sampler = EpochSampler(len(train_set), args.batch_size, args.seed, ddp.rank, ddp.world_size)
     if args.reencode:
         batches = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                             **loader_options(args.workers, device))
+                             **loader_options(args.workers, device, args.seed))
     else:
         started = time.perf_counter()
         if ddp.is_main:  # the main rank fills the cache, the others then read it
@@ -136,6 +144,8 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
                   f"{time.perf_counter() - started:.1f}s ({len(features):,} triplets, "
                   f"{len(features.image_ids):,} images)")
         batches = BatchSampler(sampler, args.batch_size, drop_last=True)
+    if checkpoint is None:
+        torch.manual_seed(args.seed + ddp.rank)  # dropout masks differ between ranks; the same warm or cold cache
 
     def step(batch, epoch: int) -> tuple[float, int]:
         if args.reencode:
@@ -155,24 +165,18 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
         combiner.train()
 
     def validate() -> dict:
-        return summarize([rank_category(encoder, args.data, c, combiner.combine, "val", args.cache_dir,
-                                        workers=args.workers, progress=not args.quiet) for c in categories])
+        with eval_mode(combiner):
+            return summarize([rank_category(encoder, args.data, c, combiner.combine, "val", args.cache_dir,
+                                            workers=args.workers, progress=not args.quiet) for c in categories])
 
-    def info(metrics) -> dict:
-        return {"epoch": state["epoch"], "global_step": state["global_step"], "metrics": metrics,
-                "stage": "combiner"}
-
-    def save(metrics: dict | None) -> None:
-        if ddp.is_main:
-            save_combiner(combiner, run_dir.file("last.safetensors"), encoder.record(), info(metrics))
-        run_dir.save_training_state(state, optimizer, scaler, ddp.is_main)
-
-    def save_best(record: dict) -> None:
-        save_combiner(combiner, run_dir.file("best.safetensors"), encoder.record(), info(record))
+    def write_model(path, metrics) -> None:
+        save_combiner(combiner, path, encoder.record(), {"epoch": state["epoch"], "global_step": state["global_step"],
+                                                         "metrics": metrics, "stage": "combiner"}, data)
 
     run_epochs(run_dir, state, epochs=args.epochs, sampler=sampler, batches=batches, step=step, validate=validate,
-               val_every=args.val_every, save=save, save_best=save_best if args.save_best else None,
-               start_epoch=start_epoch, max_steps=args.max_steps, progress=not args.quiet, is_main=ddp.is_main)
+               val_every=args.val_every, write_model=write_model, parameters=combiner.parameters,
+               optimizer=optimizer, scaler=scaler, save_best=args.save_best, start_epoch=start_epoch,
+               max_steps=args.max_steps, save_every=args.save_every, progress=not args.quiet, is_main=ddp.is_main)
     return 0
 
 

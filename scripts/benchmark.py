@@ -3,6 +3,7 @@ import sys
 
 from clip4cir.benchmark import main
 from clip4cir.cli import run
+from combiner.benchmark import bench_stage_two
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run(lambda argv: main(argv, stage_two=bench_stage_two)))

@@ -9,14 +9,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from clip4cir.evaluation import combine_sum, rank_category, summarize
-from clip4cir.models import load_encoder
+from clip4cir.artifacts import atomic_write, atomic_write_text
+from clip4cir.encoder_file import load_encoder
+from clip4cir.evaluation import rank_category, summarize
+from clip4cir.fusion import combine_sum, load_combiner
+from clip4cir.service import DEMO_SEED
 from clip4cir.synthetic import make_synthetic_fashioniq
 from clip4cir.train import main as train_clip
-from combiner.model import load_combiner
 from combiner.train import main as train_combiner
-
-DEMO_SEED = 0  # app.py regenerates the catalog with this seed
 
 
 def main(argv=None) -> int:
@@ -39,14 +39,14 @@ def main(argv=None) -> int:
                              "--epochs", str(args.combiner_epochs), "--batch-size", "256", "--lr", "1e-3",
                              "--val-every", "5"])
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(encoder_path, out / "encoder.safetensors")
-    shutil.copy(work / "stage2" / "best.safetensors", out / "combiner.safetensors")
+    atomic_write(out / "encoder.safetensors", lambda tmp: shutil.copyfile(encoder_path, tmp))
+    atomic_write(out / "combiner.safetensors", lambda tmp: shutil.copyfile(work / "stage2" / "best.safetensors", tmp))
     encoder = load_encoder(out / "encoder.safetensors")
-    combiner, _ = load_combiner(out / "combiner.safetensors")
+    combiner, _ = load_combiner(out / "combiner.safetensors", encoder=encoder)
     metrics = {name: summarize([rank_category(encoder, data, c, combine, progress=False)
                                 for c in ("dress", "shirt", "toptee")])
                for name, combine in (("sum", combine_sum), ("combiner", combiner.combine))}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     print(json.dumps({k: v["average"] for k, v in metrics.items()}))
     return 0
 

@@ -1,12 +1,13 @@
 import json
 
 from clip4cir.benchmark import main as benchmark_main
+from combiner.benchmark import bench_stage_two
 
 
 def test_smallest_benchmark_configuration_runs_and_reports(tmp_path, real_annotations):
     out = tmp_path / "bench"
     assert benchmark_main(["--config", "smoke", "--out", str(out), "--annotations", str(real_annotations),
-                           "--workers", "0"]) == 0
+                           "--workers", "0"], stage_two=bench_stage_two) == 0
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
     assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]["versions"]

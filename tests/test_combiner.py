@@ -1,13 +1,18 @@
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from clip4cir.checkpointing import RunDir, read_metrics
 from clip4cir.data import TripletDataset
-from clip4cir.models import ModelError, create_model, save_encoder
+from clip4cir.encoder_file import save_encoder
+from clip4cir.errors import ModelError
+from clip4cir.factory import create_model
 from combiner.feature_cache import triplet_features
-from combiner.model import Combiner, load_combiner, save_combiner
+from clip4cir.fusion import Combiner, load_combiner, save_combiner
 from combiner.train import CombinedQuery, cached_batch, combiner_loss, encoded_batch, main as combiner_main
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
@@ -54,22 +59,54 @@ def test_clip4cir_combiner_checkpoint_loads_unchanged(tmp_path):
         load_combiner(tmp_path / "bad.pt")
 
 
-def test_cache_hits_for_the_same_encoder_and_misses_when_it_changes(tiny_root, tmp_path):
+def test_cache_hits_for_the_same_inputs_and_misses_when_any_changes(tiny_root, tmp_path):
     encoder = create_model("cir-tiny")
     ds = TripletDataset(tiny_root, "train", transform=encoder.transform)
-    first, hit = triplet_features(encoder, ds, tmp_path, progress=False)
+    first, hit = triplet_features(encoder, ds, tmp_path / "cache", progress=False)
     assert not hit and first.text.shape == (len(ds), 4, encoder.dim)
-    again, hit = triplet_features(encoder, ds, tmp_path, progress=False)
+    again, hit = triplet_features(encoder, ds, tmp_path / "cache", progress=False)
     assert hit and torch.equal(again.image, first.image)
     with torch.no_grad():
         encoder.model.visual.proj.mul_(2)  # a fine-tuned encoder, say
     encoder.invalidate_fingerprint()
-    changed, hit = triplet_features(encoder, ds, tmp_path, progress=False)
+    changed, hit = triplet_features(encoder, ds, tmp_path / "cache", progress=False)
     assert not hit and not torch.allclose(changed.image, first.image)
     other = create_model("cir-tiny", preprocess_kind="squarepad")  # same weights, other preprocessing
-    _, hit = triplet_features(other, TripletDataset(tiny_root, "train", transform=other.transform), tmp_path,
-                              progress=False)
+    _, hit = triplet_features(other, TripletDataset(tiny_root, "train", transform=other.transform),
+                              tmp_path / "cache", progress=False)
     assert not hit
+    # the same encoder on changed data: an image redrawn, a caption edited, or another root
+    encoder = create_model("cir-tiny")
+    root = tmp_path / "fiq"
+    shutil.copytree(tiny_root, root)
+    _, hit = triplet_features(encoder, TripletDataset(root, "train", transform=encoder.transform),
+                              tmp_path / "cache", progress=False)
+    assert not hit  # another root
+    reference = ds.triplets[0].reference
+    Image.new("RGB", (72, 100), (0, 255, 0)).save(root / "images" / f"{reference}.jpg")
+    redrawn, hit = triplet_features(encoder, TripletDataset(root, "train", transform=encoder.transform),
+                                    tmp_path / "cache", progress=False)
+    assert not hit and not torch.allclose(redrawn.image, first.image)
+    captions = root / "captions" / "cap.dress.train.json"
+    entries = json.loads(captions.read_text())
+    entries[0]["captions"][0] = "is green"
+    captions.write_text(json.dumps(entries))
+    _, hit = triplet_features(encoder, TripletDataset(root, "train", transform=encoder.transform),
+                              tmp_path / "cache", progress=False)
+    assert not hit
+
+
+def test_a_broken_cache_file_is_computed_again(tiny_root, tmp_path):
+    encoder = create_model("cir-tiny")
+    ds = TripletDataset(tiny_root, "train", transform=encoder.transform)
+    first, _ = triplet_features(encoder, ds, tmp_path, progress=False)
+    (path,) = tmp_path.glob("triplets.*.pt")
+    path.write_bytes(path.read_bytes()[:1000])  # truncated by a full disk, say
+    with pytest.warns(UserWarning, match=f"{path.name}.*cannot be read"):
+        again, hit = triplet_features(encoder, ds, tmp_path, progress=False)
+    assert not hit and torch.equal(again.image, first.image)
+    _, hit = triplet_features(encoder, ds, tmp_path, progress=False)
+    assert hit
 
 
 def test_cached_features_equal_per_batch_encoding(tiny_root, tmp_path):
@@ -112,20 +149,41 @@ def test_command_trains_resumes_and_evaluates(tiny_root, tmp_path):
             "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert combiner_main(args + ["--output", str(full)]) == 0
-    log = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    log = read_metrics(full / "metrics.jsonl")
     assert len(log) == 3 and (full / "best.safetensors").is_file() and list((full / "feature_cache").iterdir())
     assert combiner_main(args + ["--output", str(part), "--max-steps", "5"]) == 0
     assert combiner_main(args + ["--output", str(part), "--resume"]) == 0
-    resumed = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    resumed = read_metrics(part / "metrics.jsonl")
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in log], rel=1e-5)
     out = tmp_path / "m.json"
     assert evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(encoder_path), "--combiner",
                           str(full / "best.safetensors"), "--json", str(out), "--quiet", "--workers", "0"]) == 0
     assert json.loads(out.read_text())["combiner"] == str(full / "best.safetensors")
-    # a combiner refuses features of another encoder
-    with pytest.raises(ModelError, match="trained on features"):
-        evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--seed", "5", "--combiner",
+    _, meta = load_combiner(full / "best.safetensors")
+    assert meta["data"]["train"]["triplets"] == 36 and meta["encoder"]["fingerprint"]
+    # a combiner refuses features of another encoder, naming both files
+    other = tmp_path / "other.safetensors"
+    save_encoder(create_model("cir-tiny", seed=5), other)
+    with pytest.raises(ModelError, match=f"{full / 'best.safetensors'}.*trained on features.*{other}"):
+        evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(other), "--combiner",
                        str(full / "best.safetensors"), "--quiet", "--workers", "0"])
+
+
+def test_cold_and_warm_feature_cache_give_the_same_run(tiny_root, tmp_path):
+    """Same seed, same numbers, whatever the cache state (building the cache must not consume the random state
+    that dropout then draws from)."""
+    encoder_path = tmp_path / "enc.safetensors"
+    save_encoder(create_model("cir-tiny"), encoder_path)
+    args = ["--data", str(tiny_root), "--clip-checkpoint", str(encoder_path), "--epochs", "2", "--batch-size", "8",
+            "--lr", "1e-3", "--workers", "0", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert combiner_main(args + ["--output", str(tmp_path / "cold")]) == 0
+    assert combiner_main(args + ["--output", str(tmp_path / "warm")]) == 0
+    cold, warm = (load_combiner(RunDir(tmp_path / name).latest_checkpoint() / "model.safetensors")[0]
+                  for name in ("cold", "warm"))
+    for (k, v), w in zip(cold.state_dict().items(), warm.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
+    assert read_metrics(tmp_path / "cold" / "metrics.jsonl")[-1]["loss"] == \
+        read_metrics(tmp_path / "warm" / "metrics.jsonl")[-1]["loss"]
 
 
 def test_bad_inputs(tiny_root, tmp_path):
@@ -133,4 +191,6 @@ def test_bad_inputs(tiny_root, tmp_path):
         combiner_main(["--data", str(tiny_root), "--output", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--batch-size 1024"):
         combiner_main(["--data", str(tiny_root), "--output", str(tmp_path / "o")] + BASE + ["--batch-size", "1024"])
+    with pytest.raises(ValueError, match="--proj-dim must be at least 1, got -1"):
+        combiner_main(["--data", str(tiny_root), "--output", str(tmp_path / "o")] + BASE + ["--proj-dim", "-1"])
     assert not (tmp_path / "o").exists()

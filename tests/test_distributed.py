@@ -12,10 +12,12 @@ import torch
 
 from torch.nn.parallel import DistributedDataParallel
 
+from clip4cir.checkpointing import RunDir, read_metrics
 from clip4cir.data import TripletDataset, load_triplets
 from clip4cir.distributed import init_distributed, mean_over_ranks, shutdown
 from clip4cir.loop import EpochSampler
-from clip4cir.models import create_model, load_encoder
+from clip4cir.encoder_file import load_encoder
+from clip4cir.factory import create_model
 from clip4cir.train import TowerFeatures, set_train_mode, set_trainable, training_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,11 +97,12 @@ def test_two_processes_at_batch_b_equal_one_at_2b(tiny_root, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     one = single("train_clip.py", common(tiny_root, tmp_path / "one") + ["--batch-size", "8", "--max-steps", "1"])
     assert one.returncode == 0, one.stderr[-3000:]
-    state = {n: torch.load(tmp_path / n / "last.state.pt", weights_only=False) for n in ("one", "two")}
+    last = {n: RunDir(tmp_path / n).latest_checkpoint() for n in ("one", "two")}
+    state = {n: torch.load(last[n] / "state.pt", weights_only=False) for n in ("one", "two")}
     assert state["two"]["loss_sum"] == pytest.approx(state["one"]["loss_sum"], rel=1e-5)
     assert len(state["two"]["rng"]) == 2 and len(state["one"]["rng"]) == 1
-    a = load_encoder(tmp_path / "one" / "last.safetensors").model.state_dict()
-    b = load_encoder(tmp_path / "two" / "last.safetensors").model.state_dict()
+    a = load_encoder(last["one"] / "model.safetensors").model.state_dict()
+    b = load_encoder(last["two"] / "model.safetensors").model.state_dict()
     # AdamW's first step is lr·g/(|g|+eps): where the true gradient is zero (attention key biases) or tiny, float
     # noise in g moves a weight by up to lr either way; everywhere else the weights agree to float precision.
     # (test_ddp_gradients_equal_single_process_gradients checks the gradients themselves, tightly.)
@@ -108,7 +111,8 @@ def test_two_processes_at_batch_b_equal_one_at_2b(tiny_root, tmp_path):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0.2 * 1e-4, msg=key)
     # only rank 0 wrote: one params file, no per-rank leftovers
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["last.safetensors", "last.state.pt", "params.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "metrics.jsonl", "params.json"]
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-000000001"]
     assert json.loads((tmp_path / "two" / "params.json").read_text())["world_size"] == 2
 
 
@@ -120,17 +124,17 @@ def test_resume_under_torchrun_and_stage_two(tiny_root, tmp_path):
     assert part.returncode == 0, part.stderr[-3000:]
     resumed = launch("train_clip.py", common(tiny_root, tmp_path / "part") + args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    logs = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-            for n in ("full", "part")]
+    logs = [read_metrics(tmp_path / n / "metrics.jsonl") for n in ("full", "part")]
     assert [r["epoch"] for r in logs[0]] == [0, 1] and len(logs[1]) == 2
     assert logs[1][-1]["loss"] == pytest.approx(logs[0][-1]["loss"], rel=1e-5)
     assert logs[1][-1]["average"] == pytest.approx(logs[0][-1]["average"])
     combiner = launch("train_combiner.py", ["--data", str(tiny_root), "--clip-checkpoint",
-                                            str(tmp_path / "full" / "last.safetensors"), "--output",
+                                            str(RunDir(tmp_path / "full").latest_checkpoint() / "model.safetensors"),
+                                            "--output",
                                             str(tmp_path / "comb"), "--batch-size", "4", "--epochs", "2",
                                             "--workers", "0", "--quiet", "--lr", "1e-3", "--device", "cpu"])
     assert combiner.returncode == 0, combiner.stderr[-3000:]
-    log = [json.loads(x) for x in (tmp_path / "comb" / "metrics.jsonl").read_text().splitlines()]
+    log = read_metrics(tmp_path / "comb" / "metrics.jsonl")
     assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"] * 1.5 and "average" in log[-1]
 
 
@@ -142,11 +146,14 @@ def test_world_size_larger_than_data_and_a_crashing_rank(tiny_root, tmp_path):
     shutil.copytree(tiny_root, root)
     ok = launch("train_clip.py", common(root, tmp_path / "run") + ["--batch-size", "4", "--epochs", "1"])
     assert ok.returncode == 0, ok.stderr[-3000:]
-    good = (tmp_path / "run" / "last.safetensors").read_bytes()
-    for t in load_triplets(root, "dress", "train"):  # every dress reference: some rank reads one in epoch 2
+    last = RunDir(tmp_path / "run").latest_checkpoint()
+    good = (last / "model.safetensors").read_bytes()
+    for t in load_triplets(root, "dress", "train"):  # every dress reference: some rank reads one in epoch 1
         (root / "images" / f"{t.reference}.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    crashed = launch("train_clip.py", common(root, tmp_path / "run") + ["--batch-size", "4", "--epochs", "2",
+    refused = launch("train_clip.py", common(root, tmp_path / "run") + ["--batch-size", "4", "--epochs", "2",
                                                                          "--resume"])
-    assert crashed.returncode != 0 and "cannot read image" in crashed.stderr
-    assert (tmp_path / "run" / "last.safetensors").read_bytes() == good
-    assert load_encoder(tmp_path / "run" / "last.safetensors").info["epoch"] == 1
+    assert refused.returncode != 0 and "training data in" in refused.stderr and "changed" in refused.stderr
+    crashed = launch("train_clip.py", common(root, tmp_path / "new") + ["--batch-size", "4", "--epochs", "1"])
+    assert crashed.returncode != 0 and "is not an image file" in crashed.stderr
+    assert RunDir(tmp_path / "run").latest_checkpoint() == last and (last / "model.safetensors").read_bytes() == good
+    assert load_encoder(last / "model.safetensors").info["epoch"] == 1

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from clip4cir.data import DataError, load_image_split, load_triplets
 from clip4cir.evaluate import main as evaluate_main
 from clip4cir.evaluation import image_retrieval_metrics, recall_at_k, target_ranks, top_k
-from clip4cir.models import ModelError
+from clip4cir.errors import ModelError
 
 
 def brute_force_ranks(queries, gallery, targets):
@@ -148,8 +149,9 @@ def test_command_line_exit_code(tiny_root, tmp_path):
 
 
 def test_ablation_table_in_the_papers_layout(tiny_root, tmp_path, capsys):
-    from clip4cir.models import create_model, load_encoder, save_encoder
-    from combiner.model import Combiner, save_combiner
+    from clip4cir.encoder_file import load_encoder, save_encoder
+    from clip4cir.factory import create_model
+    from clip4cir.fusion import Combiner, save_combiner
     for name, seed in (("image", 1), ("both", 2)):
         save_encoder(create_model("cir-tiny", seed=seed), tmp_path / f"{name}.safetensors")
     both = load_encoder(tmp_path / "both.safetensors")
@@ -175,13 +177,76 @@ def test_ablation_table_in_the_papers_layout(tiny_root, tmp_path, capsys):
 
 
 def test_category_task_scores_the_probe_on_held_out_images(tiny_root, tmp_path):
-    out = tmp_path / "c.json"
-    assert evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--task", "category", "--quiet",
-                          "--workers", "0", "--json", str(out)]) == 0
-    metrics = json.loads(out.read_text())
-    assert metrics["images"] == 72 and metrics["train_images"] == 90 and 0 <= metrics["accuracy"] <= 100
+    """The probe is trained on train-split images and scored on val ones: the demo's fine-tuned encoder separates
+    the categories better than chance (1/3), a random encoder does not."""
+    accuracy = {}
+    demo = Path(__file__).resolve().parents[1] / "demo" / "encoder.safetensors"
+    for name, encoder in (("random", ["--model", "cir-tiny"]), ("demo", ["--clip-checkpoint", str(demo)])):
+        out = tmp_path / f"{name}.json"
+        assert evaluate_main(["--data", str(tiny_root), "--task", "category", "--quiet", "--workers", "0",
+                              "--json", str(out)] + encoder) == 0
+        metrics = json.loads(out.read_text())
+        assert metrics["images"] == 72 and metrics["train_images"] == 90
+        accuracy[name] = metrics["accuracy"]
+    assert accuracy["random"] < 100 / 3 + 5 < 45 < accuracy["demo"]
 
 
 def test_test_split_without_predictions_is_refused_before_loading_models(tiny_root, tmp_path):
     with pytest.raises(ValueError, match="--predictions"):  # not the missing checkpoint: nothing was loaded
         evaluate_main(["--data", str(tiny_root), "--split", "test", "--clip-checkpoint", str(tmp_path / "none.pt")])
+
+
+def test_non_finite_features_are_an_error_not_a_recall(tiny_root, tmp_path):
+    from clip4cir.encoder_file import save_encoder
+    from clip4cir.errors import NonFiniteError
+    from clip4cir.factory import create_model
+    broken = create_model("cir-tiny")
+    with torch.no_grad():
+        broken.model.visual.proj.fill_(float("nan"))  # what a diverged run leaves
+    save_encoder(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(tmp_path / "broken.safetensors"),
+                       "--quiet", "--workers", "0", "--json", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_empty_caption_queries_are_kept_and_counted(tiny_root, tmp_path):
+    from clip4cir.evaluation import rank_category
+    from clip4cir.factory import create_model
+    root = tmp_path / "fiq"
+    shutil.copytree(tiny_root, root)
+    path = root / "captions" / "cap.dress.val.json"
+    entries = json.loads(path.read_text())
+    entries[3]["captions"][1] = " . "
+    path.write_text(json.dumps(entries))
+    with pytest.warns(UserWarning, match="1 of 8 dress val queries have an empty caption"):
+        ranking = rank_category(create_model("cir-tiny"), root, "dress", progress=False)
+    assert len(ranking.ranks) == len(entries)  # the denominator of the published protocol
+
+
+def test_gallery_cache_follows_the_data(tiny_root, tmp_path):
+    from PIL import Image
+
+    from clip4cir.factory import create_model
+    from clip4cir.features import gallery_features
+    encoder = create_model("cir-tiny")
+    cache = tmp_path / "cache"
+    ids, first = gallery_features(encoder, tiny_root, "val", "dress", cache, progress=False)
+    root = tmp_path / "fiq"
+    shutil.copytree(tiny_root, root)
+    Image.new("RGB", (72, 100), (0, 255, 0)).save(root / "images" / f"{ids[0]}.jpg")
+    _, changed = gallery_features(encoder, root, "val", "dress", cache, progress=False)
+    assert not torch.allclose(changed[0], first[0]) and torch.allclose(changed[1:], first[1:], atol=1e-5)
+    for file in cache.iterdir():
+        file.write_bytes(b"\x80garbage")  # corrupt every cache file
+    with pytest.warns(UserWarning, match="cannot be read"):
+        _, again = gallery_features(encoder, tiny_root, "val", "dress", cache, progress=False)
+    torch.testing.assert_close(again, first)
+
+
+def test_output_files_are_checked_before_any_work(tiny_root, tmp_path):
+    from clip4cir.errors import DataError
+    for flag in ("--json", "--dump"):  # a missing checkpoint would fail later: nothing was loaded
+        with pytest.raises(DataError, match=f"{flag} .*the folder .*missing does not exist"):
+            evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(tmp_path / "none.pt"),
+                           flag, str(tmp_path / "missing" / "out.json")])

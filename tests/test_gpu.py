@@ -32,7 +32,7 @@ def test_gpu_index_matches_cpu_reference(kind, tmp_path):
 @needs_cuda
 def test_amp_training_step_on_cuda(tiny_root):
     from clip4cir.data import TripletDataset
-    from clip4cir.models import create_model
+    from clip4cir.factory import create_model
     from clip4cir.train import TowerFeatures, amp_settings, set_trainable, training_step
     encoder = create_model("cir-tiny", device="cuda")
     dtype, scaler_needed = amp_settings(torch.device("cuda"))

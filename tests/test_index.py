@@ -1,14 +1,21 @@
 import json
+import shutil
 import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from clip4cir.artifacts import write_folder
 from clip4cir.build_index import build_index, main as build_main
 from clip4cir.catalog import fashioniq_items, folder_items
-from clip4cir.index import CatalogIndex, CatalogIndexError, Item
-from clip4cir.models import ModelError, create_model, save_encoder
+from clip4cir.fusion import Combiner, save_combiner
+from clip4cir.index import INDEX_FORMAT, CatalogIndex, CatalogIndexError, Item
+from clip4cir.encoder_file import save_encoder
+from clip4cir.data import load_image_split, load_triplets
+from clip4cir.errors import ArtifactError, DataError, ModelError
+from clip4cir.factory import create_model
 from clip4cir.search import SearchEngine, SearchError, main as search_main
 
 
@@ -22,7 +29,7 @@ def mixture(n, d=512, clusters=300, seed=0, spread=1.0):
 
 def make_index(x, kind="flat", metric="cosine", categories=("a", "b", "c"), **knobs):
     index = CatalogIndex(x.shape[1], kind, metric, **knobs)
-    items = [Item(f"id{i}", f"/img/{i}.jpg", categories[i % len(categories)]) for i in range(len(x))]
+    items = [Item(f"id{i}", f"/img/{i}.jpg", (categories[i % len(categories)],)) for i in range(len(x))]
     index.add(items, x)
     return index
 
@@ -63,18 +70,18 @@ def test_category_filter_add_remove_save_load(kind, tmp_path):
     index = make_index(x, kind)
     for category in ("a", "b", "c"):
         _, rows = index.search(x[:20], 50, category=category)
-        assert all(index.items[r].category == category for r in rows.ravel() if r >= 0)
+        assert all(index.items[r].categories == (category,) for r in rows.ravel() if r >= 0)
         assert (rows >= 0).all()
     _, rows = index.search(x[5:6], 1)
     assert index.items[rows[0, 0]].id == "id5"
     assert index.remove(["id5", "id6"]) == 2 and len(index) == 2998
     _, rows = index.search(x[5:7], 20)
     assert not {"id5", "id6"} & {index.items[r].id for r in rows.ravel()}
-    index.add([Item("new", "/img/new.jpg", "b")], x[5:6] * 2)
+    index.add([Item("new", "/img/new.jpg", ("b",))], x[5:6] * 2)
     _, rows = index.search(x[5:6], 1, category="b")
     assert index.items[rows[0, 0]].id == "new"
     with pytest.raises(CatalogIndexError, match="'new'"):
-        index.add([Item("new", "/x.jpg", "b")], x[:1])
+        index.add([Item("new", "/x.jpg", ("b",))], x[:1])
     with pytest.raises(CatalogIndexError, match="'gone'"):
         index.remove(["gone"])
     with pytest.raises(CatalogIndexError, match="'zzz'"):
@@ -93,11 +100,111 @@ def test_bad_index_files_and_knobs(tmp_path):
         CatalogIndex(8, "annoy")
     with pytest.raises(CatalogIndexError, match="nprobe"):
         CatalogIndex(8, "ivf", nprobe=0)
-    with pytest.raises(CatalogIndexError, match="no meta.json"):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
         CatalogIndex.load(tmp_path)
-    (tmp_path / "meta.json").write_text("{bad")
-    with pytest.raises(CatalogIndexError, match="meta.json"):
-        CatalogIndex.load(tmp_path)
+    x = mixture(200, d=16, clusters=5)
+    make_index(x).save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    del meta["dim"]
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))  # an edited file no longer matches the manifest
+    with pytest.raises(ArtifactError, match="meta.json"):
+        CatalogIndex.load(tmp_path / "idx")
+    # a consistent folder (manifest and all) whose meta.json lacks a field: the field is named
+    write_folder(tmp_path / "no-dim", INDEX_FORMAT, lambda tmp: (tmp / "meta.json").write_text(json.dumps(meta)))
+    with pytest.raises(CatalogIndexError, match="no 'dim'"):
+        CatalogIndex.load(tmp_path / "no-dim")
+    with pytest.raises(CatalogIndexError, match="NaN"):
+        make_index(np.full((3, 16), np.nan, dtype=np.float32))
+    with pytest.raises(CatalogIndexError, match="nlist 500"):
+        make_index(x, "ivf", nlist=500)
+
+
+def test_foreign_faiss_file_beside_another_index_is_refused(tmp_path):
+    a, b = mixture(300, d=16, clusters=5, seed=1), mixture(300, d=16, clusters=5, seed=2)
+    make_index(a).save(tmp_path / "a")
+    make_index(b).save(tmp_path / "b")
+    assert (tmp_path / "a" / "index.faiss").stat().st_size == (tmp_path / "b" / "index.faiss").stat().st_size
+    shutil.copy(tmp_path / "b" / "index.faiss", tmp_path / "a" / "index.faiss")
+    with pytest.raises(ArtifactError, match="index.faiss"):
+        CatalogIndex.load(tmp_path / "a")
+
+
+def test_items_keep_every_category_and_split(tmp_path):
+    x = mixture(6, d=8, clusters=2)
+    index = CatalogIndex(8)
+    index.add([Item("both", "/i/0.jpg", ("shirt", "toptee"), ("val", "test"))]
+              + [Item(f"s{i}", f"/i/{i}.jpg", ("shirt",), ("val",)) for i in range(1, 6)], x)
+    for category in ("shirt", "toptee"):
+        _, rows = index.search(x[:1], 3, category=category)
+        assert index.items[rows[0, 0]].id == "both"
+    index.save(tmp_path / "idx")
+    assert CatalogIndex.load(tmp_path / "idx").item("both").splits == ("val", "test")
+
+
+def test_real_fashioniq_ids_in_several_categories_are_reachable(real_annotations, tmp_path):
+    """Indexing all splits of the real files: 195 toptee and 140 shirt val targets are listed first under another
+    category or split (stored under that one, they were unreachable with the category filter). Each is found
+    with every category that lists it. Placeholder image files: listing a catalog does not decode them."""
+    root = tmp_path / "fiq"
+    shutil.copytree(real_annotations / "captions", root / "captions")
+    shutil.copytree(real_annotations / "image_splits", root / "image_splits")
+    (root / "images").mkdir()
+    first_listed = {}
+    for split in ("train", "val", "test"):
+        for category in ("dress", "shirt", "toptee"):
+            for image_id in load_image_split(root, category, split):
+                first_listed.setdefault(image_id, category)
+    for image_id in first_listed:
+        (root / "images" / f"{image_id}.jpg").touch()
+    items = fashioniq_items(root, splits=("train", "val", "test"))
+    assert len(items) == 74381
+    index = CatalogIndex(4)
+    index.add(items, np.random.default_rng(0).standard_normal((len(items), 4)).astype(np.float32))
+    members = {c: {index.items[r].id for r in rows} for c, rows in index.rows_by_category().items()}
+    for category, listed_elsewhere_first in (("toptee", 195), ("shirt", 140)):
+        targets = [t.target for t in load_triplets(root, category, "val")]
+        assert sum(first_listed[t] != category for t in targets) == listed_elsewhere_first
+        assert set(targets) <= members[category]
+        assert all("val" in index.item(t).splits for t in targets)
+
+
+def test_remove_is_all_or_nothing():
+    index = make_index(mixture(50, d=8, clusters=3))
+    assert index.remove(["id1", "id1"]) == 1 and len(index) == 49
+    with pytest.raises(CatalogIndexError, match="'nope'"):
+        index.remove(["id2", "nope"])
+    assert index.item("id2").id == "id2" and len(index) == 49
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_searches_during_adds_and_removes(kind):
+    """Searches from several threads while another thread adds and removes items: no errors, always k results
+    that exist, and an item that is never touched is always its own nearest neighbour."""
+    x = mixture(2000, d=32, clusters=20)
+    index = make_index(x[:1000], kind)
+    errors, done = [], threading.Event()
+
+    def search():
+        try:
+            while not done.is_set():
+                found = index.top_items(x[7], 10)
+                assert len(found) == 10 and found[0][0].id == "id7"
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=search) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for start in range(1000, 2000, 100):
+            index.add([Item(f"id{i}", "", ("a",)) for i in range(start, start + 100)], x[start:start + 100])
+            index.remove([f"id{i}" for i in range(start - 900, start - 800)])
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert len(index) == 1000
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +214,6 @@ def engine_files(tiny_root, tmp_path_factory):
     save_encoder(encoder, folder / "enc.safetensors")
     assert build_main(["--data", str(tiny_root), "--clip-checkpoint", str(folder / "enc.safetensors"),
                        "--output", str(folder / "index"), "--quiet", "--workers", "0"]) == 0
-    from combiner.model import Combiner, save_combiner
     save_combiner(Combiner(encoder.dim), folder / "combiner.safetensors", encoder.record())
     return folder
 
@@ -130,15 +236,15 @@ def test_three_query_kinds(engine, tiny_root):
     similar = engine.image_search(item.path, k=3)
     assert similar.hits[0].id == item.id and similar.hits[0].score == pytest.approx(1.0, abs=1e-4)
     text = engine.text_search("a red dress", k=4, category="dress")
-    assert len(text.hits) == 4 and all(h.category == "dress" for h in text.hits) and text.seconds > 0
+    assert len(text.hits) == 4 and all(h.categories == ["dress"] for h in text.hits) and text.seconds > 0
 
 
 def test_auto_category_uses_the_probe(engine):
     ids = [i for i in engine.index.row_of]
     predicted = [engine.image_search(engine.index.item(i).path, k=1, category="auto") for i in ids[:30]]
-    right = sum(r.category == engine.index.item(i).category for r, i in zip(predicted, ids))
+    right = sum(r.category in engine.index.item(i).categories for r, i in zip(predicted, ids))
     assert all(any("predicted category" in n for n in r.notes) for r in predicted)
-    assert all(h.category == r.category for r in predicted for h in r.hits)
+    assert all(r.category in h.categories for r in predicted for h in r.hits)
     assert right >= 20  # the probe is trained on these very features
 
 
@@ -190,14 +296,84 @@ def test_concurrent_queries_match_sequential(engine):
     assert not errors and got == expected
 
 
-def test_index_refuses_another_encoder(engine_files):
+def test_index_and_combiner_refuse_another_encoder(engine_files, tmp_path):
     index = CatalogIndex.load(engine_files / "index")
-    with pytest.raises(SearchError, match="built with encoder"):
+    with pytest.raises(SearchError, match="made with encoder"):
         SearchEngine(index, create_model("cir-tiny", seed=9))
     other = engine_files / "other.safetensors"
     save_encoder(create_model("cir-tiny", seed=9), other)
-    with pytest.raises(ModelError, match="not the one"):
+    with pytest.raises(ModelError, match=f"index {engine_files / 'index'}.*{other}"):
         SearchEngine.load(engine_files / "index", clip_checkpoint=str(other))
+    # a Combiner trained on another encoder's features: refused by search, naming both files
+    foreign = tmp_path / "foreign-combiner.safetensors"
+    save_combiner(Combiner(64), foreign, create_model("cir-tiny", seed=9).record())
+    with pytest.raises(ModelError, match=f"{foreign}.*enc.safetensors"):
+        SearchEngine.load(engine_files / "index", combiner_path=str(foreign))
+    with pytest.raises(ModelError, match="trained on features"):
+        search_main(["--index", str(engine_files / "index"), "--combiner", str(foreign), "--caption", "is red"])
+
+
+def test_serving_is_deterministic_and_never_switches_modes(engine):
+    """A Combiner handed over in training mode (dropout on) serves without dropout, from many threads at once, and
+    ``combine`` never flips a shared module's mode."""
+    torch.manual_seed(0)
+    served = SearchEngine(engine.index, engine.encoder, Combiner(64).train())
+    assert not served.combiner.training and not served.encoder.model.training
+    refs = list(served.index.row_of)[:6]
+    expected = {r: [(h.id, h.score) for h in served.composed_search("is darker", reference_id=r, k=8).hits]
+                for r in refs}
+    served.combiner.train()  # even if someone switches it back while serving
+    got, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(10):
+                for r in refs:
+                    got.append(expected[r] == [(h.id, h.score) for h in
+                                               served.composed_search("is darker", reference_id=r, k=8).hits])
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(got) and len(got) == 360
+    assert served.combiner.training  # combine() left the mode alone
+
+
+def test_build_index_never_replaces_what_it_did_not_make(tiny_root, engine_files, tmp_path):
+    encoder = ["--clip-checkpoint", str(engine_files / "enc.safetensors"), "--quiet", "--workers", "0"]
+    user = tmp_path / "my-folder"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not a clip4cir.index"):
+        build_main(["--data", str(tiny_root), "--output", str(user)] + encoder)
+    assert (user / "notes.txt").read_text() == "mine"
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    Image.new("RGB", (40, 60), (200, 0, 0)).save(shop / "a.jpg")
+    with pytest.raises(ArtifactError, match="left untouched"):
+        build_main(["--images", str(shop), "--output", str(shop)] + encoder)
+    assert (shop / "a.jpg").is_file()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ArtifactError, match="is a file"):
+        build_main(["--images", str(shop), "--output", str(tmp_path / "a-file")] + encoder)
+    with pytest.raises(CatalogIndexError, match="--nlist 100"):
+        build_main(["--images", str(shop), "--output", str(tmp_path / "ivf"), "--kind", "ivf", "--nlist", "100"]
+                   + encoder)
+    # rebuilding an index replaces it; a catalog whose images are all unreadable leaves it as it was
+    index = tmp_path / "index"
+    assert build_main(["--images", str(shop), "--output", str(index)] + encoder) == 0
+    assert build_main(["--images", str(shop), "--output", str(index)] + encoder) == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="none of the 1 images"):
+        build_main(["--images", str(broken), "--output", str(index)] + encoder)
+    assert list(CatalogIndex.load(index).row_of) == ["a"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_search_command_json(engine_files, capsys):
@@ -206,7 +382,7 @@ def test_search_command_json(engine_files, capsys):
     assert search_main(["--index", str(engine_files / "index"), "--ref-id", ref, "--caption", "is red", "--k", "3",
                         "--json", "--device", "cpu"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == 3 and set(hits[0]) == {"id", "score", "category", "path"}
+    assert len(hits) == 3 and set(hits[0]) == {"id", "score", "categories", "path"}
     assert search_main(["--index", str(engine_files / "index"), "--caption", "is red", "--k", "2"]) == 0
     with pytest.raises(SearchError, match="give --image"):
         search_main(["--index", str(engine_files / "index")])
@@ -221,7 +397,7 @@ def test_image_folder_catalog_skips_unreadable(tmp_path, tiny_root):
     Image.new("RGB", (50, 70), (0, 200, 0)).save(folder / "loose.jpg")
     (folder / "shoes" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     items = folder_items(folder)
-    assert {i.category for i in items} == {"hats", "shoes", None} and len(items) == 8
+    assert {i.categories for i in items} == {("hats",), ("shoes",), ()} and len(items) == 8
     index, unreadable = build_index(create_model("cir-tiny"), items, progress=False)
     assert [i.id for i in unreadable] == ["shoes/broken"] and len(index) == 7
     assert index.categories() == ["hats", "shoes"]

@@ -1,10 +1,15 @@
+import json
 
 import open_clip
 import pytest
 import torch
 
-from clip4cir.models import (ModelError, create_model, load_checkpoint, load_encoder, load_model,
-                             read_encoder_metadata, resolve_device, save_encoder)
+from clip4cir.device import resolve_device
+from clip4cir.encoder import CLIPEncoder
+from clip4cir.encoder_file import load_encoder, read_encoder_metadata, save_encoder
+from clip4cir.errors import ModelError
+from clip4cir.factory import CONFIG_DIR, create_model, load_checkpoint, load_model
+from clip4cir.transforms import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +38,23 @@ def test_trimmed_text_context_gives_identical_features(tiny):
         trimmed = tiny.encode_text(captions)
     torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5)
     assert tiny.count_tokens(" ".join(["word"] * 100)) > tiny.context_length
+
+
+@pytest.mark.parametrize("text_cfg", [{"no_causal_mask": True}, {"pool_type": "last"},
+                                      {"no_causal_mask": True, "pool_type": "last"}],
+                         ids=["no-causal-mask", "last-token-pooling", "siglip-like"])
+def test_context_trimming_only_where_it_gives_the_same_features(text_cfg):
+    """Text towers that see the padding (no causal mask) or pool over positions the trimming moves fall back to
+    the full context: their features equal open_clip's own."""
+    config = json.loads((CONFIG_DIR / "cir-tiny.json").read_text())
+    config["text_cfg"].update(text_cfg)
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**config).eval()
+    encoder = CLIPEncoder(model, "cir-tiny", config, Preprocess(size=64), {"model": "custom"})
+    captions = ["is red with shorter sleeves", "is blue"]
+    assert encoder.tokenize(captions).shape[1] == 77
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_text(captions), model.encode_text(encoder.tokenizer(captions)))
 
 
 def test_training_step_runs_and_changes_weights(tiny):

@@ -1,10 +1,13 @@
+import dataclasses
 import hashlib
 import json
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from clip4cir.data import CATEGORIES, SPLITS, GalleryDataset, TripletDataset, load_image_split, load_triplets
-from clip4cir.synthetic import ATTRIBUTES, SIZES, make_synthetic_fashioniq
+from clip4cir.synthetic import ATTRIBUTES, SIZES, SPECIFIC, Item, make_synthetic_fashioniq, render
 
 
 def digest(root):
@@ -61,4 +64,14 @@ def test_gallery_has_distractors_sharing_target_attributes(tiny_root):
 def test_images_are_product_photo_shaped_and_vary(tiny_root):
     sizes = {Image.open(p).size for p in list((tiny_root / "images").iterdir())[:50]}
     assert all(1.28 <= h / w <= 1.62 for w, h in sizes) and len(sizes) > 3
-    assert len(ATTRIBUTES) >= 4
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+@pytest.mark.parametrize("attribute", ATTRIBUTES)
+def test_every_attribute_a_caption_names_is_visible(category, attribute):
+    """Two photos that differ only in one attribute differ in their pixels: what a caption says can be seen."""
+    base = Item("B0", category, "red", "plain", "short", SPECIFIC[category][1][0], 1.4, 0.0, 0.0, 0.9, 240)
+    other = {"colour": "blue", "pattern": "striped", "sleeves": "long", "specific": SPECIFIC[category][1][1]}
+    changed = dataclasses.replace(base, **{attribute: other[attribute]})
+    a, b = (np.asarray(render(item), dtype=np.int16) for item in (base, changed))
+    assert np.abs(a - b).max() > 60 and (np.abs(a - b).max(axis=2) > 60).mean() > 0.002

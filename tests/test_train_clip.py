@@ -1,15 +1,36 @@
 import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from clip4cir.checkpointing import RunDir, read_metrics
 from clip4cir.data import DataError, TripletDataset
-from clip4cir.models import ModelError, create_model, load_encoder
+from clip4cir.encoder_file import load_encoder
+from clip4cir.errors import ModelError, NonFiniteError
+from clip4cir.factory import create_model
 from clip4cir.train import (TowerFeatures, contrastive_loss, main as train_main, set_train_mode, set_trainable,
                             training_step)
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def last_model(out):
+    """The model of a run's newest complete checkpoint."""
+    return RunDir(out).latest_checkpoint() / "model.safetensors"
+
+
+def same_weights(a, b):
+    for (k, v), w in zip(load_encoder(a).model.state_dict().items(), load_encoder(b).model.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def fixed_batch(root, encoder, n=8):
@@ -75,31 +96,69 @@ def test_batchnorm_stays_in_eval_mode():
     assert norms and not any(m.training for m in norms) and encoder.model.transformer.training
 
 
-def run_files(out):
-    return {p.name for p in out.iterdir()}
-
-
 def test_training_writes_run_files_and_resume_is_exact(tiny_root, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ["--data", str(tiny_root), "--epochs", "2", "--save-best"] + BASE
     assert train_main(args + ["--output", str(full)]) == 0
-    assert {"params.json", "metrics.jsonl", "last.safetensors", "last.state.pt", "best.safetensors"} <= run_files(full)
+    assert {p.name for p in full.iterdir()} == {"params.json", "metrics.jsonl", "checkpoints", "best.safetensors"}
+    assert [p.name for p in (full / "checkpoints").iterdir()] != []
+    assert {p.name for p in last_model(full).parent.iterdir()} == {"model.safetensors", "state.pt", "metrics.jsonl",
+                                                                   "manifest.json"}
     params = json.loads((full / "params.json").read_text())
     assert params["lr"] == 1e-3 and params["encoder"] == "both" and params["batch_size"] == 8
-    log = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    data = params["training_data"]
+    assert data["train"]["triplets"] == 36 and data["skipped_empty_captions"] == 0
+    log = read_metrics(full / "metrics.jsonl")
     assert [r["epoch"] for r in log] == [0, 1]
     assert {"loss", "dress", "shirt", "toptee", "average", "seconds", "triplets_per_s"} <= set(log[0])
+    info = load_encoder(last_model(full)).info
+    assert info["global_step"] == 8 and info["data"]["train"]["fingerprint"] == data["train"]["fingerprint"]
 
     # interrupted mid-epoch (36 triplets / batch 8 = 4 steps an epoch; stop after 6), then resumed
     assert train_main(args + ["--output", str(part), "--max-steps", "6"]) == 0
-    assert len((part / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(read_metrics(part / "metrics.jsonl")) == 1
+    # a kill while logging leaves a cut line: --resume restores the log from the checkpoint
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "lo')
     assert train_main(args + ["--output", str(part), "--resume"]) == 0
-    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    resumed = read_metrics(part / "metrics.jsonl")
+    assert len(resumed) == 2
     for a, b in zip(log, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["average"] == pytest.approx(b["average"])
-    full_model, part_model = load_encoder(full / "last.safetensors"), load_encoder(part / "last.safetensors")
-    for (k, v), w in zip(full_model.model.state_dict().items(), part_model.model.state_dict().values()):
-        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+    same_weights(last_model(full), last_model(part))
+    same_weights(full / "best.safetensors", part / "best.safetensors")
+
+
+def test_a_diverging_run_stops_at_the_step_and_keeps_nothing_broken(tiny_root, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--lr must be a positive number, got inf"):
+        train_main(["--data", str(tiny_root), "--output", str(out), "--lr", "inf"] + BASE[:2] + ["--quiet"])
+    assert not out.exists()
+    args = ["--data", str(tiny_root), "--output", str(out), "--epochs", "3", "--save-best"] + BASE + ["--lr", "1e30"]
+    with pytest.raises(NonFiniteError, match=r"NaN or infinite at epoch 1, step \d|loss became (nan|inf) at epoch 1"):
+        train_main(args)
+    assert not (out / "best.safetensors").exists() and RunDir(out).latest_checkpoint() is None
+    assert read_metrics(out / "metrics.jsonl") == []
+
+
+def test_killed_mid_save_leaves_the_last_complete_checkpoint(tiny_root, tmp_path):
+    """A checkpoint folder whose writing was cut short (no manifest, or a file that does not match it) is passed
+    over: --resume continues from the newest complete one."""
+    out = tmp_path / "out"
+    args = ["--data", str(tiny_root), "--output", str(out), "--epochs", "2"] + BASE
+    assert train_main(args + ["--max-steps", "3", "--save-every", "1"]) == 0
+    steps = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in steps] == ["step-000000002", "step-000000003"]
+    (steps[-1] / "manifest.json").unlink()  # as if killed before the commit
+    shutil.copytree(steps[0], out / "checkpoints" / "step-000000004")  # a folder that is not what it says
+    with pytest.warns(UserWarning, match="passing over"):
+        assert RunDir(out).latest_checkpoint() == steps[0]
+    full = tmp_path / "full"
+    assert train_main(["--data", str(tiny_root), "--output", str(full), "--epochs", "2"] + BASE) == 0
+    with pytest.warns(UserWarning, match="passing over"):
+        assert train_main(args + ["--resume"]) == 0
+    same_weights(last_model(full), last_model(out))
+    assert len([p for p in (out / "checkpoints").iterdir() if ".broken-" in p.name]) == 2  # kept, out of the way
 
 
 def test_bad_inputs_exit_cleanly_and_overwrite_nothing(tiny_root, tmp_path):
@@ -122,17 +181,111 @@ def test_bad_inputs_exit_cleanly_and_overwrite_nothing(tiny_root, tmp_path):
     with pytest.raises(DataError, match="no train triplets"):
         train_main(["--data", str(empty), "--output", str(out)] + BASE)
     assert not out.exists()
-    with pytest.raises(DataError, match="holds no run"):
+    with pytest.raises(DataError, match="holds no run to resume"):
         train_main(["--data", str(tiny_root), "--output", str(out), "--resume"] + BASE)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        train_main(["--data", str(tiny_root), "--output", str(tmp_path / "a-file")] + BASE)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds other files"):
+        train_main(["--data", str(tiny_root), "--output", str(user)] + BASE)
     # an existing run is never overwritten
     assert train_main(["--data", str(tiny_root), "--output", str(out), "--epochs", "1"] + BASE) == 0
-    before = (out / "last.safetensors").read_bytes()
+    before = last_model(out).read_bytes()
     with pytest.raises(DataError, match="already holds a run"):
         train_main(["--data", str(tiny_root), "--output", str(out), "--epochs", "1"] + BASE)
     with pytest.raises(DataError, match="lr was"):
         train_main(["--data", str(tiny_root), "--output", str(out), "--epochs", "2", "--resume"] + BASE
                    + ["--lr", "0.1"])
-    assert (out / "last.safetensors").read_bytes() == before
+    assert last_model(out).read_bytes() == before
+
+
+def test_every_image_the_run_reads_is_checked_before_the_first_step(tiny_root, tmp_path):
+    root = tmp_path / "fiq"
+    shutil.copytree(tiny_root, root)
+    val_only = json.loads((root / "image_splits" / "split.toptee.val.json").read_text())[-1]  # a gallery image
+    (root / "images" / f"{val_only}.jpg").unlink()
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=f"val split images.*{val_only}"):
+        train_main(["--data", str(root), "--output", str(tmp_path / "out")] + BASE)
+    assert not (tmp_path / "out").exists()
+    assert time.perf_counter() - started < 30  # not after an epoch: nothing was loaded or trained
+
+
+def test_empty_captions_are_skipped_in_training_and_counted(tiny_root, tmp_path):
+    root = tmp_path / "fiq"
+    shutil.copytree(tiny_root, root)
+    path = root / "captions" / "cap.dress.train.json"
+    entries = json.loads(path.read_text())
+    entries[0]["captions"][1], entries[1]["captions"][0] = "", "n/a"
+    path.write_text(json.dumps(entries))
+    with pytest.warns(UserWarning, match="skipped 2 of 36 train triplets with an empty caption"):
+        assert train_main(["--data", str(root), "--output", str(tmp_path / "out"), "--max-steps", "1"] + BASE) == 0
+    data = json.loads((tmp_path / "out" / "params.json").read_text())["training_data"]
+    assert data["skipped_empty_captions"] == 2 and data["train"]["triplets"] == 34
+
+
+def start_training(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "train_clip.py")] + args, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_at_random_moments(args: list[str], out: Path, kills: int, seed: int) -> int:
+    """Run training, SIGKILL it ``kills`` times (alternately inside a checkpoint save, caught by its temporary
+    folder, and at a random moment after a checkpoint), resuming each time; then let it finish."""
+    rng = random.Random(seed)
+    killed = 0
+    while True:
+        resume = (out / "params.json").is_file()
+        process = start_training(args + (["--resume"] if resume else []))
+        if killed < kills:
+            before = {p.name for p in (out / "checkpoints").glob("step-*")} if (out / "checkpoints").is_dir() else set()
+            inside_save = killed % 2 == 0
+            delay = rng.uniform(0, 0.4)
+            while process.poll() is None:
+                folder = out / "checkpoints"
+                names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+                if inside_save and any(n.startswith(".step-") for n in names):
+                    break
+                if not inside_save and names - before - {n for n in names if n.startswith(".")}:
+                    time.sleep(delay)
+                    break
+                time.sleep(0.001)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                killed += 1
+                continue
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+        return killed
+
+
+def test_killed_at_random_moments_resumes_to_the_same_weights(tiny_root, tmp_path):
+    args = ["--data", str(tiny_root), "--epochs", "3", "--save-best", "--save-every", "1", "--device", "cpu"] + BASE
+    straight = tmp_path / "straight"  # the same process set-up (threads) as the killed run: the same float sums
+    assert kill_at_random_moments(args + ["--output", str(straight)], straight, kills=0, seed=0) == 0
+    out = tmp_path / "killed"
+    assert kill_at_random_moments(args + ["--output", str(out)], out, kills=3, seed=0) >= 2
+    same_weights(last_model(tmp_path / "straight"), last_model(out))
+    same_weights(tmp_path / "straight" / "best.safetensors", out / "best.safetensors")
+    assert [r["loss"] for r in read_metrics(out / "metrics.jsonl")] == \
+        pytest.approx([r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")], rel=1e-5)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_killed_twenty_times_in_a_row_resumes_to_the_same_weights(tiny_root, tmp_path):
+    args = ["--data", str(tiny_root), "--epochs", "6", "--save-best", "--save-every", "1", "--device", "cpu"] + BASE
+    straight = tmp_path / "straight"
+    assert kill_at_random_moments(args + ["--output", str(straight)], straight, kills=0, seed=0) == 0
+    out = tmp_path / "killed"
+    assert kill_at_random_moments(args + ["--output", str(out)], out, kills=20, seed=1) == 20
+    same_weights(last_model(tmp_path / "straight"), last_model(out))
+    same_weights(tmp_path / "straight" / "best.safetensors", out / "best.safetensors")
 
 
 def test_grad_checkpointing_gives_the_same_gradients(tiny_root):
@@ -148,3 +301,18 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_root):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_unreadable_image_in_a_worker_is_one_clear_line(tiny_root, tmp_path):
+    root = tmp_path / "fiq"
+    shutil.copytree(tiny_root, root)
+    reference = TripletDataset(root, "train").triplets[0].reference
+    (root / "images" / f"{reference}.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_clip.py"), "--data", str(root),
+                             "--output", str(tmp_path / "out"), "--model", "cir-tiny", "--batch-size", "8",
+                             "--workers", "1", "--quiet", "--epochs", "1"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and f"{reference}.jpg" in lines[-1]
+    assert "Traceback" not in result.stderr and "Original" not in result.stderr

@@ -1,0 +1,31 @@
+"""The project's error types: each names the file, field or value that is wrong, and the tools turn any of them
+into one line and exit status 2 (``clip4cir.cli.run``)."""
+from __future__ import annotations
+
+
+class Clip4CirError(ValueError):
+    """A bad input, file or state that the user can fix; the message says which and how."""
+
+
+class DataError(Clip4CirError):
+    """A data file, folder or value is missing or malformed."""
+
+
+class ModelError(Clip4CirError):
+    """A model name, tag or checkpoint cannot be used."""
+
+
+class ArtifactError(Clip4CirError):
+    """A file or folder the project wrote is incomplete, foreign, or bound to another encoder or data set."""
+
+
+class NonFiniteError(Clip4CirError):
+    """A loss, feature or score is NaN or infinite: a broken model, never a result."""
+
+
+class CatalogIndexError(Clip4CirError):
+    """A bad index file, id, category or knob."""
+
+
+class SearchError(Clip4CirError):
+    """A query the engine cannot answer."""
