@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from .evaluation import target_ranks
 from .features import extract_image_features, loader_options
 from .fusion import Combiner
 from .index import CatalogIndex, Item
+from .machine import machine
 from .factory import create_model
 from .search import SearchEngine
 from .synthetic import make_synthetic_fashioniq
@@ -37,17 +37,14 @@ from .train import TowerFeatures, set_train_mode, set_trainable, training_step
 CONFIGS = {
     "smoke": {"models": ["cir-tiny"], "catalog": "tiny", "extract_images": 32, "train_steps": 2,
               "train_batch": 8, "stage_two": [("cir-tiny", "tiny", 8)], "gallery": 2_000, "repeats": 5,
-              "scales": [2_000], "encoders": ["both"]},
+              "encoders": ["both"]},
     "quick": {"models": ["cir-tiny", "RN50"], "catalog": "tiny", "extract_images": 64, "train_steps": 3,
               "train_batch": 8, "stage_two": [("cir-tiny", "tiny", 16), ("RN50", "tiny", 16)], "gallery": 10_000,
-              "repeats": 20, "scales": [10_000, 100_000], "encoders": ["both", "image", "text"]},
+              "repeats": 20, "encoders": ["both", "image", "text"]},
     "full": {"models": ["cir-tiny", "RN50"], "catalog": "demo", "extract_images": 256, "train_steps": 8,
              "train_batch": 16, "stage_two": [("cir-tiny", "demo", 256), ("RN50", "demo", 256)], "gallery": 10_000,
-             "repeats": 50, "scales": [10_000, 100_000, 1_000_000], "encoders": ["both", "image", "text"]},
+             "repeats": 50, "encoders": ["both", "image", "text"]},
 }
-# the index the project recommends per catalog size (see README): exact below 100k, IVF above
-RECOMMENDED_IVF = {1_000_000: {"nlist": 1024, "nprobe": 16}}
-HNSW_MAX_BUILD = 1_000_000  # at 1M 1024-d vectors an HNSW build takes well over 15 minutes on 2 cores
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
@@ -86,19 +83,6 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
 def percentiles_ms(times: Sequence[float]) -> dict:
     ms = np.array(times) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2)}
-
-
-def mixture(n: int, d: int, clusters: int = 1000, seed: int = 0) -> np.ndarray:
-    """Normalised vectors with cluster structure (a mixture of Gaussians), like image embeddings."""
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, d), dtype=np.float32)
-    out = np.empty((n, d), dtype=np.float32)
-    for start in range(0, n, 100_000):
-        stop = min(start + 100_000, n)
-        out[start:stop] = centers[rng.integers(0, clusters, stop - start)]
-        out[start:stop] += rng.standard_normal((stop - start, d), dtype=np.float32)
-    out /= np.linalg.norm(out, axis=1, keepdims=True)
-    return out
 
 
 # ---- the steps -----------------------------------------------------------------------------------------------
@@ -142,16 +126,6 @@ def bench_stage_one(model: str, root: Path, towers: str, steps: int, batch: int,
             "data_wait_share": round(waited / (waited + computed), 3)}
 
 
-def index_mib(index: CatalogIndex, tmp: Path) -> float:
-    """The index's footprint: stored features plus the FAISS structure (its serialised size)."""
-    import faiss
-    path = tmp / "size.faiss"
-    faiss.write_index(index._faiss, str(path))
-    size = index.features.nbytes + path.stat().st_size
-    path.unlink()
-    return round(size / 2 ** 20, 1)
-
-
 def bench_evaluation(annotations: Path, repeats: int) -> dict:
     """Ranking FashionIQ-sized inputs (real annotation files, random 1024-d features), all three categories."""
     rng = np.random.default_rng(0)
@@ -183,8 +157,9 @@ def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http:
     paths = [str(images.path(i)) for i in range(len(images))]
     rng = np.random.default_rng(0)
     index = CatalogIndex(encoder.dim, encoder=encoder.record())
-    index.add([Item(f"item{i}", paths[i % len(paths)], CATEGORIES[i % 3]) for i in range(gallery_size)],
+    index.add([Item(f"item{i}", paths[i % len(paths)], (CATEGORIES[i % 3],)) for i in range(gallery_size)],
               rng.standard_normal((gallery_size, encoder.dim), dtype=np.float32))
+    index.source["folders"] = sorted({os.path.dirname(path) for path in paths})
     torch.manual_seed(0)
     engine = SearchEngine(index, encoder, Combiner(encoder.dim))
     ids = [f"item{i}" for i in rng.integers(0, gallery_size, repeats + 1)]
@@ -236,59 +211,7 @@ def _bench_http(engine: SearchEngine, ids, paths, captions, repeats: int) -> dic
         ui.close()
 
 
-def bench_scale(n: int, dim: int, tmp: Path, n_queries: int = 200) -> list[dict]:
-    """Build time, memory, single-query latency and recall@10 against exact, per index kind, at one size."""
-    x = mixture(n, dim)
-    rng = np.random.default_rng(1)
-    noise = rng.standard_normal((n_queries, dim), dtype=np.float32) * (0.3 / np.sqrt(dim))  # norm about 0.3
-    queries = x[rng.choice(n, n_queries, replace=False)] + noise
-    items = [Item(str(i), "", None) for i in range(n)]
-    rows, truth = [], None
-    for kind in ("flat", "ivf", "hnsw"):
-        row = {"n": n, "dim": dim, "kind": kind}
-        if kind == "hnsw" and n >= HNSW_MAX_BUILD:
-            row["skipped"] = "build would take over 15 minutes on this machine"
-            rows.append(row)
-            continue
-        knobs = RECOMMENDED_IVF.get(n, {}) if kind == "ivf" else {}
-        start = time.perf_counter()
-        index = CatalogIndex(dim, kind, **knobs)
-        index.add(items, x)
-        row["build_s"] = round(time.perf_counter() - start, 2)
-        row["memory_mib"] = index_mib(index, tmp)
-        row.update({k: v for k, v in (("nlist", index.nlist), ("nprobe", index.nprobe)) if kind == "ivf"})
-        if kind == "hnsw":
-            row.update(M=index.M, ef_search=index.ef_search)
-        _, found = index.search(queries, 10)
-        if truth is None:
-            truth = found
-        row["recall@10"] = round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])), 4)
-        counter = iter(range(10 ** 9))
-        row.update(percentiles_ms(timed(lambda: index.search(queries[next(counter) % n_queries], 10), 100)))
-        rows.append(row)
-    return rows
-
-
 # ---- report --------------------------------------------------------------------------------------------------
-def machine() -> dict:
-    import faiss
-    import gradio
-    import open_clip
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpu": None,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "open_clip": open_clip.__version__, "faiss": faiss.__version__, "gradio": gradio.__version__,
-                         "numpy": np.__version__}}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def markdown(report: dict) -> str:
     r, m = report["results"], report["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['versions']['torch']}, "
@@ -315,15 +238,6 @@ def markdown(report: dict) -> str:
             for name, p in q.get(api, {}).items():
                 lines.append(f"| query latency ({api}) | {q['model']}, {q['gallery']:,} items, {name} | "
                              f"p50 {p['p50_ms']} ms, p95 {p['p95_ms']} ms | {q['peak_rss_mib']} |")
-    for s in r.get("scale", []):
-        if "skipped" in s:
-            lines.append(f"| index scale | {s['kind']}, {s['n']:,} × {s['dim']} | skipped: {s['skipped']} | |")
-            continue
-        knobs = f", nlist {s['nlist']}, nprobe {s['nprobe']}" if s["kind"] == "ivf" else \
-            (f", M {s['M']}, efSearch {s['ef_search']}" if s["kind"] == "hnsw" else "")
-        lines.append(f"| index scale | {s['kind']}{knobs}, {s['n']:,} × {s['dim']} | build {s['build_s']} s, "
-                     f"{s['memory_mib']} MiB, p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, recall@10 {s['recall@10']} | "
-                     f"{s.get('peak_rss_mib', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -339,7 +253,7 @@ def main(argv: Sequence[str] | None = None,
                         help="the real FashionIQ annotation files (for the evaluation step)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP-API latencies")
-    parser.add_argument("--steps", default="extraction,stage_one,stage_two,evaluation,latency,scale")
+    parser.add_argument("--steps", default="extraction,stage_one,stage_two,evaluation,latency")
     args = parser.parse_args(argv)
     cfg, steps = CONFIGS[args.config], set(args.steps.split(","))
     if "stage_two" in steps and stage_two is None:
@@ -387,9 +301,6 @@ def main(argv: Sequence[str] | None = None,
         if "latency" in steps:
             for model in cfg["models"]:
                 step("latency", lambda: bench_latency(model, root, cfg["gallery"], cfg["repeats"], not args.no_http))
-        if "scale" in steps:
-            for n in cfg["scales"]:
-                step("scale", lambda: bench_scale(n, 1024, tmp))
     report = {"config": args.config, "machine": machine(), "seconds": round(time.perf_counter() - started, 1),
               "results": results}
     (out / "report.json").write_text(json.dumps(report, indent=1))

@@ -13,7 +13,7 @@ from .encoder import CLIPEncoder
 from .errors import DataError
 from .features import extract_image_features
 from .fingerprints import digest, file_stats
-from .index import Item
+from .item_table import Item
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

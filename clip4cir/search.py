@@ -26,6 +26,7 @@ from .factory import check_same_encoder, encoder_from_record
 from .features import check_finite
 from .fusion import Combiner, combine_sum, load_combiner
 from .index import CatalogIndex
+from .threads import apply_serving_threads, configure_serving_threads
 
 MAX_K = 10_000
 MODES = ("combiner", "sum")
@@ -117,6 +118,7 @@ class SearchEngine:
 
     def _search(self, query: torch.Tensor, k: int, category: str | None, notes: list[str], started: float,
                 exclude: str | None = None) -> SearchResult:
+        apply_serving_threads()  # this thread's FAISS threads, when serving (see clip4cir.threads)
         try:
             found = self.index.top_items(query.numpy(), k + (exclude is not None), category)
         except CatalogIndexError as e:
@@ -191,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {id, score, category, path}")
     args = parser.parse_args(argv)
+    configure_serving_threads()
     engine = SearchEngine.load(args.index, args.clip_checkpoint, args.combiner, args.device)
     if args.caption is not None and (args.image or args.ref_id):
         mode = args.mode or ("combiner" if engine.combiner is not None else "sum")

@@ -111,16 +111,18 @@ def load_engine(options: Options, progress: Callable[[str], None] = print) -> Se
         index = CatalogIndex.load(cached)
     else:
         progress(f"indexing {len(items):,} images of {data} with {encoder.describe()} ...")
-        index, unreadable = build_index(encoder, items, source=source, progress=False)
+        index, unreadable = build_index(encoder, items, cached, source=source, progress=False)
         if unreadable:
             progress(f"skipped {len(unreadable):,} unreadable images")
-        index.save(cached)
     return SearchEngine(index, encoder, combiner_model)
 
 
 def image_folders(index: CatalogIndex) -> list[str]:
-    """The folders holding the catalog's images: exactly what the app may serve files from."""
-    return sorted({os.path.dirname(item.path) for item in index.items if item is not None})
+    """The folders holding the catalog's images (recorded when the index was built): exactly what the app may
+    serve files from."""
+    if "folders" not in index.source:
+        raise ValueError("this index does not record its image folders (built by an earlier version): rebuild it")
+    return index.source["folders"]
 
 
 def examples(index: CatalogIndex, n: int = 4) -> list[dict]:
@@ -134,7 +136,7 @@ def examples(index: CatalogIndex, n: int = 4) -> list[dict]:
             triplets = load_triplets(root, category, "val")
         except ValueError:
             continue
-        per_category.append([t for t in triplets if t.reference in index.row_of and t.target in index.row_of])
+        per_category.append([t for t in triplets if t.reference in index and t.target in index])
     out = []
     for i in range(max(map(len, per_category), default=0)):
         for triplets in per_category:

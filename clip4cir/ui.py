@@ -17,6 +17,7 @@ from .data import load_image  # noqa: E402
 from .errors import DataError, SearchError  # noqa: E402
 from .search import SearchEngine, SearchResult  # noqa: E402
 from .service import examples, image_folders  # noqa: E402
+from .threads import configure_serving_threads  # noqa: E402
 
 MAX_RESULTS = 50
 STRIP_SIZE = 24
@@ -84,7 +85,8 @@ def build_app(engine: SearchEngine, demo_examples: Sequence[dict] = ()) -> gr.Bl
     """The UI: three tabs over one search engine, each action with a stable api_name."""
     categories = engine.index.categories()
     modes = ["Combiner", "Sum"] if engine.combiner is not None else ["Sum"]
-    strip_ids = list(dict.fromkeys([e["reference_id"] for e in demo_examples] + list(engine.index.row_of)))[:STRIP_SIZE]
+    strip_ids = list(dict.fromkeys([e["reference_id"] for e in demo_examples] +
+                                   engine.index.ids(STRIP_SIZE)))[:STRIP_SIZE]
 
     def composed_search(image, caption, category, k, mode, reference_id, target_id):
         """Composed search: the reference (uploaded image, or a catalog id) changed as the caption says."""
@@ -176,6 +178,7 @@ def serve(engine: SearchEngine, host: str | None = None, port: int | None = None
     anywhere (a home cache, a Space's data, ``--data /srv/...``) is served and nothing else is."""
     app = build_app(engine, examples(engine.index))
     app.queue(default_concurrency_limit=4)
+    configure_serving_threads()
     app.launch(server_name=host, server_port=port, share=share, show_error=True, prevent_thread_lock=True,
                allowed_paths=image_folders(engine.index), max_file_size=MAX_UPLOAD, quiet=quiet)
     return app

@@ -1,9 +1,19 @@
-"""Benchmarks: python scripts/benchmark.py [--quick | --config smoke|quick|full] [--out DIR]."""
+"""Benchmarks: python scripts/benchmark.py [--quick | --config smoke|quick|full] [--out DIR] (the pipeline:
+extraction, training, evaluation, query latency), or python scripts/benchmark.py index [--config smoke|1m|10m]
+(index kinds against exact search)."""
 import sys
 
-from clip4cir.benchmark import main
+from clip4cir import benchmark, index_benchmark
 from clip4cir.cli import run
 from combiner.benchmark import bench_stage_two
 
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["index"]:
+        return index_benchmark.main(argv[1:])
+    return benchmark.main(argv, stage_two=bench_stage_two)
+
+
 if __name__ == "__main__":
-    sys.exit(run(lambda argv: main(argv, stage_two=bench_stage_two)))
+    sys.exit(run(main))

@@ -49,8 +49,8 @@ def served(outside_catalog, tmp_path_factory):
     encoder_file = outside_catalog.parent / "enc.safetensors"
     save_encoder(create_model("cir-tiny"), encoder_file)
     encoder = load_model(checkpoint=str(encoder_file))
-    index, _ = build_index(encoder, fashioniq_items(outside_catalog), source={"fashioniq": str(outside_catalog)},
-                           progress=False)
+    index, _ = build_index(encoder, fashioniq_items(outside_catalog), outside_catalog.parent / "index",
+                           source={"fashioniq": str(outside_catalog)}, progress=False)
     engine = SearchEngine(index, encoder, Combiner(encoder.dim))
     port = free_port()
     ui = serve(engine, port=port, quiet=True)
@@ -91,7 +91,7 @@ def test_three_endpoints(served, client, outside_catalog):
 def test_catalog_images_are_served_and_nothing_else(served, outside_catalog):
     engine, url = served
     assert not str(outside_catalog).startswith(("/tmp", str(REPO)))
-    assert http_status(f"{url}gradio_api/file={engine.index.items[0].path}") == 200
+    assert http_status(f"{url}gradio_api/file={engine.index.item_at(0).path}") == 200
     assert http_status(f"{url}gradio_api/file={outside_catalog / 'captions' / 'cap.dress.val.json'}") == 403
     assert http_status(f"{url}gradio_api/file={outside_catalog.parent / 'enc.safetensors'}") == 403
     assert http_status(f"{url}gradio_api/file=/etc/passwd") == 403
@@ -99,7 +99,7 @@ def test_catalog_images_are_served_and_nothing_else(served, outside_catalog):
 
 def test_bad_inputs_give_messages_and_the_app_stays_up(served, client, tmp_path):
     engine, _ = served
-    some = engine.index.item(next(iter(engine.index.row_of))).path
+    some = engine.index.item(engine.index.ids(1)[0]).path
     items, info = client.predict(handle_file(some), "", "all", 5, "Sum", "", "", api_name="/composed_search")
     assert items == [] and "caption is empty" in info
     items, info = client.predict(None, "is red", "all", 5, "Sum", "", "", api_name="/composed_search")
@@ -136,7 +136,7 @@ def test_bad_inputs_give_messages_and_the_app_stays_up(served, client, tmp_path)
 
 def test_user_text_is_shown_as_typed_not_rendered(served, client):
     engine, _ = served
-    some = engine.index.item(next(iter(engine.index.row_of))).path
+    some = engine.index.item(engine.index.ids(1)[0]).path
     _, info = client.predict(None, "is red", "all", 2, "Sum", "<img src=x onerror=alert(1)>", "",
                              api_name="/composed_search")
     assert "<img" not in info and "&lt;img src=x onerror=alert(1)&gt;" in info
@@ -158,7 +158,7 @@ def test_browser_composed_search_and_refine(served, tmp_path):
     engine, url = served
     ARTIFACTS.mkdir(exist_ok=True)
     upload = tmp_path / "upload.png"
-    Image.open(engine.index.item(next(iter(engine.index.row_of))).path).save(upload)
+    Image.open(engine.index.item(engine.index.ids(1)[0]).path).save(upload)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
@@ -241,7 +241,6 @@ def search_each_kind(client: Client, url: str) -> None:
     assert http_status(image_url) == 200
 
 
-@pytest.mark.slow
 def test_a_new_machine_runs_the_readme_start_command(outside):
     """`python app.py` with no arguments, HOME a fresh folder outside the working and temp folders (as on a new
     machine or a Space): every kind of search works and result images are served; a second start reuses the
@@ -268,7 +267,6 @@ def test_a_new_machine_runs_the_readme_start_command(outside):
     assert "could not create a Gradio share link" in output and "Traceback" not in output
 
 
-@pytest.mark.slow
 def test_app_serves_a_data_folder_outside_the_working_and_temp_folders(outside, tiny_root):
     data = outside / "shop"
     shutil.copytree(tiny_root, data)

@@ -1,24 +1,55 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
 
 from clip4cir.benchmark import main as benchmark_main
+from clip4cir.data import CATEGORIES, load_image_split
 from combiner.benchmark import bench_stage_two
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_smallest_benchmark_configuration_runs_and_reports(tmp_path, real_annotations):
+
+def test_pipeline_benchmark_measures_what_it_reports(tmp_path, real_annotations):
     out = tmp_path / "bench"
     assert benchmark_main(["--config", "smoke", "--out", str(out), "--annotations", str(real_annotations),
                            "--workers", "0"], stage_two=bench_stage_two) == 0
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
-    assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]["versions"]
-    assert results["extraction"][0]["images_per_s"] > 0
-    assert 0 <= results["stage_one"][0]["data_wait_share"] <= 1
-    assert results["stage_two"][0]["cached_epoch_s"] > 0 and results["stage_two"][0]["speedup"] > 0
-    assert results["evaluation"]["galleries"] == [3817, 6346, 5373]
+    # the evaluation step ranks galleries of the real val sizes, read from the annotation files
+    assert results["evaluation"]["galleries"] == [len(load_image_split(real_annotations, c, "val")) for c in CATEGORIES]
+    # stage two: the same data, batch and loss in both runs; the cached epoch is the one compared
+    stage_two = results["stage_two"][0]
+    assert stage_two["speedup"] == pytest.approx(stage_two["reencode_epoch_s"] / stage_two["cached_epoch_s"], rel=0.1)
     latency = results["latency"][0]
-    assert set(latency["python"]) >= {"composed_gallery_ref", "composed_upload", "image", "text"}
-    assert set(latency["http"]) == {"composed_gallery_ref", "composed_upload", "image", "text"}
-    assert {r["kind"] for r in results["scale"]} == {"flat", "ivf", "hnsw"}
-    assert all(0 <= r["recall@10"] <= 1 for r in results["scale"])
+    for api in ("python", "http"):
+        assert set(latency[api]) >= {"composed_gallery_ref", "composed_upload", "image", "text"}
+        assert all(p["p50_ms"] <= p["p95_ms"] for p in latency[api].values())
     table = (out / "report.md").read_text()
-    assert "| evaluation ranking |" in table and "peak RSS" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    assert len(rows) == len(results["extraction"]) + len(results["stage_one"]) + len(results["stage_two"]) + 1 + \
+        sum(len(q[api]) for q in results["latency"] for api in ("python", "http"))
+
+
+@pytest.mark.slow
+def test_index_benchmark_can_fail(tmp_path):
+    """On data that is not trivially clustered, with held-out queries and exact truth: exact search is exact,
+    IVF with one probe is far from it, and the calibrated settings reach the target on other queries."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "index", "--config", "smoke",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "index-smoke.json").read_text())
+    kinds = {k["kind"]: k for k in report["sets"][0]["kinds"]}
+    assert kinds["flat"]["rows"][0]["recall"]["all"] == 1.0
+    one_probe = next(r for r in kinds["ivf-sq8"]["rows"] if r["effort"] == 1)
+    assert one_probe["recall"]["all"] < 0.5
+    for kind in ("ivf-sq8", "ivf-pq", "hnsw"):
+        calibrated = next(r for r in kinds[kind]["rows"] if r["effort"] == kinds[kind]["tuned"][""])
+        assert calibrated["recall"]["all"] >= 0.93, (kind, calibrated)
+        assert min(calibrated["recall"][c] for c in ("a", "b", "c")) >= 0.93
+    with Image.open(tmp_path / "index-smoke-recall-latency.png") as plot:
+        assert plot.width > 400
+    assert "| ivf-pq |" in (tmp_path / "index-smoke.md").read_text()

@@ -16,7 +16,7 @@ from clip4cir.checkpointing import RunDir, read_metrics
 from clip4cir.data import TripletDataset, load_triplets
 from clip4cir.distributed import init_distributed, mean_over_ranks, shutdown
 from clip4cir.loop import EpochSampler
-from clip4cir.encoder_file import load_encoder
+from clip4cir.encoder_file import load_encoder, save_encoder
 from clip4cir.factory import create_model
 from clip4cir.train import TowerFeatures, set_train_mode, set_trainable, training_step
 
@@ -157,3 +157,23 @@ def test_world_size_larger_than_data_and_a_crashing_rank(tiny_root, tmp_path):
     assert crashed.returncode != 0 and "is not an image file" in crashed.stderr
     assert RunDir(tmp_path / "run").latest_checkpoint() == last and (last / "model.safetensors").read_bytes() == good
     assert load_encoder(last / "model.safetensors").info["epoch"] == 1
+
+
+def test_build_index_under_torchrun_equals_one_process(tiny_root, tmp_path):
+    """Two processes each encode their share of the chunks; the first assembles the same index one process
+    builds."""
+    from clip4cir.index import CatalogIndex
+    encoder = tmp_path / "enc.safetensors"
+    save_encoder(create_model("cir-tiny"), encoder)
+    args = ["--data", str(tiny_root), "--clip-checkpoint", str(encoder), "--workers", "0", "--quiet", "--device", "cpu",
+            "--splits", "train,val", "--chunk-size", "32"]  # 6 chunks: 3 for each process
+    two = launch("build_index.py", args + ["--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = single("build_index.py", args + ["--output", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = CatalogIndex.load(tmp_path / "one"), CatalogIndex.load(tmp_path / "two")
+    assert a.ids() == b.ids() and len(a) == 162
+    for item_id in a.ids()[::20]:
+        torch.testing.assert_close(torch.from_numpy(b.feature(item_id)), torch.from_numpy(a.feature(item_id)),
+                                   rtol=1e-4, atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip4cir.index import CatalogIndex, Item, use_gpu
+from clip4cir.index import CatalogIndex, Item
+from clip4cir.vector_store import gpus
 
 needs_faiss_gpu = pytest.mark.skipif(not (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0),
                                      reason="faiss sees no GPU (install faiss-gpu on a GPU machine)")
@@ -12,21 +13,25 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 @needs_faiss_gpu
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf-sq8", "ivf-pq"])
 def test_gpu_index_matches_cpu_reference(kind, tmp_path):
-    assert use_gpu(kind) and not use_gpu("hnsw")
+    """With faiss-gpu the flat and IVF kinds search on the GPU (unfiltered) and agree with exact search."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((5000, 64)).astype(np.float32)
-    index = CatalogIndex(64, kind)
-    index.add([Item(str(i), "", "a" if i % 2 else "b") for i in range(len(x))], x)
+    x = rng.standard_normal((20000, 64)).astype(np.float32)
+    index = CatalogIndex.create(tmp_path / "idx", [Item(str(i), "", ("a" if i % 2 else "b",)) for i in range(len(x))],
+                                x, kind=kind, target_recall=0.95)
+    assert gpus() > 0
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    original = np.array([int(index.item_at(r).id) for r in range(len(x))])
     truth = np.argsort(-(xn[:50] @ xn.T), axis=1)[:, :10]
     _, rows = index.search(x[:50], 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])
+    if kind != "flat":
+        assert index.store._gpu_index is not None and index.store._gpu_index is not index.store.index
+    recall = np.mean([len(set(original[a]) & set(b)) / 10 for a, b in zip(rows, truth)])
     assert recall >= (0.999 if kind == "flat" else 0.9)
     index.remove(["0", "1"])
-    index.save(tmp_path / "idx")
-    assert len(CatalogIndex.load(tmp_path / "idx")) == 4998
+    index.save(tmp_path / "idx2")
+    assert len(CatalogIndex.load(tmp_path / "idx2")) == 19998
 
 
 @needs_cuda
