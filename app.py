@@ -5,7 +5,7 @@
     python app.py --model RN50 --pretrained openai --data FOLDER
 
 Every argument has an environment variable for Spaces: CLIP4CIR_INDEX, CLIP4CIR_CLIP_CHECKPOINT, CLIP4CIR_COMBINER,
-CLIP4CIR_MODEL, CLIP4CIR_PRETRAINED, CLIP4CIR_DATA, CLIP4CIR_SHARE, CLIP4CIR_HOST, CLIP4CIR_PORT.
+CLIP4CIR_MODEL, CLIP4CIR_PRETRAINED, CLIP4CIR_DATA, CLIP4CIR_DATASET, CLIP4CIR_SHARE, CLIP4CIR_HOST, CLIP4CIR_PORT.
 """
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--combiner", default=env("CLIP4CIR_COMBINER"), help="stage-two checkpoint")
     parser.add_argument("--model", default=env("CLIP4CIR_MODEL"), help="open_clip model for zero-shot search")
     parser.add_argument("--pretrained", default=env("CLIP4CIR_PRETRAINED"), help="its pretrained tag, e.g. openai")
-    parser.add_argument("--data", default=env("CLIP4CIR_DATA"), help="FashionIQ root or image folder to index")
+    parser.add_argument("--data", default=env("CLIP4CIR_DATA"),
+                        help="data set or image folder to index: FashionIQ or CIRR root, triplets .jsonl/.csv, "
+                             "image folder, datasets folder, hf://datasets/OWNER/NAME")
+    parser.add_argument("--dataset", default=env("CLIP4CIR_DATASET", "auto"), help="what --data is (default: "
+                        "recognised)")
     parser.add_argument("--device", default=env("CLIP4CIR_DEVICE", "auto"))
     parser.add_argument("--share", action="store_true", default=env("CLIP4CIR_SHARE", "") in ("1", "true", "True"),
                         help="also serve through a Gradio share link")
@@ -38,8 +42,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        engine = load_engine(Options(args.index, args.clip_checkpoint, args.combiner, args.model, args.pretrained,
-                                     args.data, args.device))
+        engine = load_engine(Options(index=args.index, clip_checkpoint=args.clip_checkpoint, combiner=args.combiner,
+                                     model=args.model, pretrained=args.pretrained, data=args.data,
+                                     dataset=args.dataset, device=args.device))
     except ValueError as e:  # bad paths, models, indexes: one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2

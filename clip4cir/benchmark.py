@@ -23,14 +23,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from .cli import run
-from .data import CATEGORIES, GalleryDataset, TripletDataset, load_image_split, load_triplets
+from .data import GalleryDataset, TripletDataset
 from .evaluation import target_ranks
+from .factory import create_model
 from .features import extract_image_features, loader_options
 from .fusion import Combiner
 from .index import CatalogIndex, Item
 from .machine import machine
-from .factory import create_model
 from .search import SearchEngine
+from .sources import open_source
+from .sources.fashioniq import CATEGORIES, load_image_split, load_triplets
 from .synthetic import make_synthetic_fashioniq
 from .train import TowerFeatures, set_train_mode, set_trainable, training_step
 
@@ -88,7 +90,7 @@ def percentiles_ms(times: Sequence[float]) -> dict:
 # ---- the steps -----------------------------------------------------------------------------------------------
 def bench_extraction(model: str, root: Path, n_images: int, device: torch.device, workers: int) -> dict:
     encoder = create_model(model, device=device)
-    dataset = GalleryDataset(root, "train", transform=encoder.transform)
+    dataset = GalleryDataset(open_source(root), "train", transform=encoder.transform)
     subset = Subset(dataset, range(min(n_images, len(dataset))))
     extract_image_features(encoder, Subset(dataset, range(32)), 32, 0, progress=False)  # warm-up
     start = time.perf_counter()
@@ -101,7 +103,7 @@ def bench_extraction(model: str, root: Path, n_images: int, device: torch.device
 def bench_stage_one(model: str, root: Path, towers: str, steps: int, batch: int, device: torch.device,
                     workers: int) -> dict:
     encoder = create_model(model, device=device)
-    dataset = TripletDataset(root, "train", transform=encoder.transform, randomize_captions=True)
+    dataset = TripletDataset(open_source(root), "train", transform=encoder.transform, randomize_captions=True)
     optimizer = torch.optim.AdamW(set_trainable(encoder.model, towers), lr=1e-6, eps=1e-7)
     set_train_mode(encoder.model, towers)
     features = TowerFeatures(encoder, towers)
@@ -153,7 +155,7 @@ def _free_port() -> int:
 
 def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http: bool) -> dict:
     encoder = create_model(model)
-    images = GalleryDataset(root, "val")
+    images = GalleryDataset(open_source(root), "val")
     paths = [str(images.path(i)) for i in range(len(images))]
     rng = np.random.default_rng(0)
     index = CatalogIndex(encoder.dim, encoder=encoder.record())

@@ -20,16 +20,16 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_write
-from .catalog import encode_items, fashioniq_items, folder_items, items_fingerprint
+from .catalog import catalog_items, encode_items, items_fingerprint
 from .category_probe import train_probe
 from .cli import add_model_args, encoder_from_args, run
-from .data import CATEGORIES, SPLITS
 from .distributed import Dist, barrier, run_distributed
 from .encoder import CLIPEncoder
 from .errors import CatalogIndexError, DataError
 from .fingerprints import digest
 from .index import DEFAULTS, KINDS, METRICS, CatalogIndex, Item
 from .index_tuning import choose_kind
+from .sources import Source, add_source_args, source_from_args
 
 CHUNK = 4096  # images per saved chunk of features
 PROBE_SAMPLE = 50_000  # the category probe learns from at most this many items
@@ -39,7 +39,7 @@ def _chunk_file(work: Path, i: int) -> Path:
     return work / f"chunk-{i:06d}.pt"
 
 
-def encode_catalog(encoder: CLIPEncoder, items: Sequence[Item], work: Path, batch_size: int = 64,
+def encode_catalog(encoder: CLIPEncoder, items: Sequence[Item], source: Source, work: Path, batch_size: int = 64,
                    workers: int = 0, progress: bool = True, ddp: Dist = Dist(), chunk: int = CHUNK
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Raw features of the items, encoded in chunks saved in ``work`` (a chunk already there is not encoded
@@ -54,7 +54,7 @@ def encode_catalog(encoder: CLIPEncoder, items: Sequence[Item], work: Path, batc
     bar.update(bar.total - sum(min(chunk, len(items) - i * chunk) for i in todo))  # resumed: done before
     for i in todo:
         part = items[i * chunk:(i + 1) * chunk]
-        kept, features, _ = encode_items(encoder, part, batch_size, workers, progress=False)
+        kept, features, _ = encode_items(encoder, part, source, batch_size, workers, progress=False, start=i * chunk)
         positions = {item.id: p for p, item in enumerate(part)}
         atomic_write(_chunk_file(work, i), lambda tmp: torch.save(
             {"positions": torch.tensor([i * chunk + positions[item.id] for item in kept], dtype=torch.long),
@@ -75,9 +75,10 @@ def encode_catalog(encoder: CLIPEncoder, items: Sequence[Item], work: Path, batc
     return positions, features
 
 
-def build_index(encoder: CLIPEncoder, items: Sequence[Item], output: str | os.PathLike, kind: str = "flat",
+def build_index(encoder: CLIPEncoder, source: Source, items: Sequence[Item], output: str | os.PathLike,
+                kind: str = "flat",
                 metric: str = "cosine", batch_size: int = 64, workers: int = 0, progress: bool = True,
-                source: dict | None = None, target_recall: float | None = None, memory_budget: int | None = None,
+                record: dict | None = None, target_recall: float | None = None, memory_budget: int | None = None,
                 ddp: Dist = Dist(), message: Callable[[str], None] = print, chunk: int = CHUNK, **knobs
                 ) -> tuple[CatalogIndex | None, list[Item]]:
     """Encode the items and write their index to ``output``; returns the index (None on processes other than the
@@ -86,7 +87,7 @@ def build_index(encoder: CLIPEncoder, items: Sequence[Item], output: str | os.Pa
     output = Path(output)
     CatalogIndex.check_destination(output)
     work = output.parent / f".{output.name}.encoding" / digest(encoder.fingerprint(), items_fingerprint(items))
-    positions, features = encode_catalog(encoder, items, work, batch_size, workers, progress, ddp, chunk)
+    positions, features = encode_catalog(encoder, items, source, work, batch_size, workers, progress, ddp, chunk)
     if not ddp.is_main:
         return None, []
     kept = [items[p] for p in positions]
@@ -99,10 +100,10 @@ def build_index(encoder: CLIPEncoder, items: Sequence[Item], output: str | os.Pa
     kind = choose_kind(len(kept), encoder.dim, memory_budget) if kind == "auto" else kind
     sample = np.sort(np.random.default_rng(0).permutation(len(kept))[:PROBE_SAMPLE])
     probe = train_probe(np.asarray(features[sample]), [kept[i].categories for i in sample])
-    folders = sorted({os.path.dirname(item.path) for item in kept})  # what the app may serve
+    folders = sorted({os.path.dirname(item.path) for item in kept if os.path.isabs(item.path)})  # the app serves
     index = CatalogIndex.create(output, kept, features, kind=kind, metric=metric, encoder=encoder.record(),
-                                source={**(source or {}), "items": len(kept), "fingerprint": items_fingerprint(kept),
-                                        "folders": folders},
+                                source={"data": source.record(), **(record or {}), "items": len(kept),
+                                        "fingerprint": items_fingerprint(kept), "folders": folders},
                                 probe=probe, target_recall=target_recall, progress=message if progress else None,
                                 **knobs)
     del features
@@ -110,25 +111,14 @@ def build_index(encoder: CLIPEncoder, items: Sequence[Item], output: str | os.Pa
     return index, unreadable
 
 
-def catalog_source(data: str | None, images: str | None, categories: str = ",".join(CATEGORIES),
-                   splits: Sequence[str] = ("val",)) -> tuple[list[Item], dict]:
-    """The items of a FashionIQ root (``data``) or an image folder (``images``), and a record of the source."""
-    if data:
-        return fashioniq_items(data, categories, splits), {"fashioniq": str(Path(data).resolve()),
-                                                           "splits": list(splits)}
-    return folder_items(images), {"images": str(Path(images).resolve())}
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="build_index.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="FashionIQ-layout root")
-    source.add_argument("--images", help="any folder of images; first-level sub-folders are categories")
+    add_source_args(parser)
     add_model_args(parser)
     parser.add_argument("--output", required=True, help="index folder to write")
-    parser.add_argument("--categories", default=",".join(CATEGORIES), help="with --data")
-    parser.add_argument("--splits", default="val", help="with --data: comma-separated, e.g. train,val,test")
+    parser.add_argument("--splits", help="comma-separated, e.g. train,val,test (default: the validation split of a "
+                                         "data set with triplets, all of a plain image folder)")
     parser.add_argument("--kind", choices=("auto",) + KINDS, default="auto",
                         help="auto: flat up to 100k items, IVF with 8-bit codes while they fit --memory-budget, "
                              "else IVF-PQ (approximate kinds re-rank exactly)")
@@ -151,16 +141,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
     if not 0 < args.target_recall <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got {args.target_recall}")
-    for split in (s for s in args.splits.split(",") if s):
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     return args
 
 
 def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     start = time.perf_counter()
     CatalogIndex.check_destination(args.output)  # before any work: never replace what is not an index
-    items, source = catalog_source(args.data, args.images, args.categories, [s for s in args.splits.split(",") if s])
+    source = source_from_args(args)
+    splits = [s for s in args.splits.split(",") if s] if args.splits else [source.protocol.val_split]
+    for split in splits:
+        source.check_split(split)
+    if getattr(source, "streaming", False) and len(splits) > 1:
+        raise ValueError("a streamed data set is indexed one split at a time (--splits NAME)")
+    items = catalog_items(source, splits)
     if args.nlist is not None and not 1 <= args.nlist <= len(items):
         raise CatalogIndexError(f"--nlist {args.nlist} must be between 1 and the catalog's {len(items):,} images "
                                 f"(default: 4·√N)")
@@ -168,9 +161,9 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     encoder = encoder_from_args(args)
     knobs = {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("M", args.M)) if v is not None}
     budget = int(args.memory_budget * 2 ** 30) if args.memory_budget else None
-    index, unreadable = build_index(encoder, items, args.output, args.kind, args.metric, args.batch_size, args.workers,
-                                    not args.quiet and ddp.is_main, source, args.target_recall, budget, ddp,
-                                    chunk=args.chunk_size, **knobs)
+    index, unreadable = build_index(encoder, source, items, args.output, args.kind, args.metric, args.batch_size,
+                                    args.workers, not args.quiet and ddp.is_main, {"splits": splits},
+                                    args.target_recall, budget, ddp, chunk=args.chunk_size, **knobs)
     if index is None:
         return 0
     for item in unreadable[:10]:

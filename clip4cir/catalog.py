@@ -1,51 +1,35 @@
-"""Catalog sources for an index: a FashionIQ-layout root, or any folder of images (sub-folder = category)."""
+"""A catalog for an index: the images of some splits of any data set, each once, with every category and split
+that lists it, and their features."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Iterable, Sequence
+from itertools import islice
+from typing import Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from .data import CATEGORIES, GalleryDataset, load_image, parse_categories
 from .encoder import CLIPEncoder
 from .errors import DataError
 from .features import extract_image_features
 from .fingerprints import digest, file_stats
 from .item_table import Item
-
-FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def fashioniq_items(root: str | os.PathLike, categories: str | Iterable[str] = CATEGORIES,
-                    splits: Sequence[str] = ("val",)) -> list[Item]:
-    """The images of the chosen splits and categories, each once, with every category and split that lists it."""
-    paths: dict[str, str] = {}
-    memberships: dict[str, tuple[dict, dict]] = {}
-    for split in splits:
-        for category in parse_categories(categories):
-            gallery = GalleryDataset(root, split, [category], skip_missing=True)
-            for i, image_id in enumerate(gallery.ids):
-                paths.setdefault(image_id, str(gallery.path(i).resolve()))
-                cats, spls = memberships.setdefault(image_id, ({}, {}))
-                cats[category] = spls[split] = None
-    return [Item(i, paths[i], tuple(cats), tuple(spls)) for i, (cats, spls) in memberships.items()]
+from .sources import Source
 
 
-def folder_items(folder: str | os.PathLike) -> list[Item]:
-    """Every image file under ``folder``; its first-level sub-folder is the category (None at the top level).
-    Ids are the paths relative to the folder, without extension."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist")
-    items = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS):
-        relative = path.relative_to(folder)
-        categories = (relative.parts[0],) if len(relative.parts) > 1 else ()
-        items.append(Item(relative.with_suffix("").as_posix(), str(path.resolve()), categories))
+def catalog_items(source: Source, splits: Sequence[str] | None = None) -> list[Item]:
+    """The images of the chosen splits (default: all), each once, with every category and split that lists it;
+    an image that cannot be found is left out."""
+    categories: dict[str, dict] = {}
+    in_splits: dict[str, dict] = {}
+    for split in splits or source.splits():
+        for image_id, cats in source.gallery(split).items():
+            categories.setdefault(image_id, {}).update(dict.fromkeys(cats))
+            in_splits.setdefault(image_id, {})[split] = None
+    items = [Item(i, source.path(i), tuple(categories[i]), tuple(in_splits[i])) for i in categories
+             if source.has_image(i)]
     if not items:
-        raise DataError(f"no images ({', '.join(sorted(FOLDER_EXTENSIONS))}) under {folder}")
+        raise DataError(f"no images found for the splits {', '.join(splits or source.splits())} of "
+                        f"{source.describe()}")
     return items
 
 
@@ -58,23 +42,45 @@ def items_fingerprint(items: Sequence[Item]) -> str:
 class _ItemImages(Dataset):
     """Items as (position, image tensor); an unreadable image gives None, which extraction leaves out."""
 
-    def __init__(self, items: Sequence[Item], transform):
-        self.items, self.transform = items, transform
+    def __init__(self, items: Sequence[Item], source: Source, transform):
+        self.items, self.source, self.transform = items, source, transform
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         try:
-            return str(i), self.transform(load_image(self.items[i].path))
+            return str(i), self.transform(self.source.load_image(self.items[i].id))
         except DataError:
             return str(i), None
 
 
-def encode_items(encoder: CLIPEncoder, items: Sequence[Item], batch_size: int = 64, workers: int = 0,
-                 progress: bool = True) -> tuple[list[Item], np.ndarray, list[Item]]:
-    """Raw image features of the items that can be read; returns (items, features, unreadable items)."""
-    positions, features = extract_image_features(encoder, _ItemImages(items, encoder.transform), batch_size,
-                                                 workers, progress, desc="catalog features")
+class _StreamedImages(Dataset):
+    """The same for a streamed source: its images read in order, from a position on."""
+
+    def __init__(self, items: Sequence[Item], source: Source, transform, start: int, split: str):
+        images = dict(islice(source.iter_images(split, start), len(items)))
+        self.images = [images.get(item.id) for item in items]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.images[i]
+        return str(i), self.transform(image) if image is not None else None
+
+
+def encode_items(encoder: CLIPEncoder, items: Sequence[Item], source: Source, batch_size: int = 64,
+                 workers: int = 0, progress: bool = True, start: int = 0) -> tuple[list[Item], np.ndarray, list[Item]]:
+    """Raw image features of the items that can be read; returns (items, features, unreadable items). From a
+    streamed source, ``items`` are its gallery's from position ``start`` (one split)."""
+    if getattr(source, "streaming", False):
+        dataset = _StreamedImages(items, source, encoder.transform, start, items[0].splits[0])
+        workers = 0
+    else:
+        dataset = _ItemImages(items, source, encoder.transform)
+    positions, features = extract_image_features(encoder, dataset, batch_size, workers, progress,
+                                                 desc="catalog features")
     read = {int(p) for p in positions}
     return [items[int(p)] for p in positions], features.numpy(), [item for i, item in enumerate(items) if i not in read]

@@ -22,8 +22,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .artifacts import (atomic_write, atomic_write_text, clean_temporaries, read_json, read_manifest,
-                        remove_artifact, temp_path, write_folder)
+from .artifacts import (
+    atomic_write,
+    atomic_write_text,
+    clean_temporaries,
+    read_json,
+    read_manifest,
+    remove_artifact,
+    temp_path,
+    write_folder,
+)
 from .distributed import gather_objects
 from .errors import ArtifactError, DataError
 

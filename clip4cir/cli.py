@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data import CATEGORIES, GalleryDataset, TripletDataset, parse_categories
+from .data import GalleryDataset, TripletDataset
 from .device import resolve_device
 from .encoder import CLIPEncoder
 from .errors import DataError
 from .factory import load_model
+from .sources import Source, add_source_args, source_from_args
 
 
 def add_model_args(parser: argparse.ArgumentParser, checkpoint_flag: str = "--clip-checkpoint") -> None:
@@ -29,14 +30,15 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_flag: str = "--cl
 
 def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
     """The arguments both training stages share (their defaults differ)."""
-    parser.add_argument("--data", required=True, help="FashionIQ-layout root")
+    add_source_args(parser)
     parser.add_argument("--output", required=True, help="run folder: params.json, metrics.jsonl, checkpoints")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per process (× world size in all)")
     parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
-    parser.add_argument("--save-best", action="store_true", help="keep best.safetensors (mean of avg R@10, R@50)")
+    parser.add_argument("--save-best", action="store_true",
+                        help="keep best.safetensors (the data set's headline score: FashionIQ the mean of avg R@10 "
+                             "and R@50, CIRR the mean of R@5 and Rs@1)")
     parser.add_argument("--save-every", type=int, default=0,
                         help="also commit a checkpoint every N steps (besides the end of every epoch)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
@@ -45,9 +47,10 @@ def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, 
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def check_run_args(args: argparse.Namespace) -> None:
-    """Reject impossible values, and check that every file the run will read exists (the training triplets,
-    the validation triplets and every validation gallery image), before anything is written or loaded."""
+def check_run_args(args: argparse.Namespace) -> Source:
+    """Reject impossible values, open the data set, and check that every file the run will read exists (the
+    training triplets, the validation triplets and every validation gallery image), before anything is written
+    or loaded. Returns the data set."""
     for name in ("epochs", "batch_size", "val_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -56,15 +59,17 @@ def check_run_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
-    args.categories = ",".join(parse_categories(args.categories))
-    if not os.path.isdir(args.data):
-        raise DataError(f"--data {args.data} does not exist")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise DataError(f"--output {args.output} is a file; give a folder for the run")
-    TripletDataset(args.data, "train", args.categories)  # missing images are named here, not after an epoch
-    TripletDataset(args.data, "val", args.categories)
-    for category in args.categories.split(","):
-        GalleryDataset(args.data, "val", [category])
+    if getattr(args, "streaming", False):
+        raise ValueError("--streaming reads images in order: it builds indexes; training needs random access")
+    source = source_from_args(args)
+    val = source.protocol.val_split
+    TripletDataset(source, "train")  # missing images are named here, not after an epoch
+    TripletDataset(source, val)
+    for category in source.categories() if source.protocol.per_category else [None]:
+        GalleryDataset(source, val, [category] if category else None)
+    return source
 
 
 def check_output_file(path: str | None, flag: str) -> None:

@@ -1,5 +1,6 @@
-"""The evaluation command (``scripts/evaluate.py``): FashionIQ Recall@10/50, test-split predictions,
-the paper's ablation table, and image-search metrics."""
+"""The evaluation command (``scripts/evaluate.py``): Recall@K under each data set's protocol (FashionIQ,
+CIRR, a user's own triplets), test-split predictions for the test servers, the paper's ablation table, and
+image-search metrics."""
 from __future__ import annotations
 
 import argparse
@@ -14,17 +15,18 @@ import torch
 from .artifacts import atomic_write_text
 from .category_probe import predict_category, train_probe
 from .cli import add_model_args, check_output_file, encoder_from_args, run
-from .data import CATEGORIES, GalleryDataset, parse_categories
+from .data import GalleryDataset
 from .device import resolve_device
 from .encoder import CLIPEncoder
 from .errors import DataError, ModelError
-from .evaluation import RECALL_KS, image_retrieval_metrics, query_records, rank_category, summarize, top_k
+from .evaluation import image_retrieval_metrics, query_records, rankings_of, summarize, test_predictions
 from .factory import load_model
 from .features import extract_image_features, gallery_features
 from .fusion import Combine, combine_sum, load_combiner
+from .sources import Source, add_source_args, source_from_args
 
 TABLE_ENCODERS = ("none", "image", "text", "both")
-TABLE_COLUMNS = ("shirt", "dress", "toptee", "average")  # the paper's column order
+TABLE_COLUMNS = ("shirt", "dress", "toptee", "average")  # the paper's column order (FashionIQ)
 
 
 def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: str) -> Combine:
@@ -46,21 +48,31 @@ def _parse_pairs(text: str | None, flag: str) -> dict[str, str]:
     return pairs
 
 
-def markdown_table(rows: list[tuple[str, str, dict]]) -> str:
+def table_columns(source: Source) -> list[tuple[str, str]]:
+    """(ranking, metric) columns: FashionIQ's in the paper's order, else the average's metrics."""
+    if source.protocol.name == "fashioniq":
+        return [(c, f"R@{k}") for c in TABLE_COLUMNS if c in source.categories() + ["average"]
+                for k in source.protocol.ks]
+    return [("average", f"R@{k}") for k in source.protocol.ks] + \
+        [("average", f"Rs@{k}") for k in source.protocol.subset_ks] + [("score", "")]
+
+
+def markdown_table(rows: list[tuple[str, str, dict]], columns: list[tuple[str, str]]) -> str:
     """Rows of (encoder fine-tuning, combining function, metrics) in the paper's layout."""
-    head = ["Encoder FT", "Combining"] + [f"{c.capitalize()} R@{k}" for c in TABLE_COLUMNS for k in RECALL_KS]
+    head = ["Encoder FT", "Combining"] + [f"{r.capitalize()} {m}".strip() for r, m in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for encoder_ft, combining, metrics in rows:
-        cells = [f"{metrics[c][f'R@{k}']:.2f}" if c in metrics else "–" for c in TABLE_COLUMNS for k in RECALL_KS]
+        cells = [f"{(metrics[r][m] if m else metrics[r]):.2f}" if r in metrics else "–" for r, m in columns]
         lines.append("| " + " | ".join([encoder_ft, combining] + cells) + " |")
     return "\n".join(lines)
 
 
-def ablation_table(args: argparse.Namespace, categories: list[str]) -> str:
+def ablation_table(args: argparse.Namespace, source: Source) -> str:
     """Sum / Combiner × encoder fine-tuning none/image/text/both for the checkpoints given; notes what is missing."""
     checkpoints = _parse_pairs(args.table_checkpoints, "--table-checkpoints")
     combiners = _parse_pairs(args.table_combiners, "--table-combiners")
     device = resolve_device(args.device)
+    split = source.protocol.val_split
     rows, notes = [], []
     for encoder_ft in TABLE_ENCODERS:
         path = checkpoints.get(encoder_ft)
@@ -71,109 +83,123 @@ def ablation_table(args: argparse.Namespace, categories: list[str]) -> str:
             notes.append(f"checkpoint {path} for '{encoder_ft}' does not exist: its rows are left out")
             continue
         encoder = load_model(args.model, args.pretrained, path, seed=args.seed, device=device)
-        galleries = {c: gallery_features(encoder, args.data, "val", c, args.cache_dir, args.batch_size, args.workers,
-                                         not args.quiet) for c in categories}  # once for both rows
+        names = source.categories() if source.protocol.per_category else [None]
+        galleries = {c: gallery_features(encoder, source, split, c, args.cache_dir, args.batch_size, args.workers,
+                                         not args.quiet) for c in names}  # once for both rows
         for combining, combiner_path in (("Sum", None), ("Combiner", combiners.get(encoder_ft))):
             if combining == "Combiner" and not (combiner_path and Path(combiner_path).is_file()):
                 notes.append(f"no Combiner checkpoint for '{encoder_ft}'" +
                              (f" ({combiner_path} does not exist)" if combiner_path else ""))
                 continue
             combine = combining_function(encoder, combiner_path, "combiner" if combiner_path else "sum")
-            rankings = [rank_category(encoder, args.data, c, combine, gallery=galleries[c]) for c in categories]
-            rows.append((encoder_ft, combining, summarize(rankings)))
-    return markdown_table(rows) + "".join(f"\n\nNote: {n}" for n in notes)
+            rankings = rankings_of(encoder, source, split, combine, galleries=galleries)
+            rows.append((encoder_ft, combining, summarize(rankings, source.protocol)))
+    return markdown_table(rows, table_columns(source)) + "".join(f"\n\nNote: {n}" for n in notes)
 
 
-def image_task(encoder: CLIPEncoder, args: argparse.Namespace, categories: list[str]) -> dict:
-    """Image-to-image metrics over the split's images of the chosen categories, relevance = same category."""
-    dataset = GalleryDataset(args.data, args.split, categories, transform=encoder.transform)
+def image_task(encoder: CLIPEncoder, args: argparse.Namespace, source: Source) -> dict:
+    """Image-to-image metrics over the split's images, relevance = sharing a category."""
+    categories = source.categories()
+    if not categories:
+        raise DataError(f"--task image needs categories (relevance is sharing one); {source.describe()} has none")
+    dataset = GalleryDataset(source, args.split, transform=encoder.transform)
     ids, features = extract_image_features(encoder, dataset, args.batch_size, args.workers, not args.quiet)
     labels = torch.tensor([[c in dataset.categories_of[i] for c in categories] for i in ids])
     return {**image_retrieval_metrics(features, labels), "images": len(ids)}
 
 
-def category_task(encoder: CLIPEncoder, args: argparse.Namespace, categories: list[str]) -> dict:
+def category_task(encoder: CLIPEncoder, args: argparse.Namespace, source: Source) -> dict:
     """How often ``category="auto"`` is right: the probe trained on train-split images, scored on the split's."""
     features = {}
-    for split in ("train", args.split):
-        dataset = GalleryDataset(args.data, split, categories, transform=encoder.transform)
+    for split in (source.splits()[0], args.split):
+        dataset = GalleryDataset(source, split, transform=encoder.transform)
         ids, feats = extract_image_features(encoder, dataset, args.batch_size, args.workers, not args.quiet)
         features[split] = (ids, feats.numpy(), dataset.categories_of)
-    ids, feats, categories_of = features["train"]
+    ids, feats, categories_of = features[source.splits()[0]]
     probe = train_probe(feats, [categories_of[i] for i in ids])
+    if probe is None:
+        raise DataError(f"--task category needs at least two categories; {source.describe()} has "
+                        f"{len(source.categories())}")
     ids, feats, categories_of = features[args.split]
     predicted = predict_category(probe, feats)
     right = sum(p in categories_of[i] for p, i in zip(predicted, ids))
-    return {"accuracy": 100.0 * right / len(ids), "images": len(ids), "train_images": len(features["train"][0])}
+    return {"accuracy": 100.0 * right / len(ids), "images": len(ids),
+            "train_images": len(features[source.splits()[0]][0])}
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__)
-    parser.add_argument("--data", required=True, help="FashionIQ-layout root")
+    add_source_args(parser)
     add_model_args(parser)
     parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
     parser.add_argument("--mode", choices=["sum", "combiner"], help="combining function (default: combiner "
                         "when --combiner is given, else sum)")
-    parser.add_argument("--categories", default=",".join(CATEGORIES))
-    parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument("--split", help="default: the data set's validation split (val)")
     parser.add_argument("--task", choices=["composed", "image", "category"], default="composed",
                         help="composed: Recall@K; image: image-search mAP@K/P@K; category: accuracy of category=auto")
     parser.add_argument("--json", help="write the metrics here")
     parser.add_argument("--dump", help="write per-query JSON lines here (reference, captions, target, rank, top-10)")
-    parser.add_argument("--predictions", help="--split test: write the top-50 gallery ids per query here")
+    parser.add_argument("--predictions", help="a test split: write the test server's files into this folder "
+                        "(CIRR: recall_submission.json and recall_subset_submission.json)")
     parser.add_argument("--table", action="store_true", help="print the paper's ablation table (markdown)")
     parser.add_argument("--table-checkpoints", help="image=PATH,text=PATH,both=PATH stage-one checkpoints")
     parser.add_argument("--table-combiners", help="none=PATH,image=PATH,text=PATH,both=PATH stage-two checkpoints")
-    parser.add_argument("--cache-dir", help="cache gallery features here (keyed by encoder fingerprint)")
+    parser.add_argument("--cache-dir", help="cache gallery features here (keyed by encoder and data fingerprints)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if not Path(args.data).is_dir():
-        raise DataError(f"--data {args.data} does not exist")
-    categories = parse_categories(args.categories)
-    if args.split == "test" and args.task == "composed" and not args.table and not args.predictions:
-        raise ValueError("--split test has no targets to score: give --predictions FILE for the top-50 lists")
-    for flag in ("json", "dump", "predictions"):  # before the long work whose results they will hold
+    source = source_from_args(args)
+    protocol = source.protocol
+    args.split = args.split or protocol.val_split
+    source.check_split(args.split)
+    testing = args.split == protocol.test_split
+    if testing and args.task == "composed" and not args.table and not args.predictions:
+        raise ValueError(f"--split {args.split} has no targets to score: give --predictions FOLDER for the test "
+                         f"server's files")
+    if args.predictions and not testing:
+        raise ValueError(f"--predictions writes the test server's files: use it with --split {protocol.test_split}")
+    for flag in ("json", "dump"):  # before the long work whose results they will hold
         check_output_file(getattr(args, flag), f"--{flag}")
+    if args.predictions and Path(args.predictions).exists() and not Path(args.predictions).is_dir():
+        raise DataError(f"--predictions {args.predictions} is a file; give a folder")
     start = time.perf_counter()
     if args.table:
-        print(ablation_table(args, categories))
+        print(ablation_table(args, source))
         return 0
     encoder = encoder_from_args(args)
     if args.task in ("image", "category"):
-        metrics = (image_task if args.task == "image" else category_task)(encoder, args, categories)
+        metrics = (image_task if args.task == "image" else category_task)(encoder, args, source)
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         if args.json:
             _write_json(args.json, {**metrics, "model": encoder.describe(), "seconds": time.perf_counter() - start})
         return 0
     mode = args.mode or ("combiner" if args.combiner else "sum")
     combine = combining_function(encoder, args.combiner, mode)
-    rankings = [rank_category(encoder, args.data, c, combine, args.split, args.cache_dir, args.batch_size,
-                              args.workers, not args.quiet) for c in categories]
+    rankings = rankings_of(encoder, source, args.split, combine, args.cache_dir, args.batch_size, args.workers,
+                           not args.quiet)
     if args.dump:
         lines = [json.dumps(record) for ranking in rankings for record in query_records(ranking)]
         atomic_write_text(args.dump, "".join(line + "\n" for line in lines))
-    if args.split == "test":
-        predictions = {}
-        for r in rankings:
-            _, top = top_k(r.queries, r.gallery, 50)
-            predictions[r.category] = [{"candidate": t.reference, "captions": list(t.captions),
-                                        "top50": [r.gallery_ids[j] for j in row]}
-                                       for t, row in zip(r.triplets, top.tolist())]
-        _write_json(args.predictions, predictions)
-        print(f"wrote top-50 predictions for {sum(map(len, predictions.values())):,} queries to {args.predictions}")
+    if testing:
+        folder = Path(args.predictions)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in test_predictions(rankings, protocol).items():
+            _write_json(folder / name, content)
+        print(f"wrote the test predictions of {sum(len(r.triplets) for r in rankings):,} queries to {folder}")
         return 0
-    metrics = summarize(rankings)
+    metrics = summarize(rankings, protocol)
     for name, m in metrics.items():
-        print(f"{name:>8}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items()))
+        if isinstance(m, dict):
+            print(f"{name:>8}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items()))
+    print(f"{'score':>8}: {metrics['score']:.2f} (the mean of {', '.join(protocol.score)})")
     if args.json:
-        _write_json(args.json, {**metrics, "model": encoder.describe(),
-                                "combiner": args.combiner if mode == "combiner" else "sum",
+        _write_json(args.json, {**metrics, "data": source.record(), "protocol": protocol.name,
+                                "model": encoder.describe(), "combiner": args.combiner if mode == "combiner" else "sum",
                                 "seconds": time.perf_counter() - start})
     return 0
 

@@ -1,7 +1,12 @@
-"""Evaluation: FashionIQ Recall@K for composed retrieval, and mAP@K / precision@K for plain image search.
+"""Evaluation: Recall@K for composed retrieval under each data set's protocol, and mAP@K / precision@K for
+plain image search.
 
-Rankings use chunked matrix products: a target's rank is counted (items scoring higher, ties broken by gallery
-order, as a stable sort would), never found by sorting the score matrix; top-k lists use ``torch.topk``.
+Protocols (``Source.protocol``): FashionIQ ranks each category's queries against that category's split gallery
+(the reference stays in the ranking, as CLIP4Cir and the published figures do) and averages Recall@10/50 over
+categories. CIRR ranks against every image of the split with the reference left out of its own ranking
+(Recall@1/5/10/50), and within each query's image subset, less the reference (Recall_subset@1/2/3); its "Avg"
+is the mean of R@5 and Rs@1. Rankings use chunked matrix products: a target's rank is counted (items scoring
+higher, ties broken by gallery order, as a stable sort would), never found by sorting the score matrix.
 """
 from __future__ import annotations
 
@@ -14,18 +19,20 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import CATEGORIES, count_empty_captions, eval_caption, load_triplets, parse_categories
+from .captions import count_empty_captions, eval_caption
 from .encoder import CLIPEncoder
 from .errors import DataError
 from .features import check_finite, encode_texts, gallery_features
 from .fusion import Combine, combine_sum
+from .sources import Protocol, Source, Triplet
 
 RECALL_KS = (10, 50)
 
 
 def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor,
-                 chunk_size: int = 1024) -> torch.Tensor:
-    """0-based rank of each query's target in the gallery by descending inner product; ties go to the lower index."""
+                 exclude: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """0-based rank of each query's target in the gallery by descending inner product, ties to the lower index;
+    ``exclude`` (a gallery index per query, -1 for none: the reference) is left out of the ranking."""
     targets = targets.long()
     positions = torch.arange(gallery.shape[0])
     ranks = torch.empty(queries.shape[0], dtype=torch.long)
@@ -33,100 +40,171 @@ def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Te
         scores = queries[start:start + chunk_size] @ gallery.T
         t = targets[start:start + chunk_size, None]
         target_scores = scores.gather(1, t)
-        ranks[start:start + chunk_size] = (scores > target_scores).sum(1) + \
-            ((scores == target_scores) & (positions[None, :] < t)).sum(1)
+        before = (scores > target_scores) | ((scores == target_scores) & (positions[None, :] < t))
+        if exclude is not None:
+            e = exclude[start:start + chunk_size, None].long()
+            before &= ~((positions[None, :] == e) & (e != t))
+        ranks[start:start + chunk_size] = before.sum(1)
     return ranks
 
 
-def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def subset_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor,
+                 members: Sequence[Sequence[int]]) -> torch.Tensor:
+    """0-based rank of each target among its query's subset (gallery indices, the reference already left out),
+    by descending score, ties to the lower gallery index."""
+    ranks = torch.empty(len(members), dtype=torch.long)
+    for i, (query, target, subset) in enumerate(zip(queries, targets.tolist(), members)):
+        subset = torch.tensor(sorted(set(subset)), dtype=torch.long)
+        scores, target_score = gallery[subset] @ query, gallery[target] @ query
+        ranks[i] = int(((scores > target_score) | ((scores == target_score) & (subset < target))).sum())
+    return ranks
+
+
+def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = RECALL_KS, prefix: str = "R") -> dict[str, float]:
     """Recall@K in percent: the share of queries whose target ranks within the top K."""
-    return {f"R@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}
+    return {f"{prefix}@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}
 
 
-def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 1024
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best gallery items (scores, indices) per query, chunk by chunk."""
-    k = min(k, gallery.shape[0])
+def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+          chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best gallery items (scores, indices) per query, chunk by chunk; ``exclude`` as in target_ranks."""
+    k = min(k, gallery.shape[0] - (exclude is not None))
     scores, indices = [], []
     for start in range(0, queries.shape[0], chunk_size):
-        s, i = torch.topk(queries[start:start + chunk_size] @ gallery.T, k, dim=1)
+        block = queries[start:start + chunk_size] @ gallery.T
+        if exclude is not None:
+            e = exclude[start:start + chunk_size].long()
+            rows = torch.nonzero(e >= 0).squeeze(1)
+            block[rows, e[rows]] = float("-inf")
+        s, i = torch.topk(block, k, dim=1)
         scores.append(s)
         indices.append(i)
     return torch.cat(scores), torch.cat(indices)
 
 
 @dataclass
-class CategoryRanking:
-    """One category's evaluation: the gallery, its queries, and where each target ranked."""
+class Ranking:
+    """One gallery's evaluation (a category's, or the whole split's): its queries and where each target ranked."""
 
-    category: str
+    name: str
     gallery_ids: list[str]
-    triplets: list
+    triplets: list[Triplet]
     queries: torch.Tensor
     gallery: torch.Tensor
-    ranks: torch.Tensor | None  # None on the test split (no targets)
+    exclude: torch.Tensor | None  # the reference's gallery index per query (-1 if absent), when left out
+    ranks: torch.Tensor | None  # None on a test split (no targets)
+    subset_ranks: torch.Tensor | None = None
 
 
-def rank_category(encoder: CLIPEncoder, root: str | os.PathLike, category: str, combine: Combine = combine_sum,
-                  split: str = "val", cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
-                  workers: int = 0, progress: bool = True,
-                  gallery: tuple[list[str], torch.Tensor] | None = None) -> CategoryRanking:
-    """Composed queries ("c1 and c2" + reference image) of one category ranked against its split gallery
-    (``gallery``: its ids and features, when already extracted with this encoder)."""
-    ids, features = gallery or gallery_features(encoder, root, split, category, cache_dir, batch_size, workers,
+def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str | None = None,
+               combine: Combine = combine_sum, cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+               workers: int = 0, progress: bool = True, gallery: tuple[list[str], torch.Tensor] | None = None
+               ) -> Ranking:
+    """The composed queries (evaluation caption + reference image) of a split, or of one category, ranked
+    against its gallery as the source's protocol says (``gallery``: its ids and features, when extracted
+    already with this encoder)."""
+    protocol = source.protocol
+    ids, features = gallery or gallery_features(encoder, source, split, category, cache_dir, batch_size, workers,
                                                 progress)
     index = {image_id: i for i, image_id in enumerate(ids)}
-    triplets = load_triplets(root, category, split)
+    triplets = [t for t in source.triplets(split) if category is None or t.category == category]
+    if not triplets:
+        raise DataError(f"no {split} queries{f' of {category}' if category else ''} in {source.describe()}")
+    name = f"{category} " if category else ""
     empty = count_empty_captions(triplets)
     if empty:  # the published protocol counts these queries: keep them, but say so
-        warnings.warn(f"{empty:,} of {len(triplets):,} {category} {split} queries have an empty caption (such as '' or "
+        warnings.warn(f"{empty:,} of {len(triplets):,} {name}{split} queries have an empty caption (such as '' or "
                       f"'n/a'); they are kept, as in CLIP4Cir's evaluation and the published figures")
     for t in triplets:
         for role, image_id in (("reference", t.reference), ("target", t.target)):
             if image_id is not None and image_id not in index:
-                raise DataError(f"{role} {image_id} of a {category} {split} triplet is not in the gallery "
-                                f"image_splits/split.{category}.{split}.json")
+                raise DataError(f"{role} {image_id} of a {name}{split} triplet is not in the {name}{split} gallery "
+                                f"of {source.describe()}")
     text = encode_texts(encoder, [eval_caption(t.captions) for t in triplets])
     device = encoder.device
     reference = features[[index[t.reference] for t in triplets]]
     with torch.inference_mode():
         queries = check_finite(combine(reference.to(device), text.to(device)).float().cpu(),
-                               f"{category} {split} query features")
-    gallery = F.normalize(check_finite(features, f"{category} {split} gallery features"), dim=-1)
-    ranks = None
-    if split != "test":
-        ranks = target_ranks(queries, gallery, torch.tensor([index[t.target] for t in triplets]))
-    return CategoryRanking(category, ids, triplets, queries, gallery, ranks)
+                               f"{name}{split} query features")
+    gallery_matrix = F.normalize(check_finite(features, f"{name}{split} gallery features"), dim=-1)
+    exclude = torch.tensor([index[t.reference] for t in triplets]) if protocol.remove_reference else None
+    ranks = subsets = None
+    if all(t.target is not None for t in triplets):
+        targets = torch.tensor([index[t.target] for t in triplets])
+        ranks = target_ranks(queries, gallery_matrix, targets, exclude)
+        if protocol.subset_ks:
+            members = [[index[m] for m in t.subset if m != t.reference] for t in triplets]
+            subsets = subset_ranks(queries, gallery_matrix, targets, members)
+    return Ranking(category or "all", ids, triplets, queries, gallery_matrix, exclude, ranks, subsets)
 
 
-def summarize(rankings: Sequence[CategoryRanking], ks: Sequence[int] = RECALL_KS) -> dict:
-    """Per-category Recall@K and their average, in percent."""
-    metrics = {r.category: recall_at_k(r.ranks, ks) for r in rankings}
-    metrics["average"] = {f"R@{k}": sum(m[f"R@{k}"] for m in metrics.values()) / len(rankings) for k in ks}
+def rankings_of(encoder: CLIPEncoder, source: Source, split: str, combine: Combine = combine_sum,
+                cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
+                progress: bool = True, galleries: dict | None = None) -> list[Ranking]:
+    """The rankings the protocol asks for: one per category, or one for the split."""
+    names = source.categories() if source.protocol.per_category else [None]
+    return [rank_split(encoder, source, split, name, combine, cache_dir, batch_size, workers, progress,
+                       (galleries or {}).get(name)) for name in names]
+
+
+def summarize(rankings: Sequence[Ranking], protocol: Protocol) -> dict:
+    """Recall@K (and Recall_subset@K) per ranking, their average, and the protocol's headline ``score``, in percent."""
+    metrics = {}
+    for r in rankings:
+        metrics[r.name] = recall_at_k(r.ranks, protocol.ks)
+        if r.subset_ranks is not None:
+            metrics[r.name].update(recall_at_k(r.subset_ranks, protocol.subset_ks, prefix="Rs"))
+    keys = list(metrics[rankings[0].name])
+    metrics["average"] = {k: sum(m[k] for m in metrics.values()) / len(rankings) for k in keys}
+    metrics["score"] = sum(metrics["average"][k] for k in protocol.score) / len(protocol.score)
     return metrics
 
 
-def fashioniq_recall(encoder: CLIPEncoder, root: str | os.PathLike, categories: str | Sequence[str] = CATEGORIES,
-                     combine: Combine = combine_sum, cache_dir: str | os.PathLike | None = None,
-                     batch_size: int = 64, workers: int = 0, progress: bool = True) -> dict:
-    """The standard FashionIQ validation protocol: Recall@10/50 per category and averaged."""
-    rankings = [rank_category(encoder, root, c, combine, "val", cache_dir, batch_size, workers, progress)
-                for c in parse_categories(categories)]
-    return summarize(rankings)
+def evaluate(encoder: CLIPEncoder, source: Source, split: str | None = None, combine: Combine = combine_sum,
+             cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
+             progress: bool = True) -> dict:
+    """The source's validation protocol (its val split unless ``split``): the metrics ``summarize`` gives."""
+    split = split or source.protocol.val_split
+    return summarize(rankings_of(encoder, source, split, combine, cache_dir, batch_size, workers, progress),
+                     source.protocol)
 
 
-def query_records(ranking: CategoryRanking, k: int = 10) -> list[dict]:
+def query_records(ranking: Ranking, k: int = 10) -> list[dict]:
     """Per-query results for inspection: reference, captions, target, the target's rank, the top-k ids."""
-    _, top = top_k(ranking.queries, ranking.gallery, k)
+    _, top = top_k(ranking.queries, ranking.gallery, k, ranking.exclude)
     records = []
     for i, t in enumerate(ranking.triplets):
-        record = {"category": ranking.category, "reference": t.reference, "captions": list(t.captions),
+        record = {"category": t.category, "reference": t.reference, "captions": list(t.captions),
                   "caption": eval_caption(t.captions)}
         if ranking.ranks is not None:
             record.update(target=t.target, target_rank=int(ranking.ranks[i]) + 1)
         record[f"top{k}"] = [ranking.gallery_ids[j] for j in top[i].tolist()]
         records.append(record)
     return records
+
+
+def test_predictions(rankings: Sequence[Ranking], protocol: Protocol) -> dict[str, dict | list]:
+    """What a test server takes, by file name: CIRR's two JSON files (top-50 of the gallery, top-3 of the
+    subset, by pair id); otherwise the top-50 ids of each query."""
+    if protocol.name == "cirr":
+        (ranking,) = rankings
+        _, top = top_k(ranking.queries, ranking.gallery, 50, ranking.exclude)
+        recall = {"version": "rc2", "metric": "recall"}
+        subset = {"version": "rc2", "metric": "recall_subset"}
+        index = {image_id: i for i, image_id in enumerate(ranking.gallery_ids)}
+        for t, query, row in zip(ranking.triplets, ranking.queries, top.tolist()):
+            recall[t.pair_id] = [ranking.gallery_ids[j] for j in row]
+            members = sorted({index[m] for m in t.subset if m != t.reference})
+            scores = ranking.gallery[members] @ query
+            order = sorted(range(len(members)), key=lambda j: (-float(scores[j]), members[j]))
+            subset[t.pair_id] = [ranking.gallery_ids[members[j]] for j in order[:3]]
+        return {"recall_submission.json": recall, "recall_subset_submission.json": subset}
+    out = {}
+    for r in rankings:
+        _, top = top_k(r.queries, r.gallery, 50, r.exclude)
+        out[r.name] = [{"reference": t.reference, "captions": list(t.captions),
+                        "top50": [r.gallery_ids[j] for j in row]} for t, row in zip(r.triplets, top.tolist())]
+    return {"predictions.json": out}
 
 
 def image_retrieval_metrics(features: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (10, 100, 1000),

@@ -18,6 +18,7 @@ from .device import amp_dtype, autocast, eval_mode
 from .encoder import CLIPEncoder
 from .errors import NonFiniteError
 from .fingerprints import digest
+from .sources import Source
 
 
 def _collate(batch):
@@ -96,19 +97,20 @@ def cached(path: Path | None, key: str, compute: Callable[[], dict]) -> tuple[di
     return value, False
 
 
-def gallery_features(encoder: CLIPEncoder, root: str | os.PathLike, split: str, category: str,
+def gallery_features(encoder: CLIPEncoder, source: Source, split: str, category: str | None = None,
                      cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
                      progress: bool = True) -> tuple[list[str], torch.Tensor]:
-    """Features of ``split.<category>.<split>.json``'s images, cached on disk under a key of the encoder's
-    fingerprint, the split file and the images."""
-    dataset = GalleryDataset(root, split, [category], transform=encoder.transform)
+    """Features of a split's gallery (of one category, when given), cached on disk under a key of the encoder's
+    fingerprint, the annotation files and the images."""
+    dataset = GalleryDataset(source, split, [category] if category else None, transform=encoder.transform)
     key = digest(encoder.fingerprint(), dataset.fingerprint())
-    path = Path(cache_dir) / f"gallery.{category}.{split}.{key}.pt" if cache_dir is not None else None
+    name = f"{category or 'all'}.{split}"
+    path = Path(cache_dir) / f"gallery.{name}.{key}.pt" if cache_dir is not None else None
 
     def compute() -> dict:
         ids, features = extract_image_features(encoder, dataset, batch_size, workers, progress,
-                                               desc=f"{category} {split} gallery")
+                                               desc=f"{category or ''} {split} gallery".strip())
         return {"ids": ids, "features": features}
 
     value, _ = cached(path, key, compute)
-    return value["ids"], check_finite(value["features"], f"{category} {split} gallery features")
+    return value["ids"], check_finite(value["features"], f"{name} gallery features")

@@ -27,8 +27,8 @@ import torch
 from numpy.lib.format import open_memmap
 from torchvision import transforms as T
 
-from .data import load_image
 from .encoder_file import load_encoder
+from .images import load_image
 from .index import CatalogIndex
 from .item_table import Item
 from .machine import machine

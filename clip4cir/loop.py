@@ -48,8 +48,9 @@ def new_state() -> dict:
 
 
 def score(metrics: dict) -> float:
-    """What --save-best maximises: the mean of the average R@10 and R@50."""
-    return (metrics["average"]["R@10"] + metrics["average"]["R@50"]) / 2
+    """What --save-best maximises: the data set's headline score (FashionIQ: the mean of the average R@10 and
+    R@50; CIRR: the mean of R@5 and Rs@1)."""
+    return metrics["score"]
 
 
 def epoch_summary(record: dict) -> str:
@@ -57,7 +58,7 @@ def epoch_summary(record: dict) -> str:
     line = (f"epoch {record['epoch'] + 1}: loss {record['loss']:.4f}, {record['seconds']:.1f}s, "
             f"{record['triplets_per_s']:.1f} triplets/s, data wait {100 * record['data_wait_share']:.0f}%")
     if "average" in record:
-        line += f", val avg R@10 {record['average']['R@10']:.2f} R@50 {record['average']['R@50']:.2f}"
+        line += ", val avg " + " ".join(f"{k} {v:.2f}" for k, v in record["average"].items())
     return line
 
 

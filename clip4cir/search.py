@@ -18,13 +18,13 @@ from PIL import Image
 
 from .category_probe import predict_category
 from .cli import run
-from .data import load_image
 from .device import resolve_device
 from .encoder import CLIPEncoder
 from .errors import CatalogIndexError, DataError, SearchError
 from .factory import check_same_encoder, encoder_from_record
 from .features import check_finite
 from .fusion import Combiner, combine_sum, load_combiner
+from .images import load_image
 from .index import CatalogIndex
 from .threads import apply_serving_threads, configure_serving_threads
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import is_artifact, write_folder
-from .build_index import build_index, catalog_source
-from .catalog import items_fingerprint
-from .data import CATEGORIES, eval_caption, load_triplets
+from .build_index import build_index
+from .captions import eval_caption
+from .catalog import catalog_items, items_fingerprint
 from .device import resolve_device
 from .errors import ModelError
 from .factory import load_model
@@ -19,6 +19,7 @@ from .fingerprints import digest
 from .fusion import load_combiner
 from .index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
 from .search import SearchEngine
+from .sources import open_source, reopen
 from .synthetic import make_synthetic_fashioniq
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
@@ -35,6 +36,7 @@ class Options:
     model: str | None = None
     pretrained: str | None = None
     data: str | None = None
+    dataset: str = "auto"
     device: str = "auto"
     cache_dir: str | None = None
 
@@ -76,10 +78,6 @@ def ensure_demo_catalog(cache: Path, progress: Callable[[str], None] = print) ->
     return root
 
 
-def is_fashioniq_root(path: str) -> bool:
-    return (Path(path) / "captions").is_dir() and (Path(path) / "image_splits").is_dir()
-
-
 def load_engine(options: Options, progress: Callable[[str], None] = print) -> SearchEngine:
     """The engine the options describe; an index built from ``data`` is cached by data path and encoder."""
     cache = cache_root(options)
@@ -95,23 +93,22 @@ def load_engine(options: Options, progress: Callable[[str], None] = print) -> Se
         clip_checkpoint = str(DEMO_DIR / "encoder.safetensors")
         combiner = combiner or str(DEMO_DIR / "combiner.safetensors")
     if not data:
-        raise ValueError("give --index, or --data (a FashionIQ root or an image folder) to index at start")
+        raise ValueError("give --index, or --data (a data set or an image folder) to index at start")
     if not (options.model or clip_checkpoint):
         raise ValueError("give the encoder for --data: --clip-checkpoint PATH or --model NAME [--pretrained TAG]")
-    if not Path(data).is_dir():
-        raise ValueError(f"--data {data} does not exist")
+    source = open_source(data, options.dataset)
     encoder = load_model(options.model, options.pretrained, clip_checkpoint, device=device)
     combiner_model = load_combiner(combiner, device, encoder)[0] if combiner else None  # before indexing
-    fashioniq = is_fashioniq_root(data)
-    items, source = catalog_source(data if fashioniq else None, None if fashioniq else data)
+    splits = [source.protocol.val_split]
+    items = catalog_items(source, splits)
     # keyed on what the index is computed from: the catalog's files as they are now, and the encoder
-    key = digest(source, items_fingerprint(items), encoder.fingerprint(), INDEX_VERSION)
+    key = digest(source.record(), splits, items_fingerprint(items), encoder.fingerprint(), INDEX_VERSION)
     cached = cache / "indexes" / key
     if is_artifact(cached, INDEX_FORMAT):
         index = CatalogIndex.load(cached)
     else:
-        progress(f"indexing {len(items):,} images of {data} with {encoder.describe()} ...")
-        index, unreadable = build_index(encoder, items, cached, source=source, progress=False)
+        progress(f"indexing {len(items):,} images of {source.describe()} with {encoder.describe()} ...")
+        index, unreadable = build_index(encoder, source, items, cached, record={"splits": splits}, progress=False)
         if unreadable:
             progress(f"skipped {len(unreadable):,} unreadable images")
     return SearchEngine(index, encoder, combiner_model)
@@ -126,22 +123,25 @@ def image_folders(index: CatalogIndex) -> list[str]:
 
 
 def examples(index: CatalogIndex, n: int = 4) -> list[dict]:
-    """A few validation queries of a FashionIQ-layout catalog whose reference and target are indexed."""
-    root = index.source.get("fashioniq")
-    if not root:
+    """A few validation queries of the data set the index was built from whose reference and target are indexed,
+    taking the categories in turn."""
+    record = index.source.get("data")
+    if not record:
         return []
-    per_category = []
-    for category in CATEGORIES:
-        try:
-            triplets = load_triplets(root, category, "val")
-        except ValueError:
-            continue
-        per_category.append([t for t in triplets if t.reference in index and t.target in index])
+    try:
+        source = reopen(record)
+        triplets = source.triplets(source.protocol.val_split)
+    except ValueError:  # the data set moved, or has no triplets: no examples
+        return []
+    by_category: dict = {}
+    for t in triplets:
+        if t.reference in index and t.target in index:
+            by_category.setdefault(t.category, []).append(t)
     out = []
-    for i in range(max(map(len, per_category), default=0)):
-        for triplets in per_category:
-            if i < len(triplets) and len(out) < n:
-                t = triplets[i]
+    for i in range(max(map(len, by_category.values()), default=0)):
+        for group in by_category.values():
+            if i < len(group) and len(out) < n:
+                t = group[i]
                 out.append({"reference_id": t.reference, "reference_path": index.item(t.reference).path,
                             "caption": eval_caption(t.captions), "target_id": t.target, "category": t.category})
     return out

@@ -21,10 +21,11 @@ from .device import amp_dtype, autocast
 from .distributed import Dist, gather_with_grad, mean_over_ranks, run_distributed
 from .encoder import CLIPEncoder
 from .encoder_file import load_encoder, save_encoder
-from .evaluation import fashioniq_recall
+from .evaluation import evaluate
 from .factory import load_model
 from .features import loader_options
 from .loop import EpochSampler, new_state, run_epochs
+from .sources import source_from_args
 
 LOGIT_SCALE = 100.0
 ENCODER_CHOICES = ("both", "image", "text")
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
-    categories = args.categories.split(",")
+    source = source_from_args(args)
     run_dir = RunDir(args.output)
     params = run_params(args, ddp.world_size)
     run_dir.check_new_or_resumable(params, args.resume)
@@ -126,8 +127,8 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     else:
         encoder = load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, args.preprocess,
                              args.target_ratio, device)
-    train_set = TripletDataset(args.data, "train", categories, transform=encoder.transform,
-                               randomize_captions=True, seed=args.seed, skip_empty_captions=True)
+    train_set = TripletDataset(source, "train", transform=encoder.transform, randomize_captions=True, seed=args.seed,
+                               skip_empty_captions=True)
     check_batch_fits(args.batch_size, ddp.world_size, len(train_set))
     data = {"train": train_set.record(), "skipped_empty_captions": train_set.empty_captions}
     if args.resume:
@@ -179,7 +180,7 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
 
     def validate() -> dict:
         model.eval()
-        return fashioniq_recall(encoder, args.data, categories, workers=args.workers, progress=not args.quiet)
+        return evaluate(encoder, source, workers=args.workers, progress=not args.quiet)
 
     run_epochs(run_dir, state, epochs=args.epochs, sampler=sampler, batches=loader, step=step, validate=validate,
                val_every=args.val_every, write_model=write_model, parameters=model.parameters,

@@ -14,7 +14,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torchvision import transforms as T
 
-from .data import to_rgb
+from .images import to_rgb
 
 PREPROCESS_KINDS = ("targetpad", "squarepad", "openclip")
 

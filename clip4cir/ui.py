@@ -10,11 +10,10 @@ from typing import Sequence
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-
 from PIL import Image  # noqa: E402
 
-from .data import load_image  # noqa: E402
 from .errors import DataError, SearchError  # noqa: E402
+from .images import load_image  # noqa: E402
 from .search import SearchEngine, SearchResult  # noqa: E402
 from .service import examples, image_folders  # noqa: E402
 from .threads import configure_serving_threads  # noqa: E402

@@ -7,6 +7,7 @@ from pathlib import Path
 from clip4cir.checkpointing import read_metrics
 from clip4cir.data import TripletDataset
 from clip4cir.factory import create_model
+from clip4cir.sources import open_source
 
 from .feature_cache import triplet_features
 from .train import main as train_combiner
@@ -16,7 +17,7 @@ def bench_stage_two(model: str, root: Path, batch: int, workers: int, tmp: Path)
     """Seconds per Combiner epoch on cached features vs re-encoding every batch (same data, batch, loss)."""
     encoder = create_model(model)  # seeded: the training runs below build the same weights
     start = time.perf_counter()
-    train_set = TripletDataset(root, "train", transform=encoder.transform)
+    train_set = TripletDataset(open_source(root), "train", transform=encoder.transform)
     triplet_features(encoder, train_set, tmp / "cache", workers=workers, progress=False)
     out = {"model": model, "triplets": len(train_set), "batch": batch,
            "cache_build_s": round(time.perf_counter() - start, 2)}

@@ -1,7 +1,8 @@
 """Frozen-encoder features of the training triplets, computed once and cached on disk.
 
 Holds the image feature of every reference and target image, and the text feature of every caption variant
-training samples ("c1 and c2", "c2 and c1", "c1", "c2"). The cache is keyed on the encoder's fingerprint
+training samples (FashionIQ's "c1 and c2", "c2 and c1", "c1", "c2"; a single caption). The cache is keyed on
+the encoder's fingerprint
 (weights and preprocessing) and the triplets' (caption files, split, categories, and the image files' paths,
 sizes and modification times), so a changed encoder, caption, image or split never reuses stale features.
 """
@@ -15,55 +16,58 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from clip4cir.data import TripletDataset, caption_variant, load_image
+from clip4cir.captions import caption_variants
+from clip4cir.data import TripletDataset
 from clip4cir.encoder import CLIPEncoder
 from clip4cir.features import cached, encode_texts, extract_image_features
 from clip4cir.fingerprints import digest
-
-N_VARIANTS = 4
+from clip4cir.sources import Source
 
 
 @dataclass
 class TripletFeatures:
-    """Cached features: ``image[reference[i]]``, ``image[target[i]]`` and ``text[i, variant]`` for triplet i."""
+    """Cached features: ``image[reference[i]]``, ``image[target[i]]``, and ``text[offsets[i] + v]`` for variant v
+    (of ``offsets[i + 1] - offsets[i]``) of triplet i."""
 
     image_ids: list[str]
     image: torch.Tensor  # (n_images, d)
     reference: torch.Tensor  # (n_triplets,) indices into image
     target: torch.Tensor  # (n_triplets,)
-    text: torch.Tensor  # (n_triplets, 4, d)
+    text: torch.Tensor  # (n_variants in all, d)
+    offsets: torch.Tensor  # (n_triplets + 1,)
 
     def __len__(self) -> int:
         return len(self.reference)
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[Path], ids: Sequence[str], transform):
-        self.paths, self.ids, self.transform = paths, ids, transform
+    def __init__(self, source: Source, ids: Sequence[str], transform):
+        self.source, self.ids, self.transform = source, ids, transform
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int):
-        return self.ids[i], self.transform(load_image(self.paths[i]))
+        return self.ids[i], self.transform(self.source.load_image(self.ids[i]))
 
 
 def cache_key(encoder: CLIPEncoder, dataset: TripletDataset) -> str:
     """The encoder's fingerprint and the triplets' (see the module docstring)."""
-    return digest(encoder.fingerprint(), dataset.fingerprint(), N_VARIANTS)
+    return digest(encoder.fingerprint(), dataset.fingerprint(), "variants-v2")
 
 
 def compute_triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, batch_size: int = 64,
                              workers: int = 0, progress: bool = True) -> TripletFeatures:
     """Encode every image the triplets use and every caption variant, once."""
     image_ids = list(dict.fromkeys(i for t in dataset.triplets for i in (t.reference, t.target)))
-    images = _Images([dataset.images.path(i) for i in image_ids], image_ids, encoder.transform)
+    images = _Images(dataset.source, image_ids, encoder.transform)
     _, image = extract_image_features(encoder, images, batch_size, workers, progress, desc="train image features")
     index = {image_id: i for i, image_id in enumerate(image_ids)}
-    texts = [caption_variant(t.captions, v) for t in dataset.triplets for v in range(N_VARIANTS)]
-    text = encode_texts(encoder, texts).view(len(dataset), N_VARIANTS, -1)
+    variants = [caption_variants(t.captions) for t in dataset.triplets]
+    text = encode_texts(encoder, [v for vs in variants for v in vs])
+    offsets = torch.tensor([0] + [len(vs) for vs in variants]).cumsum(0)
     return TripletFeatures(image_ids, image, torch.tensor([index[t.reference] for t in dataset.triplets]),
-                           torch.tensor([index[t.target] for t in dataset.triplets]), text)
+                           torch.tensor([index[t.target] for t in dataset.triplets]), text, offsets)
 
 
 def triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, cache_dir: str | os.PathLike,

@@ -16,17 +16,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader
 
+from clip4cir.captions import random_caption_variant
 from clip4cir.checkpointing import RunDir, run_params
 from clip4cir.cli import add_model_args, add_run_args, check_run_args, run
-from clip4cir.data import TripletDataset, random_caption_variant
+from clip4cir.data import TripletDataset
 from clip4cir.device import autocast, eval_mode
 from clip4cir.distributed import Dist, barrier, mean_over_ranks, run_distributed
 from clip4cir.encoder import CLIPEncoder
-from clip4cir.evaluation import rank_category, summarize
+from clip4cir.evaluation import evaluate
 from clip4cir.factory import load_model
 from clip4cir.features import loader_options
 from clip4cir.fusion import Combiner, load_combiner, save_combiner
 from clip4cir.loop import EpochSampler, new_state, run_epochs
+from clip4cir.sources import source_from_args
 from clip4cir.train import amp_settings, check_batch_fits, contrastive_loss
 
 from .feature_cache import TripletFeatures, triplet_features
@@ -35,8 +37,9 @@ from .feature_cache import TripletFeatures, triplet_features
 def cached_batch(features: TripletFeatures, indices: torch.Tensor, seed: int, epoch: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(reference image, caption text, target image) features of a batch of triplets, from the cache."""
-    variants = torch.tensor([random_caption_variant(seed, epoch, i) for i in indices.tolist()])
-    return (features.image[features.reference[indices]], features.text[indices, variants],
+    counts = (features.offsets[1:] - features.offsets[:-1])[indices]
+    variants = torch.tensor([random_caption_variant(seed, epoch, i, int(n)) for i, n in zip(indices.tolist(), counts)])
+    return (features.image[features.reference[indices]], features.text[features.offsets[indices] + variants],
             features.image[features.target[indices]])
 
 
@@ -93,14 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
-    categories = args.categories.split(",")
+    source = source_from_args(args)
     run_dir = RunDir(args.output)
     params = run_params(args, ddp.world_size)
     run_dir.check_new_or_resumable(params, args.resume)
     encoder = load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, device=device)
     encoder.model.eval().requires_grad_(False)
-    train_set = TripletDataset(args.data, "train", categories, transform=encoder.transform,
-                               randomize_captions=True, seed=args.seed, skip_empty_captions=True)
+    train_set = TripletDataset(source, "train", transform=encoder.transform, randomize_captions=True, seed=args.seed,
+                               skip_empty_captions=True)
     check_batch_fits(args.batch_size, ddp.world_size, len(train_set))
     data = {"train": train_set.record(), "skipped_empty_captions": train_set.empty_captions}
     if args.resume:
@@ -166,8 +169,8 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
 
     def validate() -> dict:
         with eval_mode(combiner):
-            return summarize([rank_category(encoder, args.data, c, combiner.combine, "val", args.cache_dir,
-                                            workers=args.workers, progress=not args.quiet) for c in categories])
+            return evaluate(encoder, source, combine=combiner.combine, cache_dir=args.cache_dir, workers=args.workers,
+                            progress=not args.quiet)
 
     def write_model(path, metrics) -> None:
         save_combiner(combiner, path, encoder.record(), {"epoch": state["epoch"], "global_step": state["global_step"],

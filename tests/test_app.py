@@ -16,11 +16,12 @@ gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from clip4cir.build_index import build_index  # noqa: E402
-from clip4cir.catalog import fashioniq_items  # noqa: E402
+from clip4cir.catalog import catalog_items  # noqa: E402
 from clip4cir.encoder_file import save_encoder  # noqa: E402
 from clip4cir.factory import create_model, load_model  # noqa: E402
 from clip4cir.fusion import Combiner  # noqa: E402
 from clip4cir.search import SearchEngine  # noqa: E402
+from clip4cir.sources import open_source  # noqa: E402
 from clip4cir.ui import serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +50,9 @@ def served(outside_catalog, tmp_path_factory):
     encoder_file = outside_catalog.parent / "enc.safetensors"
     save_encoder(create_model("cir-tiny"), encoder_file)
     encoder = load_model(checkpoint=str(encoder_file))
-    index, _ = build_index(encoder, fashioniq_items(outside_catalog), outside_catalog.parent / "index",
-                           source={"fashioniq": str(outside_catalog)}, progress=False)
+    source = open_source(outside_catalog)
+    index, _ = build_index(encoder, source, catalog_items(source, ["val"]), outside_catalog.parent / "index",
+                           progress=False)
     engine = SearchEngine(index, encoder, Combiner(encoder.dim))
     port = free_port()
     ui = serve(engine, port=port, quiet=True)

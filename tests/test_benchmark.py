@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from clip4cir.benchmark import main as benchmark_main
-from clip4cir.data import CATEGORIES, load_image_split
+from clip4cir.sources.fashioniq import CATEGORIES, load_image_split
 from combiner.benchmark import bench_stage_two
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ from PIL import Image
 
 from clip4cir.checkpointing import RunDir, read_metrics
 from clip4cir.data import TripletDataset
+from clip4cir.sources.fashioniq import FashionIQ
 from clip4cir.encoder_file import save_encoder
 from clip4cir.errors import ModelError
 from clip4cir.factory import create_model
@@ -61,9 +62,9 @@ def test_clip4cir_combiner_checkpoint_loads_unchanged(tmp_path):
 
 def test_cache_hits_for_the_same_inputs_and_misses_when_any_changes(tiny_root, tmp_path):
     encoder = create_model("cir-tiny")
-    ds = TripletDataset(tiny_root, "train", transform=encoder.transform)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform)
     first, hit = triplet_features(encoder, ds, tmp_path / "cache", progress=False)
-    assert not hit and first.text.shape == (len(ds), 4, encoder.dim)
+    assert not hit and first.text.shape == (4 * len(ds), encoder.dim) and first.offsets[-1] == 4 * len(ds)
     again, hit = triplet_features(encoder, ds, tmp_path / "cache", progress=False)
     assert hit and torch.equal(again.image, first.image)
     with torch.no_grad():
@@ -72,33 +73,33 @@ def test_cache_hits_for_the_same_inputs_and_misses_when_any_changes(tiny_root, t
     changed, hit = triplet_features(encoder, ds, tmp_path / "cache", progress=False)
     assert not hit and not torch.allclose(changed.image, first.image)
     other = create_model("cir-tiny", preprocess_kind="squarepad")  # same weights, other preprocessing
-    _, hit = triplet_features(other, TripletDataset(tiny_root, "train", transform=other.transform),
+    _, hit = triplet_features(other, TripletDataset(FashionIQ(tiny_root), "train", transform=other.transform),
                               tmp_path / "cache", progress=False)
     assert not hit
     # the same encoder on changed data: an image redrawn, a caption edited, or another root
     encoder = create_model("cir-tiny")
     root = tmp_path / "fiq"
     shutil.copytree(tiny_root, root)
-    _, hit = triplet_features(encoder, TripletDataset(root, "train", transform=encoder.transform),
+    _, hit = triplet_features(encoder, TripletDataset(FashionIQ(root), "train", transform=encoder.transform),
                               tmp_path / "cache", progress=False)
     assert not hit  # another root
     reference = ds.triplets[0].reference
     Image.new("RGB", (72, 100), (0, 255, 0)).save(root / "images" / f"{reference}.jpg")
-    redrawn, hit = triplet_features(encoder, TripletDataset(root, "train", transform=encoder.transform),
+    redrawn, hit = triplet_features(encoder, TripletDataset(FashionIQ(root), "train", transform=encoder.transform),
                                     tmp_path / "cache", progress=False)
     assert not hit and not torch.allclose(redrawn.image, first.image)
     captions = root / "captions" / "cap.dress.train.json"
     entries = json.loads(captions.read_text())
     entries[0]["captions"][0] = "is green"
     captions.write_text(json.dumps(entries))
-    _, hit = triplet_features(encoder, TripletDataset(root, "train", transform=encoder.transform),
+    _, hit = triplet_features(encoder, TripletDataset(FashionIQ(root), "train", transform=encoder.transform),
                               tmp_path / "cache", progress=False)
     assert not hit
 
 
 def test_a_broken_cache_file_is_computed_again(tiny_root, tmp_path):
     encoder = create_model("cir-tiny")
-    ds = TripletDataset(tiny_root, "train", transform=encoder.transform)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform)
     first, _ = triplet_features(encoder, ds, tmp_path, progress=False)
     (path,) = tmp_path.glob("triplets.*.pt")
     path.write_bytes(path.read_bytes()[:1000])  # truncated by a full disk, say
@@ -111,7 +112,7 @@ def test_a_broken_cache_file_is_computed_again(tiny_root, tmp_path):
 
 def test_cached_features_equal_per_batch_encoding(tiny_root, tmp_path):
     encoder = create_model("cir-tiny")
-    ds = TripletDataset(tiny_root, "train", transform=encoder.transform, randomize_captions=True, seed=3)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform, randomize_captions=True, seed=3)
     features, _ = triplet_features(encoder, ds, tmp_path, progress=False)
     ds.set_epoch(2)
     idx = torch.tensor([0, 5, 7])
@@ -125,7 +126,7 @@ def test_cached_features_equal_per_batch_encoding(tiny_root, tmp_path):
 
 def test_training_lowers_the_loss(tiny_root, tmp_path):
     encoder = create_model("cir-tiny")
-    ds = TripletDataset(tiny_root, "train", transform=encoder.transform)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform)
     features, _ = triplet_features(encoder, ds, tmp_path, progress=False)
     torch.manual_seed(0)
     combiner = Combiner(encoder.dim)

@@ -1,13 +1,18 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from clip4cir.data import (CATEGORIES, SPLITS, DataError, GalleryDataset, ImageIndex, TripletDataset,
-                           caption_variant, clean_caption, eval_caption, load_image, load_image_split,
-                           load_triplets, parse_categories, random_caption_variant)
+from clip4cir.captions import caption_variants, clean_caption, eval_caption, random_caption_variant
+from clip4cir.data import GalleryDataset, TripletDataset
+from clip4cir.errors import DataError
+from clip4cir.images import load_image
+from clip4cir.sources.base import ImageFolder
+from clip4cir.sources.fashioniq import (CATEGORIES, SPLITS, FashionIQ, load_image_split, load_triplets,
+                                        parse_categories)
 
 REAL_TRIPLETS = {"dress": (5985, 2017, 2024), "shirt": (5988, 2038, 2038), "toptee": (6027, 1961, 2056)}
 REAL_IMAGES = {"dress": (11452, 3817, 3818), "shirt": (19036, 6346, 6346), "toptee": (16121, 5373, 5374)}
@@ -36,21 +41,22 @@ def test_real_shirt_and_toptee_overlap(real_annotations):
 
 
 def test_real_triplet_dataset_without_images(real_annotations):
-    ds = TripletDataset(real_annotations, "val", "dress,shirt", check_images=False)
+    ds = TripletDataset(FashionIQ(real_annotations, "dress,shirt"), "val", check_images=False)
     assert len(ds) == 2017 + 2038
     item = ds[0]
-    assert item["caption"] == eval_caption(item["captions"]) and " and " in item["caption"]
+    assert item["caption"] == eval_caption(ds.triplets[0].captions) and " and " in item["caption"]
 
 
 def test_caption_cleaning_and_variants():
     assert clean_caption("  is red with shorter sleeves. ") == "is red with shorter sleeves"
     assert clean_caption("is the same!?") == "is the same"
     captions = [" is blue.", "has long sleeves "]
-    assert [caption_variant(captions, v) for v in range(4)] == [
+    assert caption_variants(captions) == [
         "Is blue and has long sleeves", "Has long sleeves and is blue", "Is blue", "Has long sleeves"]
-    assert eval_caption(captions) == caption_variant(captions, 0)
-    with pytest.raises(ValueError):
-        caption_variant(captions, 4)
+    assert eval_caption(captions) == caption_variants(captions)[0]
+    assert caption_variants(["show three bottles"]) == ["show three bottles"]  # CIRR: one caption, as it is
+    assert caption_variants(["is red", "is longer", "has dots"]) == [
+        "Is red and is longer and has dots", "Is red", "Is longer", "Has dots"]
 
 
 def test_random_caption_variants_are_deterministic_and_cover_all_four():
@@ -61,7 +67,7 @@ def test_random_caption_variants_are_deterministic_and_cover_all_four():
 
 
 def test_training_captions_change_with_epoch(tiny_root):
-    ds = TripletDataset(tiny_root, "train", randomize_captions=True, seed=0)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", randomize_captions=True, seed=0)
     first = [ds.caption(i) for i in range(len(ds))]
     ds.set_epoch(1)
     assert first != [ds.caption(i) for i in range(len(ds))]
@@ -70,13 +76,13 @@ def test_training_captions_change_with_epoch(tiny_root):
 def test_triplet_and_gallery_items(tiny_root):
     from clip4cir.transforms import Preprocess, build_transform
     transform = build_transform(Preprocess(size=32))
-    ds = TripletDataset(tiny_root, "train", ["dress"], transform=transform)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", ["dress"], transform=transform)
     item = ds[0]
     assert item["reference"].shape == item["target"].shape == (3, 32, 32)
     assert item["reference_id"] != item["target_id"] and item["category"] == "dress"
-    test = TripletDataset(tiny_root, "test", transform=transform)
+    test = TripletDataset(FashionIQ(tiny_root), "test", transform=transform)
     assert "target" not in test[0] and test[0]["target_id"] == ""
-    gallery = GalleryDataset(tiny_root, "val", CATEGORIES, transform=transform)
+    gallery = GalleryDataset(FashionIQ(tiny_root), "val", CATEGORIES, transform=transform)
     image_id, image = gallery[0]
     assert isinstance(image_id, str) and image.shape == (3, 32, 32)
     assert len(gallery) == sum(len(load_image_split(tiny_root, c, "val")) for c in CATEGORIES)
@@ -95,17 +101,17 @@ def test_missing_images_error_and_skip(tiny_root, tmp_path):
     for image_id in gone:
         (root / "images" / f"{image_id}.jpg").unlink()
     with pytest.raises(DataError) as err:
-        TripletDataset(root, "train", ["dress"])
+        TripletDataset(FashionIQ(root), "train", ["dress"])
     message = str(err.value)
-    assert "train" in message and "dress" in message and gone[0] in message and "skip_missing" in message
+    assert "train" in message and str(root) in message and gone[0] in message and "skip_missing" in message
     affected = sum(1 for t in triplets if {t.reference, t.target} & set(gone))
     with pytest.warns(UserWarning, match=f"skipped {affected}"):
-        ds = TripletDataset(root, "train", ["dress"], skip_missing=True)
+        ds = TripletDataset(FashionIQ(root), "train", ["dress"], skip_missing=True)
     assert ds.skipped == affected and len(ds) == len(triplets) - affected
     with pytest.raises(DataError, match=gone[0]):
-        GalleryDataset(root, "train", ["dress"])
+        GalleryDataset(FashionIQ(root), "train", ["dress"])
     with pytest.warns(UserWarning):
-        gallery = GalleryDataset(root, "train", ["dress"], skip_missing=True)
+        gallery = GalleryDataset(FashionIQ(root), "train", ["dress"], skip_missing=True)
     assert not set(gone) & set(gallery.ids)
 
 
@@ -114,7 +120,7 @@ def test_corrupt_and_truncated_images_name_the_file(tiny_root, tmp_path):
     image_id = load_image_split(root, "shirt", "val")[0]
     path = root / "images" / f"{image_id}.jpg"
     path.write_bytes(path.read_bytes()[:200])
-    gallery = GalleryDataset(root, "val", ["shirt"], transform=lambda im: im)
+    gallery = GalleryDataset(FashionIQ(root), "val", ["shirt"], transform=lambda im: im)
     with pytest.raises(DataError, match=str(path)):
         gallery[gallery.ids.index(image_id)]
     path.write_bytes(b"not an image at all")
@@ -127,8 +133,8 @@ def test_extension_resolution(tmp_path):
     (tmp_path / "b.jpeg").write_bytes(b"")
     (tmp_path / "c.jpg").write_bytes(b"")
     (tmp_path / "c.png").write_bytes(b"")
-    index = ImageIndex(tmp_path)
-    assert index.path("a").name == "a.png" and index.path("b").name == "b.jpeg" and index.path("c").name == "c.jpg"
+    index = ImageFolder(tmp_path)
+    assert [Path(index.path(i)).name for i in "abc"] == ["a.png", "b.jpeg", "c.jpg"]
     with pytest.raises(DataError, match="'d'"):
         index.path("d")
 
@@ -150,9 +156,9 @@ def test_bad_categories_splits_and_json(tiny_root, tmp_path):
         load_triplets(root, "dress", "val")
     (root / "image_splits" / "split.toptee.test.json").unlink()
     with pytest.raises(DataError, match="split.toptee.test.json"):
-        GalleryDataset(root, "test", ["toptee"])
+        GalleryDataset(FashionIQ(root), "test", ["toptee"])
     with pytest.raises(DataError, match="does not exist"):
-        TripletDataset(tmp_path / "nowhere", "train")
+        TripletDataset(FashionIQ(tmp_path / "nowhere"), "train")
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "1", "CMYK", "I;16", "I", "F"])

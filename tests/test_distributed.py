@@ -13,7 +13,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from clip4cir.checkpointing import RunDir, read_metrics
-from clip4cir.data import TripletDataset, load_triplets
+from clip4cir.data import TripletDataset
+from clip4cir.sources.fashioniq import FashionIQ, load_triplets
 from clip4cir.distributed import init_distributed, mean_over_ranks, shutdown
 from clip4cir.loop import EpochSampler
 from clip4cir.encoder_file import load_encoder, save_encoder
@@ -67,7 +68,7 @@ def _gradients(rank: int, world: int, port: int, root: str, out: str) -> None:
     features = TowerFeatures(encoder, "both")
     if ddp.enabled:
         features = DistributedDataParallel(features)
-    dataset = TripletDataset(root, "train", transform=encoder.transform)
+    dataset = TripletDataset(FashionIQ(root), "train", transform=encoder.transform)
     per_rank = 8 // world
     indices = list(EpochSampler(len(dataset), per_rank, seed=0, rank=rank, world_size=world))[:per_rank]
     items = [dataset[i] for i in indices]

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip4cir.data import DataError, load_image_split, load_triplets
+from clip4cir.errors import DataError
+from clip4cir.sources.fashioniq import load_image_split, load_triplets
 from clip4cir.evaluate import main as evaluate_main
+from clip4cir.sources import open_source
 from clip4cir.evaluation import image_retrieval_metrics, recall_at_k, target_ranks, top_k
 from clip4cir.errors import ModelError
 
@@ -101,10 +103,10 @@ def test_evaluate_command_json_and_dump(tiny_root, tmp_path):
 
 
 def test_test_split_export(tiny_root, tmp_path):
-    predictions = tmp_path / "pred.json"
+    predictions = tmp_path / "pred"
     assert evaluate_main(["--data", str(tiny_root), "--model", "cir-tiny", "--split", "test", "--categories",
                           "dress", "--predictions", str(predictions), "--quiet", "--workers", "0"]) == 0
-    exported = json.loads(predictions.read_text())["dress"]
+    exported = json.loads((predictions / "predictions.json").read_text())["dress"]
     gallery = set(load_image_split(tiny_root, "dress", "test"))
     assert len(exported) == len(load_triplets(tiny_root, "dress", "test"))
     assert all(len(e["top50"]) == min(50, len(gallery)) and set(e["top50"]) <= gallery for e in exported)
@@ -132,7 +134,8 @@ def test_bad_inputs(tiny_root, tmp_path):
     split = [i for i in json.loads((root / "image_splits" / "split.shirt.val.json").read_text())
              if i != triplets[0]["target"]]
     (root / "image_splits" / "split.shirt.val.json").write_text(json.dumps(split))
-    with pytest.raises(DataError, match=f"target {triplets[0]['target']}.*split.shirt.val.json"):
+    with pytest.raises(DataError, match=f"cap.shirt.val.json: entry 0: target '{triplets[0]['target']}' is not in "
+                                        f"image_splits/split.shirt.val.json"):
         evaluate_main(["--data", str(root), "--model", "cir-tiny", "--categories", "shirt", "--quiet",
                        "--workers", "0"])
 
@@ -211,7 +214,7 @@ def test_non_finite_features_are_an_error_not_a_recall(tiny_root, tmp_path):
 
 
 def test_empty_caption_queries_are_kept_and_counted(tiny_root, tmp_path):
-    from clip4cir.evaluation import rank_category
+    from clip4cir.evaluation import rank_split
     from clip4cir.factory import create_model
     root = tmp_path / "fiq"
     shutil.copytree(tiny_root, root)
@@ -220,7 +223,7 @@ def test_empty_caption_queries_are_kept_and_counted(tiny_root, tmp_path):
     entries[3]["captions"][1] = " . "
     path.write_text(json.dumps(entries))
     with pytest.warns(UserWarning, match="1 of 8 dress val queries have an empty caption"):
-        ranking = rank_category(create_model("cir-tiny"), root, "dress", progress=False)
+        ranking = rank_split(create_model("cir-tiny"), open_source(root), "val", "dress", progress=False)
     assert len(ranking.ranks) == len(entries)  # the denominator of the published protocol
 
 
@@ -231,16 +234,16 @@ def test_gallery_cache_follows_the_data(tiny_root, tmp_path):
     from clip4cir.features import gallery_features
     encoder = create_model("cir-tiny")
     cache = tmp_path / "cache"
-    ids, first = gallery_features(encoder, tiny_root, "val", "dress", cache, progress=False)
+    ids, first = gallery_features(encoder, open_source(tiny_root), "val", "dress", cache, progress=False)
     root = tmp_path / "fiq"
     shutil.copytree(tiny_root, root)
     Image.new("RGB", (72, 100), (0, 255, 0)).save(root / "images" / f"{ids[0]}.jpg")
-    _, changed = gallery_features(encoder, root, "val", "dress", cache, progress=False)
+    _, changed = gallery_features(encoder, open_source(root), "val", "dress", cache, progress=False)
     assert not torch.allclose(changed[0], first[0]) and torch.allclose(changed[1:], first[1:], atol=1e-5)
     for file in cache.iterdir():
         file.write_bytes(b"\x80garbage")  # corrupt every cache file
     with pytest.warns(UserWarning, match="cannot be read"):
-        _, again = gallery_features(encoder, tiny_root, "val", "dress", cache, progress=False)
+        _, again = gallery_features(encoder, open_source(tiny_root), "val", "dress", cache, progress=False)
     torch.testing.assert_close(again, first)
 
 

@@ -37,12 +37,13 @@ def test_gpu_index_matches_cpu_reference(kind, tmp_path):
 @needs_cuda
 def test_amp_training_step_on_cuda(tiny_root):
     from clip4cir.data import TripletDataset
+    from clip4cir.sources.fashioniq import FashionIQ
     from clip4cir.factory import create_model
     from clip4cir.train import TowerFeatures, amp_settings, set_trainable, training_step
     encoder = create_model("cir-tiny", device="cuda")
     dtype, scaler_needed = amp_settings(torch.device("cuda"))
     assert dtype in (torch.bfloat16, torch.float16) and scaler_needed == (dtype == torch.float16)
-    ds = TripletDataset(tiny_root, "train", transform=encoder.transform)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform)
     items = [ds[i] for i in range(8)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("reference", "target")}
     optimizer = torch.optim.AdamW(set_trainable(encoder.model, "both"), lr=1e-3)

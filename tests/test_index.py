@@ -13,11 +13,12 @@ from PIL import Image
 
 from clip4cir.artifacts import write_folder
 from clip4cir.build_index import build_index, main as build_main
-from clip4cir.catalog import fashioniq_items, folder_items
+from clip4cir.catalog import catalog_items
+from clip4cir.sources import open_source
 from clip4cir.fusion import Combiner, save_combiner
 from clip4cir.index import INDEX_FORMAT, CatalogIndex, CatalogIndexError, Item
 from clip4cir.encoder_file import save_encoder
-from clip4cir.data import load_image_split, load_triplets
+from clip4cir.sources.fashioniq import load_image_split, load_triplets
 from clip4cir.errors import ArtifactError, DataError, ModelError
 from clip4cir.factory import create_model
 from clip4cir.index_benchmark import synthetic_vectors
@@ -216,7 +217,7 @@ def test_real_fashioniq_ids_in_several_categories_are_reachable(real_annotations
                 first_listed.setdefault(image_id, category)
     for image_id in first_listed:
         (root / "images" / f"{image_id}.jpg").touch()
-    items = fashioniq_items(root, splits=("train", "val", "test"))
+    items = catalog_items(open_source(root), ("train", "val", "test"))
     assert len(items) == 74381
     index = CatalogIndex(4)
     index.add(items, np.random.default_rng(0).standard_normal((len(items), 4)).astype(np.float32))
@@ -415,23 +416,23 @@ def test_build_index_never_replaces_what_it_did_not_make(tiny_root, engine_files
     shop.mkdir()
     Image.new("RGB", (40, 60), (200, 0, 0)).save(shop / "a.jpg")
     with pytest.raises(ArtifactError, match="left untouched"):
-        build_main(["--images", str(shop), "--output", str(shop)] + encoder)
+        build_main(["--data", str(shop), "--output", str(shop)] + encoder)
     assert (shop / "a.jpg").is_file()
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ArtifactError, match="is a file"):
-        build_main(["--images", str(shop), "--output", str(tmp_path / "a-file")] + encoder)
+        build_main(["--data", str(shop), "--output", str(tmp_path / "a-file")] + encoder)
     with pytest.raises(CatalogIndexError, match="--nlist 100"):
-        build_main(["--images", str(shop), "--output", str(tmp_path / "ivf"), "--kind", "ivf-sq8", "--nlist", "100"]
+        build_main(["--data", str(shop), "--output", str(tmp_path / "ivf"), "--kind", "ivf-sq8", "--nlist", "100"]
                    + encoder)
     # rebuilding an index replaces it; a catalog whose images are all unreadable leaves it as it was
     index = tmp_path / "index"
-    assert build_main(["--images", str(shop), "--output", str(index)] + encoder) == 0
-    assert build_main(["--images", str(shop), "--output", str(index)] + encoder) == 0
+    assert build_main(["--data", str(shop), "--output", str(index)] + encoder) == 0
+    assert build_main(["--data", str(shop), "--output", str(index)] + encoder) == 0
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="none of the 1 images"):
-        build_main(["--images", str(broken), "--output", str(index)] + encoder)
+        build_main(["--data", str(broken), "--output", str(index)] + encoder)
     assert CatalogIndex.load(index).ids() == ["a"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -456,19 +457,21 @@ def test_image_folder_catalog_skips_unreadable(tmp_path, tiny_root):
             Image.new("RGB", (50, 70), colour).save(folder / category / f"{i}.png")
     Image.new("RGB", (50, 70), (0, 200, 0)).save(folder / "loose.jpg")
     (folder / "shoes" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    items = folder_items(folder)
+    source = open_source(folder)
+    items = catalog_items(source)
     assert {i.categories for i in items} == {("hats",), ("shoes",), ()} and len(items) == 8
-    index, unreadable = build_index(create_model("cir-tiny"), items, tmp_path / "index", progress=False)
+    index, unreadable = build_index(create_model("cir-tiny"), source, items, tmp_path / "index", progress=False)
     assert [i.id for i in unreadable] == ["shoes/broken"] and len(index) == 7
     assert index.categories() == ["hats", "shoes"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        folder_items(tmp_path / "empty")
-    assert len(fashioniq_items(tiny_root, "dress", ["val", "test"])) == 24 + 12
+        open_source(tmp_path / "empty")
+    assert len(catalog_items(open_source(tiny_root, categories="dress"), ["val", "test"])) == 24 + 12
 
 
 def test_an_interrupted_build_resumes_without_encoding_again(tiny_root, tmp_path):
-    items = fashioniq_items(tiny_root)  # 72 images: 5 chunks of 16
+    source = open_source(tiny_root)
+    items = catalog_items(source, ["val"])  # 72 images: 5 chunks of 16
     encoder = create_model("cir-tiny")
     encode, encoded = encoder.encode_image, []
 
@@ -480,12 +483,13 @@ def test_an_interrupted_build_resumes_without_encoding_again(tiny_root, tmp_path
 
     encoder.encode_image = counting
     with pytest.raises(KeyboardInterrupt):
-        build_index(encoder, items, tmp_path / "index", batch_size=8, chunk=16, progress=False)
+        build_index(encoder, source, items, tmp_path / "index", batch_size=8, chunk=16, progress=False)
     assert not (tmp_path / "index").exists() and len(list((tmp_path / ".index.encoding").rglob("chunk-*.pt"))) == 2
     encoded.clear()
     encoder.encode_image = encode
-    resumed, _ = build_index(encoder, items, tmp_path / "index", batch_size=8, chunk=16, progress=False)
-    straight, _ = build_index(create_model("cir-tiny"), items, tmp_path / "straight", chunk=16, progress=False)
+    resumed, _ = build_index(encoder, source, items, tmp_path / "index", batch_size=8, chunk=16, progress=False)
+    straight, _ = build_index(create_model("cir-tiny"), source, items, tmp_path / "straight", chunk=16,
+                              progress=False)
     assert not (tmp_path / ".index.encoding").exists()
     assert resumed.ids() == straight.ids() == [item.id for item in items]
     np.testing.assert_allclose(resumed.feature(items[50].id), straight.feature(items[50].id), rtol=1e-4, atol=1e-5)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip4cir.data import CATEGORIES, SPLITS, GalleryDataset, TripletDataset, load_image_split, load_triplets
+from clip4cir.data import GalleryDataset, TripletDataset
+from clip4cir.sources.fashioniq import CATEGORIES, SPLITS, FashionIQ, load_image_split, load_triplets
 from clip4cir.synthetic import ATTRIBUTES, SIZES, SPECIFIC, Item, make_synthetic_fashioniq, render
 
 
@@ -27,8 +28,8 @@ def test_layout_and_counts(tiny_root):
             assert len(load_triplets(tiny_root, category, split)) == n_triplets
             assert len(load_image_split(tiny_root, category, split)) == n_images
     # the standard loaders read it like the real data set, images included
-    assert len(TripletDataset(tiny_root, "val")) == sum(SIZES["tiny"][c]["val"][0] for c in CATEGORIES)
-    assert len(GalleryDataset(tiny_root, "test")) > 0
+    assert len(TripletDataset(FashionIQ(tiny_root), "val")) == sum(SIZES["tiny"][c]["val"][0] for c in CATEGORIES)
+    assert len(GalleryDataset(FashionIQ(tiny_root), "test")) > 0
     assert all(len(p.stem) == 10 and p.stem.startswith("B0") for p in (tiny_root / "images").iterdir())
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from clip4cir.checkpointing import RunDir, read_metrics
-from clip4cir.data import DataError, TripletDataset
+from clip4cir.data import TripletDataset
+from clip4cir.errors import DataError
+from clip4cir.sources.fashioniq import FashionIQ
 from clip4cir.encoder_file import load_encoder
 from clip4cir.errors import ModelError, NonFiniteError
 from clip4cir.factory import create_model
@@ -34,7 +36,7 @@ def same_weights(a, b):
 
 
 def fixed_batch(root, encoder, n=8):
-    ds = TripletDataset(root, "train", transform=encoder.transform)
+    ds = TripletDataset(FashionIQ(root), "train", transform=encoder.transform)
     items = [ds[i] for i in range(n)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("reference", "target")}
     return batch, [it["caption"] for it in items]
@@ -208,7 +210,7 @@ def test_every_image_the_run_reads_is_checked_before_the_first_step(tiny_root, t
     val_only = json.loads((root / "image_splits" / "split.toptee.val.json").read_text())[-1]  # a gallery image
     (root / "images" / f"{val_only}.jpg").unlink()
     started = time.perf_counter()
-    with pytest.raises(DataError, match=f"val split images.*{val_only}"):
+    with pytest.raises(DataError, match=f"val gallery images: 1 of 24 miss images.*{val_only}"):
         train_main(["--data", str(root), "--output", str(tmp_path / "out")] + BASE)
     assert not (tmp_path / "out").exists()
     assert time.perf_counter() - started < 30  # not after an epoch: nothing was loaded or trained
@@ -306,7 +308,7 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_root):
 def test_an_unreadable_image_in_a_worker_is_one_clear_line(tiny_root, tmp_path):
     root = tmp_path / "fiq"
     shutil.copytree(tiny_root, root)
-    reference = TripletDataset(root, "train").triplets[0].reference
+    reference = TripletDataset(FashionIQ(root), "train").triplets[0].reference
     (root / "images" / f"{reference}.jpg").write_bytes(b"\xff\xd8\xff truncated")
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_clip.py"), "--data", str(root),
                              "--output", str(tmp_path / "out"), "--model", "cir-tiny", "--batch-size", "8",

@@ -1,0 +1,175 @@
+"""The one interface every data set implements: its splits and categories, the triplets of a split (reference,
+target, captions), the gallery of a split, its images, and how it is evaluated. Training, evaluation, index
+building and the app use only this, never a data set's name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from ..errors import DataError
+from ..fingerprints import contents, digest, file_stats
+from ..images import IMAGE_EXTENSIONS, load_image
+
+SHOWN = 5  # how many ids an error message lists
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """A reference image, the target image (None on a test split), the modification caption(s); the category
+    when the data set has them; CIRR's pair id and the image subset its Recall_subset ranks within."""
+
+    reference: str
+    target: str | None
+    captions: tuple[str, ...]
+    category: str | None = None
+    pair_id: str | None = None
+    subset: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a data set is evaluated (see clip4cir.evaluation): Recall@K over a gallery of the split (per category
+    and averaged, or one gallery), with the reference left out of its own ranking or not, Recall_subset@K within
+    each query's subset, and the headline score (what --save-best maximises)."""
+
+    name: str
+    ks: tuple[int, ...]
+    per_category: bool
+    remove_reference: bool
+    subset_ks: tuple[int, ...] = ()
+    score: tuple[str, ...] = ("R@10", "R@50")  # the headline is the mean of these of the "average" metrics
+    val_split: str = "val"
+    test_split: str = "test"
+
+
+FASHIONIQ_PROTOCOL = Protocol("fashioniq", (10, 50), per_category=True, remove_reference=False)
+CIRR_PROTOCOL = Protocol("cirr", (1, 5, 10, 50), per_category=False, remove_reference=True, subset_ks=(1, 2, 3),
+                         score=("R@5", "Rs@1"), test_split="test1")
+
+
+def read_json_file(path: Path):
+    if not path.is_file():
+        raise DataError(f"missing annotation file {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"malformed JSON in {path}: {e}") from e
+
+
+def missing_message(what: str, n_missing: int, total: int, ids: Sequence[str], where: str) -> str:
+    """A readable account of missing images: how many of what, where, and the first few missing ids."""
+    shown = ", ".join(ids[:SHOWN]) + (", ..." if len(ids) > SHOWN else "")
+    return (f"{what}: {n_missing:,} of {total:,} miss images in {where} ({len(ids):,} image ids, first: "
+            f"{shown}); pass skip_missing=True to drop them")
+
+
+class Source(ABC):
+    """A data set of composed-retrieval triplets and the images they refer to (or a plain catalog of images)."""
+
+    kind: str = ""
+    protocol: Protocol = FASHIONIQ_PROTOCOL
+
+    @abstractmethod
+    def splits(self) -> tuple[str, ...]:
+        """The split names, training first."""
+
+    def categories(self) -> list[str]:
+        """The category names (empty when the data set has none)."""
+        return []
+
+    def triplets(self, split: str) -> list[Triplet]:
+        """The triplets of a split, validated (a plain catalog has none)."""
+        return []
+
+    @abstractmethod
+    def gallery(self, split: str) -> dict[str, tuple[str, ...]]:
+        """The images of a split, each with its categories."""
+
+    @abstractmethod
+    def path(self, image_id: str) -> str:
+        """Where an image is: a file path, or a reference the source reads (e.g. a row of a Hub data set)."""
+
+    @abstractmethod
+    def has_image(self, image_id: str) -> bool:
+        """Whether the image of an id can be found (without decoding it)."""
+
+    def load_image(self, image_id: str) -> Image.Image:
+        """The image of an id as RGB; DataError naming it when it is missing or cannot be read."""
+        if not self.has_image(image_id):
+            raise DataError(f"no image for id {image_id!r} in {self.describe()}")
+        return load_image(self.path(image_id))
+
+    @abstractmethod
+    def annotation_files(self, split: str) -> list[Path]:
+        """The files a split's triplets and gallery are read from (their contents are fingerprinted)."""
+
+    @abstractmethod
+    def record(self) -> dict:
+        """How to open this source again (``clip4cir.sources.open_source(**record)``)."""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.record().get('data', '')}"
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits():
+            raise DataError(f"unknown split {split!r} of {self.describe()}; it has {', '.join(self.splits())}")
+
+    def fingerprint(self, split: str, image_ids: Sequence[str] | None = None) -> str:
+        """What a split was read from: the annotation files' contents and the images' files (path, size,
+        modification time); ``image_ids`` narrows the images to those used."""
+        ids = image_ids if image_ids is not None else sorted(self.gallery(split))
+        return digest(self.record(), split, contents(self.annotation_files(split)),
+                      file_stats(self.path(i) for i in ids if self.has_image(i)), len(ids))
+
+
+def local_path(spec: str | os.PathLike) -> Path:
+    return Path(spec).expanduser()
+
+
+@dataclass
+class ImageFolder:
+    """The image files under a folder, found by their path relative to it, with or without extension."""
+
+    root: Path
+    files: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.root.is_dir():
+            raise DataError(f"missing image folder {self.root}")
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            relative = path.relative_to(self.root).as_posix()
+            self.files.setdefault(relative, relative)
+            stem = relative.rsplit(".", 1)[0]
+            old = self.files.get(stem)
+            if old is None or IMAGE_EXTENSIONS.index(path.suffix.lower()) < \
+                    IMAGE_EXTENSIONS.index(Path(old).suffix.lower()):
+                self.files[stem] = relative
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.files
+
+    def path(self, image_id: str) -> str:
+        name = self.files.get(image_id)
+        if name is None:
+            raise DataError(f"no image for id {image_id!r} in {self.root}")
+        return str(self.root / name)
+
+
+class FileSource(Source):
+    """A source whose images are files in one folder tree (``self.images``)."""
+
+    images: ImageFolder
+
+    def path(self, image_id: str) -> str:
+        return self.images.path(image_id)
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id in self.images
