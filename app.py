@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Sequence
 
-from clip4cir.service import Options, load_engine
+from clip4cir.service import Options, cache_root, load_engine
 from clip4cir.ui import serve
 
 
@@ -41,14 +41,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    options = Options(index=args.index, clip_checkpoint=args.clip_checkpoint, combiner=args.combiner,
+                      model=args.model, pretrained=args.pretrained, data=args.data, dataset=args.dataset,
+                      device=args.device)
     try:
-        engine = load_engine(Options(index=args.index, clip_checkpoint=args.clip_checkpoint, combiner=args.combiner,
-                                     model=args.model, pretrained=args.pretrained, data=args.data,
-                                     dataset=args.dataset, device=args.device))
+        engine = load_engine(options)
     except ValueError as e:  # bad paths, models, indexes: one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = serve(engine, args.host, args.port, args.share)
+    app = serve(engine, cache_root(options), args.host, args.port, args.share)
     if args.share and not app.share_url:
         print("could not create a Gradio share link (no connection to the share server?); "
               f"the app keeps running locally at {app.local_url}", file=sys.stderr)

@@ -182,27 +182,28 @@ def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http:
         timed(lambda: queries["composed_gallery_ref"](next(counter) % repeats), repeats))
     encoder.trim_context = True
     if http:
-        out["http"] = _bench_http(engine, ids, paths, captions, repeats)
+        out["http"] = _bench_http(engine, root / "app-cache", ids, paths, captions, repeats)
     return out
 
 
-def _bench_http(engine: SearchEngine, ids, paths, captions, repeats: int) -> dict:
+def _bench_http(engine: SearchEngine, cache: Path, ids, paths, captions, repeats: int) -> dict:
+    """The same queries through the app's named API, as a ``gradio_client`` user calls it (results come back as
+    records with thumbnail links; no image is downloaded)."""
     from gradio_client import Client, handle_file
 
-    from .ui import build_app
-    ui = build_app(engine)
-    ui.queue(default_concurrency_limit=4)
+    from .ui import serve
     port = _free_port()
-    ui.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    ui = serve(engine, cache, port=port, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         calls = {
-            "composed_gallery_ref": lambda i: client.predict(None, captions[i % 3], "all", 10, "Combiner", ids[i], "",
+            "composed_gallery_ref": lambda i: client.predict(caption=captions[i % 3], reference_id=ids[i], k=10,
                                                              api_name="/composed_search"),
-            "composed_upload": lambda i: client.predict(handle_file(paths[i % len(paths)]), captions[i % 3], "all",
-                                                        10, "Combiner", "", "", api_name="/composed_search"),
-            "image": lambda i: client.predict(handle_file(paths[i % len(paths)]), "all", 10, api_name="/image_search"),
-            "text": lambda i: client.predict(captions[i % 3], "all", 10, api_name="/text_search"),
+            "composed_upload": lambda i: client.predict(caption=captions[i % 3], image=handle_file(paths[i % len(
+                paths)]), k=10, api_name="/composed_search"),
+            "image": lambda i: client.predict(image=handle_file(paths[i % len(paths)]), k=10,
+                                              api_name="/image_search"),
+            "text": lambda i: client.predict(caption=captions[i % 3], k=10, api_name="/text_search"),
         }
         out = {}
         for name, call in calls.items():

@@ -129,6 +129,27 @@ class CatalogIndex:
                     break
         return out
 
+    def sample(self, n: int, category: str | None = None, seed: int = 0) -> list[str]:
+        """``n`` live item ids drawn at random (of one category), in a seed's order: a page of the catalog to
+        browse. The same seed gives the same page."""
+        rows = self.members(category) if category else np.flatnonzero(~np.asarray(self.table.deleted))
+        picked = np.random.default_rng(seed).permutation(len(rows))[:n]
+        return [self.table.ids[r].decode("utf-8") for r in rows[picked]]
+
+    def find_ids(self, prefix: str, limit: int = 24) -> list[str]:
+        """Live item ids that start with ``prefix`` (case as typed), in order: a lookup by id."""
+        ids, rows = self.table.sorted_ids()
+        key = prefix.encode("utf-8")
+        start = int(np.searchsorted(ids, np.array(key, dtype=ids.dtype), "left")) if key else 0
+        out = []
+        for i in range(start, len(ids)):
+            value = bytes(ids[i])
+            if not value.startswith(key) or len(out) >= limit:
+                break
+            if not self.table.deleted[rows[i]]:
+                out.append(value.decode("utf-8"))
+        return out
+
     def __contains__(self, item_id: str) -> bool:
         return self.table.row(item_id) is not None
 

@@ -115,7 +115,8 @@ class ItemTable:
     def live(self) -> int:
         return int(len(self.deleted) - self.deleted.sum())
 
-    def _sorted_ids(self) -> tuple[np.ndarray, np.ndarray]:
+    def sorted_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids in sorted order and their rows (for lookups by id or prefix)."""
         if self._sorted is None:
             order = np.argsort(self.ids, kind="stable")
             self._sorted = (self.ids[order], order)
@@ -123,7 +124,7 @@ class ItemTable:
 
     def row(self, item_id: str) -> int | None:
         """The live row of an id, or None."""
-        ids, rows = self._sorted_ids()
+        ids, rows = self.sorted_ids()
         key = np.array(item_id.encode("utf-8"), dtype=ids.dtype)
         if key.tobytes().rstrip(b"\0") != item_id.encode("utf-8"):  # longer than every stored id
             return None
@@ -159,7 +160,7 @@ class ItemTable:
 
     def save(self, folder: Path) -> dict:
         np.save(folder / "ids.npy", self.ids)
-        ids, rows = self._sorted_ids()
+        ids, rows = self.sorted_ids()
         np.save(folder / "ids.sorted.npy", ids)
         np.save(folder / "ids.sorted-rows.npy", rows)
         self.paths.save(folder, "paths")

@@ -90,6 +90,8 @@ class SearchEngine:
             return check_finite(self.encoder.encode_image(x)[0].float().cpu(), "image features")
 
     def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
+        if not self.encoder.has_text:
+            raise SearchError(f"the encoder {self.encoder.describe()} reads images only: use image search")
         caption = (caption or "").strip()
         if not caption:
             raise SearchError("the caption is empty")
@@ -99,22 +101,33 @@ class SearchEngine:
         with torch.inference_mode():
             return check_finite(self.encoder.encode_text([caption])[0].float().cpu(), "caption features")
 
-    def _category(self, category: str | None, image_feature: torch.Tensor | None, notes: list[str]) -> str | None:
+    def _category(self, category: str | None, query: torch.Tensor, notes: list[str]) -> str | None:
+        """The category to search within: none for "all", the given one, or for "auto" the one the index's
+        probe predicts from the query feature (the composed query, the image, or the description)."""
         if category in (None, "", "all"):
             return None
         if category == "auto":
-            if image_feature is None:
-                raise SearchError("category 'auto' predicts from the query image; text search has none")
             if self.index.probe is None:
                 notes.append("this catalog has no categories to predict; searched all")
                 return None
-            predicted = predict_category(self.index.probe, image_feature.numpy())[0]
+            predicted = predict_category(self.index.probe, query.numpy())[0]
             notes.append(f"predicted category: {predicted}")
             return predicted
         if category not in self.index.categories():
             raise SearchError(f"unknown category {category!r}; this catalog has "
                               f"{', '.join(self.index.categories()) or 'none'}")
         return category
+
+    def _reference(self, image, reference_id: str | None) -> torch.Tensor:
+        """The reference feature: a catalog item's stored one (no re-encoding), or the image's."""
+        if reference_id:
+            try:
+                return torch.from_numpy(self.index.feature(reference_id))
+            except ValueError as e:
+                raise SearchError(str(e)) from e
+        if image is not None:
+            return self._image_feature(image)
+        raise SearchError("no reference: give an image or the id of a catalog item")
 
     def _search(self, query: torch.Tensor, k: int, category: str | None, notes: list[str], started: float,
                 exclude: str | None = None) -> SearchResult:
@@ -127,8 +140,10 @@ class SearchEngine:
         return SearchResult(hits[:k], notes, category, time.perf_counter() - started)
 
     def _check_k(self, k: int) -> None:
-        if not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise SearchError(f"k must be a whole number from 1 to {MAX_K:,}, got {k!r}")
+        """k is a whole number from 1 to 10,000 (or the catalog's size, if smaller): never truncated or clamped."""
+        largest = min(MAX_K, len(self.index))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= largest:
+            raise SearchError(f"k must be a whole number from 1 to {largest:,} (the number of results), got {k!r}")
 
     # ---- queries --------------------------------------------------------------------------------------------
     def composed_search(self, caption: str, image: Image.Image | str | os.PathLike | None = None,
@@ -145,36 +160,29 @@ class SearchEngine:
         if (caption or "").strip() == "":
             raise SearchError("the caption is empty: say how the wanted item differs "
                               "(for similar items without a change, use image search)")
-        if reference_id is not None:
-            try:
-                reference = torch.from_numpy(self.index.feature(reference_id))
-            except ValueError as e:
-                raise SearchError(str(e)) from e
-        elif image is not None:
-            reference = self._image_feature(image)
-        else:
-            raise SearchError("no reference: give an image or the id of a catalog item")
+        reference = self._reference(image, reference_id)
         text = self._text_feature(caption, notes)
-        category = self._category(category, reference, notes)
         combine = self.combiner.combine if mode == "combiner" else combine_sum
         with torch.inference_mode():
             query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
-        return self._search(query.float().cpu(), k, category, notes, started, exclude=reference_id)
+        query = query.float().cpu()
+        return self._search(query, k, self._category(category, query, notes), notes, started, exclude=reference_id)
 
-    def image_search(self, image: Image.Image | str | os.PathLike | None, k: int = 10,
-                     category: str | None = None) -> SearchResult:
-        """Items that look like the image."""
+    def image_search(self, image: Image.Image | str | os.PathLike | None = None, k: int = 10,
+                     category: str | None = None, reference_id: str | None = None) -> SearchResult:
+        """Items that look like the image, or like a catalog item ("more like this", the item left out)."""
         started, notes = time.perf_counter(), []
         self._check_k(k)
-        feature = self._image_feature(image)
-        return self._search(feature, k, self._category(category, feature, notes), notes, started)
+        feature = self._reference(image, reference_id)
+        return self._search(feature, k, self._category(category, feature, notes), notes, started,
+                            exclude=reference_id)
 
     def text_search(self, caption: str, k: int = 10, category: str | None = None) -> SearchResult:
         """Items the description fits."""
         started, notes = time.perf_counter(), []
         self._check_k(k)
         feature = self._text_feature(caption, notes)
-        return self._search(feature, k, self._category(category, None, notes), notes, started)
+        return self._search(feature, k, self._category(category, feature, notes), notes, started)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mode = args.mode or ("combiner" if engine.combiner is not None else "sum")
         result = engine.composed_search(args.caption, args.image, args.ref_id, args.k, args.category, mode)
     elif args.image or args.ref_id:
-        image = args.image or engine.index.item(args.ref_id).path
-        result = engine.image_search(image, args.k, args.category)
+        result = engine.image_search(args.image, args.k, args.category, args.ref_id)
     elif args.caption is not None:
         result = engine.text_search(args.caption, args.k, args.category)
     else:

@@ -3,6 +3,7 @@ folder to index at start, or nothing at all (the offline demo: the synthetic `de
 shipped in ``demo/``). Paths may be ``hf://OWNER/REPO/PATH`` (a file or folder in a Hugging Face model repo)."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,12 @@ from .errors import ModelError
 from .factory import load_model
 from .fingerprints import digest
 from .fusion import load_combiner
+from .images import load_image
 from .index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
 from .search import SearchEngine
 from .sources import open_source, reopen
 from .synthetic import make_synthetic_fashioniq
+from .thumbnails import Thumbnails
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 DEMO_SEED = 0  # scripts/make_demo_model.py trains on the catalog of this seed
@@ -122,26 +125,42 @@ def image_folders(index: CatalogIndex) -> list[str]:
     return index.source["folders"]
 
 
-def examples(index: CatalogIndex, n: int = 4) -> list[dict]:
-    """A few validation queries of the data set the index was built from whose reference and target are indexed,
-    taking the categories in turn."""
+def annotated_captions(index: CatalogIndex, per_item: int = 5) -> dict[str, list[tuple[str, str]]]:
+    """The data set's own captions for the indexed references, with their targets: one-click suggestions in
+    the app (the known target is marked in the results). Empty when the index was not built from triplets."""
     record = index.source.get("data")
     if not record:
-        return []
+        return {}
     try:
         source = reopen(record)
-        triplets = source.triplets(source.protocol.val_split)
-    except ValueError:  # the data set moved, or has no triplets: no examples
-        return []
-    by_category: dict = {}
-    for t in triplets:
-        if t.reference in index and t.target in index:
-            by_category.setdefault(t.category, []).append(t)
-    out = []
-    for i in range(max(map(len, by_category.values()), default=0)):
-        for group in by_category.values():
-            if i < len(group) and len(out) < n:
-                t = group[i]
-                out.append({"reference_id": t.reference, "reference_path": index.item(t.reference).path,
-                            "caption": eval_caption(t.captions), "target_id": t.target, "category": t.category})
+        splits = source.splits()
+    except ValueError:  # the data set has moved: no suggestions
+        return {}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for split in splits:
+        try:
+            triplets = source.triplets(split)
+        except ValueError:  # e.g. CIRR's train captions, not downloaded
+            continue
+        for t in triplets:
+            if t.target is not None and t.reference in index and t.target in index:
+                captions = out.setdefault(t.reference, [])
+                if len(captions) < per_item and all(c != eval_caption(t.captions) for c, _ in captions):
+                    captions.append((eval_caption(t.captions), t.target))
     return out
+
+
+def thumbnails_for(index: CatalogIndex, cache: Path) -> Thumbnails:
+    """Thumbnails of the index's items, cached under the catalog's fingerprint (a changed image gets a new one);
+    images that are not files are read through the data set they came from."""
+    data_set = functools.cache(lambda: reopen(index.source["data"]))  # opened when an image is not a file
+
+    def open_image(item_id: str):
+        path = index.item(item_id).path
+        return load_image(path) if os.path.isfile(path) else data_set().load_image(item_id)
+
+    def original(item_id: str) -> str | None:
+        path = index.item(item_id).path
+        return path if os.path.isfile(path) else None
+
+    return Thumbnails(cache / "thumbnails" / str(index.source.get("fingerprint", "catalog")), open_image, original)

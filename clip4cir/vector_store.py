@@ -246,7 +246,9 @@ class FaissStore:
                 faiss.extract_index_ivf(index).nprobe = effort or self.nprobe
                 _, candidates = index.search(queries, depth)
         else:
-            _, candidates = index.search(queries, depth, params=params)
+            # faiss.contrib.torch_utils (which pytorch-metric-learning imports) replaces Index.search with a
+            # version that drops params, keeping FAISS's own as search_numpy
+            _, candidates = getattr(index, "search_numpy", index.search)(queries, depth, params=params)
         return self._rerank(queries, candidates, k)
 
     def _knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import axe_playwright_python
 import pytest
 from PIL import Image
 
@@ -22,7 +23,8 @@ from clip4cir.factory import create_model, load_model  # noqa: E402
 from clip4cir.fusion import Combiner  # noqa: E402
 from clip4cir.search import SearchEngine  # noqa: E402
 from clip4cir.sources import open_source  # noqa: E402
-from clip4cir.ui import serve  # noqa: E402
+from clip4cir.service import thumbnails_for  # noqa: E402
+from clip4cir.ui import ALL, App, plain, serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -55,7 +57,7 @@ def served(outside_catalog, tmp_path_factory):
                            progress=False)
     engine = SearchEngine(index, encoder, Combiner(encoder.dim))
     port = free_port()
-    ui = serve(engine, port=port, quiet=True)
+    ui = serve(engine, outside_catalog.parent / "cache", port=port, quiet=True)
     yield engine, f"http://127.0.0.1:{port}/"
     ui.close()
 
@@ -65,29 +67,38 @@ def client(served):
     return Client(served[1], verbose=False)
 
 
-def ids_of(gallery_value):
-    return [item["caption"].split(" · ")[-3].replace("★ TARGET", "").strip() for item in gallery_value]
-
-
-def test_three_endpoints(served, client, outside_catalog):
-    engine, _ = served
+def test_one_endpoint_per_action_with_named_parameters(served, client, outside_catalog):
+    engine, url = served
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(endpoints) == {"/composed_search", "/image_search", "/text_search"}
+    parameters = {p["parameter_name"]: p["parameter_has_default"] for p in endpoints["/composed_search"]["parameters"]}
+    assert parameters == {"caption": False, "image": True, "reference_id": True, "category": True, "k": True,
+                          "mode": True}
     triplet = json.loads((outside_catalog / "captions" / "cap.shirt.val.json").read_text())[0]
     path = engine.index.item(triplet["candidate"]).path
-    items, info = client.predict(handle_file(path), "is blue", "shirt", 5, "Sum", "", "", api_name="/composed_search")
-    assert len(items) == 5 and "results in" in info
-    assert all(" · shirt · " in i["caption"] for i in items) and all(Path(i["image"]).is_file() for i in items)
-    expected = [h.id for h in engine.composed_search("is blue", image=path, k=5, category="shirt", mode="sum").hits]
-    assert ids_of(items) == expected
-    # by catalog id, with the known target marked when it is found
-    items, _ = client.predict(None, "is blue", "all", 50, "Combiner", triplet["candidate"], triplet["target"],
-                              api_name="/composed_search")
-    found = [i["caption"] for i in items if i["caption"].startswith("★ TARGET")]
-    assert len(items) == 50 and len(found) == (triplet["target"] in ids_of(items))
-    assert triplet["candidate"] not in ids_of(items)
-    items, info = client.predict(handle_file(path), "auto", 3, api_name="/image_search")
-    assert ids_of(items)[0] == triplet["candidate"] and "predicted category" in info
-    items, info = client.predict("a red dress", "dress", 4, api_name="/text_search")
-    assert len(items) == 4 and all(" · dress · " in i["caption"] for i in items)
+    found = client.predict(caption="is blue", image=handle_file(path), category="shirt", k=5, mode="sum",
+                           api_name="/composed_search")
+    expected = engine.composed_search("is blue", image=path, k=5, category="shirt", mode="sum")
+    assert [r["id"] for r in found["results"]] == [h.id for h in expected.hits]
+    assert [r["rank"] for r in found["results"]] == [1, 2, 3, 4, 5]
+    assert all(r["categories"] == ["shirt"] for r in found["results"]) and found["category"] == "shirt"
+    by_id = client.predict(caption="is blue", reference_id=triplet["candidate"], k=50, api_name="/composed_search")
+    assert len(by_id["results"]) == 50 and triplet["candidate"] not in [r["id"] for r in by_id["results"]]
+    similar = client.predict(reference_id=triplet["candidate"], k=3, api_name="/image_search")
+    assert triplet["candidate"] not in [r["id"] for r in similar["results"]]  # more like this: itself left out
+    uploaded = client.predict(image=handle_file(path), category="auto", k=3, api_name="/image_search")
+    assert uploaded["results"][0]["id"] == triplet["candidate"] and "predicted category" in uploaded["notes"][0]
+    text = client.predict(caption="a red dress", category="dress", k=4, api_name="/text_search")
+    assert len(text["results"]) == 4 and all(r["categories"] == ["dress"] for r in text["results"])
+    # results are data: thumbnails are fetched only when wanted, and they are small whole images
+    first = found["results"][0]
+    with urllib.request.urlopen(first["thumbnail_url"], timeout=30) as response:
+        thumbnail = Image.open(response)
+        thumbnail.load()
+    original = Image.open(engine.index.item(first["id"]).path)
+    assert max(thumbnail.size) <= 320
+    assert abs(thumbnail.width / thumbnail.height - original.width / original.height) < 0.03  # not cropped
+    assert http_status(first["image_url"]) == 200
 
 
 def test_catalog_images_are_served_and_nothing_else(served, outside_catalog):
@@ -99,96 +110,171 @@ def test_catalog_images_are_served_and_nothing_else(served, outside_catalog):
     assert http_status(f"{url}gradio_api/file=/etc/passwd") == 403
 
 
-def test_bad_inputs_give_messages_and_the_app_stays_up(served, client, tmp_path):
+def test_bad_queries_are_errors_with_their_reason(served, client, tmp_path):
     engine, _ = served
     some = engine.index.item(engine.index.ids(1)[0]).path
-    items, info = client.predict(handle_file(some), "", "all", 5, "Sum", "", "", api_name="/composed_search")
-    assert items == [] and "caption is empty" in info
-    items, info = client.predict(None, "is red", "all", 5, "Sum", "", "", api_name="/composed_search")
-    assert items == [] and "no reference" in info
-    items, info = client.predict(None, "all", 5, api_name="/image_search")
-    assert items == [] and "no image" in info
-    items, info = client.predict(" ".join(["very long caption words"] * 170), "all", 3, api_name="/text_search")
-    assert len(items) == 3 and "tokens" in info
+    cases = [
+        (dict(caption="", image=handle_file(some)), "caption is empty"),
+        (dict(caption="is red"), "no reference"),
+        (dict(caption="is red", reference_id="nope"), "'nope'"),
+        (dict(caption="is red", reference_id=engine.index.ids(1)[0], k=2.5), "whole number"),
+        (dict(caption="is red", reference_id=engine.index.ids(1)[0], k=0), "whole number"),
+        (dict(caption="is red", reference_id=engine.index.ids(1)[0], k=10_001), "from 1 to"),
+        (dict(caption="is red", reference_id=engine.index.ids(1)[0], category="hats"), "'hats'"),
+    ]
+    for arguments, reason in cases:
+        with pytest.raises(Exception, match=reason):
+            client.predict(**arguments, api_name="/composed_search")
+    with pytest.raises(Exception, match="no reference"):
+        client.predict(api_name="/image_search")
+    long = client.predict(caption=" ".join(["very long caption words"] * 170), k=3, api_name="/text_search")
+    assert len(long["results"]) == 3 and "tokens" in long["notes"][0]
     for mode in ("RGBA", "L", "CMYK", "P"):
         image = Image.new("RGB", (60, 90), (30, 60, 200)).convert(mode)
         path = tmp_path / f"q-{mode}.{'tiff' if mode == 'CMYK' else 'png'}"
         image.save(path)
-        items, info = client.predict(handle_file(str(path)), "all", 2, api_name="/image_search")
-        assert len(items) == 2, (mode, info)
+        assert len(client.predict(image=handle_file(str(path)), k=2, api_name="/image_search")["results"]) == 2
     huge = tmp_path / "huge.jpg"
     Image.new("RGB", (8000, 6000), (200, 30, 30)).save(huge, quality=50)  # a JPEG is decoded at a reduced size
-    items, _ = client.predict(handle_file(str(huge)), "is darker", "all", 3, "Sum", "", "", api_name="/composed_search")
-    assert len(items) == 3
+    assert len(client.predict(caption="is darker", image=handle_file(str(huge)), k=3, mode="sum",
+                              api_name="/composed_search")["results"]) == 3
     too_many_pixels = tmp_path / "poster.png"
     Image.new("RGB", (8000, 8000), (200, 30, 30)).save(too_many_pixels)  # 64 megapixels, a small file
-    items, info = client.predict(handle_file(str(too_many_pixels)), "all", 2, api_name="/image_search")
-    assert items == [] and "poster.png has more than 50 megapixels" in info
+    with pytest.raises(Exception, match="poster.png has more than 50 megapixels"):
+        client.predict(image=handle_file(str(too_many_pixels)), api_name="/image_search")
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("not an image")
-    items, info = client.predict(handle_file(str(not_image)), "all", 2, api_name="/image_search")
-    assert items == [] and "notes.jpg is not an image file" in info and "Could not preprocess" not in info
+    with pytest.raises(Exception, match="notes.jpg is not an image file"):
+        client.predict(image=handle_file(str(not_image)), api_name="/image_search")
     too_large = tmp_path / "large.png"
     too_large.write_bytes(os.urandom(21 * 2 ** 20))
     with pytest.raises(Exception, match="maximum file size"):
-        client.predict(handle_file(str(too_large)), "all", 2, api_name="/image_search")
-    items, _ = client.predict("red", "all", 2, api_name="/text_search")  # still up
-    assert len(items) == 2
+        client.predict(image=handle_file(str(too_large)), api_name="/image_search")
+    assert len(client.predict(caption="red", k=2, api_name="/text_search")["results"]) == 2  # still up
 
 
-def test_user_text_is_shown_as_typed_not_rendered(served, client):
+def test_user_text_is_shown_as_typed_not_rendered(served, outside_catalog):
     engine, _ = served
-    some = engine.index.item(engine.index.ids(1)[0]).path
-    _, info = client.predict(None, "is red", "all", 2, "Sum", "<img src=x onerror=alert(1)>", "",
-                             api_name="/composed_search")
+    app = App(engine, thumbnails_for(engine.index, outside_catalog.parent / "cache"))
+    _, info, *_ = app.guarded_composed(None, "is red", ALL, 2, "Simple sum", "<img src=x onerror=alert(1)>", "", [])
     assert "<img" not in info and "&lt;img src=x onerror=alert(1)&gt;" in info
-    _, info = client.predict(handle_file(some), "is red", "# big", 2, "Sum", "", "", api_name="/composed_search")
-    assert "\\# big" in info and "\n#" not in info
+    _, info, *_ = app.guarded_composed(None, "# big", "hats", 2, "Simple sum", engine.index.ids(1)[0], "", [])
+    assert "'hats'" in info
+    assert plain("# big *bold* <b>") == "\\# big \\*bold\\* &lt;b&gt;"
 
 
-def test_header_names_the_encoder_file_not_its_path(served):
+def test_about_names_the_encoder_file_not_its_path(served):
     engine, url = served
-    config = json.loads(urllib.request.urlopen(f"{url}config", timeout=30).read())
-    text = json.dumps(config)
-    assert "enc.safetensors" in text and str(engine.encoder.source["checkpoint"]) not in text
+    config = json.dumps(json.loads(urllib.request.urlopen(f"{url}config", timeout=30).read()))
+    assert "enc.safetensors" in config and str(engine.encoder.source["checkpoint"]) not in config
+
+
+VIEWPORTS = {"wide": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+
+
+def open_page(browser, url: str, viewport: dict):
+    page = browser.new_page(viewport=viewport)
+    page.goto(url)
+    page.wait_for_selector("#browse img", timeout=60_000)
+    return page
+
+
+def input_value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def wait_for_value(page, elem_id: str, test: str) -> None:
+    """Wait until a text field exists and its value passes ``test`` (JavaScript, e.g. ``=== 'x'``)."""
+    page.wait_for_function(f"(e => e !== null && e.value {test})(document.querySelector("
+                           f"'#{elem_id} textarea, #{elem_id} input'))", timeout=60_000)
+
+
+def results_check(page, gallery: str, viewport: dict) -> None:
+    """Results come into view without the user scrolling, and their thumbnails keep the items' proportions."""
+    try:
+        page.wait_for_selector(f"#{gallery} .grid-container img", timeout=30_000)
+        page.wait_for_function(f"(t => t >= 0 && t < {viewport['height']})(document.querySelector("
+                               f"'#{gallery} .grid-container').getBoundingClientRect().top)", timeout=5_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / f"failed-{gallery}-{viewport['width']}.png"))
+        raise
+    shapes = page.evaluate(f"""Array.from(document.querySelectorAll('#{gallery} .grid-container img')).map(i => [
+        i.naturalWidth / i.naturalHeight, getComputedStyle(i).objectFit, i.clientWidth / i.clientHeight])""")
+    assert shapes and all(fit == "contain" or abs(natural - shown) < 0.02 for natural, fit, shown in shapes)
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Chromium is not installed at {CHROMIUM} "
                     "(apt-get install -y chromium; .ci/run installs it)")
-def test_browser_composed_search_and_refine(served, tmp_path):
+@pytest.mark.parametrize("screen", list(VIEWPORTS))
+def test_browser_browse_search_refine_and_go_back(served, screen):
     from playwright.sync_api import sync_playwright
     engine, url = served
+    viewport = VIEWPORTS[screen]
     ARTIFACTS.mkdir(exist_ok=True)
-    upload = tmp_path / "upload.png"
-    Image.open(engine.index.item(engine.index.ids(1)[0]).path).save(upload)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1300})
-        page.goto(url)
-        page.wait_for_selector("#composed-search")
-        page.set_input_files("#reference input[type=file]", str(upload))
-        page.wait_for_selector("#reference img")
-        page.fill("#caption textarea", "is red with short sleeves")
+        page = open_page(browser, url, viewport)
+        page.locator("#browse .grid-container button").first.click()  # a reference from the catalog browser
+        wait_for_value(page, "reference-id", "!== ''")
+        first_reference = input_value(page, "reference-id")
+        suggestion = page.locator("#suggestions label").first
+        if suggestion.count():
+            suggestion.click()  # the data set's own caption for this item
+            wait_for_value(page, "caption", "!== ''")
+        else:
+            page.fill("#caption textarea", "is red with short sleeves")
         page.click("#composed-search")
-        page.wait_for_selector("#composed-results .grid-container img", timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "composed-search.png"), full_page=True)
-        assert page.locator("#composed-results .grid-container img").count() == 10
-        first = page.locator("#composed-results .grid-container button").first
-        clicked = first.inner_text()  # the caption: "id · category · score"
-        first.click()
-        page.wait_for_function("document.querySelector('#reference-id textarea, #reference-id input').value !== ''")
-        reference_id = page.locator("#reference-id textarea, #reference-id input").first.input_value()
-        assert reference_id and clicked.startswith(reference_id)
+        results_check(page, "results", viewport)
+        first_caption = input_value(page, "caption")
+        page.screenshot(path=str(ARTIFACTS / f"composed-{screen}.png"))
+        assert f"ref={first_reference}" in page.url
+        clicked = page.locator("#results .grid-container button").nth(1)
+        clicked_id = clicked.inner_text().split(". ", 1)[1].split(" · ")[0]
+        clicked.click()  # a result becomes the next reference
+        wait_for_value(page, "reference-id", f"=== '{clicked_id}'")
         page.fill("#caption textarea", "is darker")
-        page.click("#composed-search")
-        page.wait_for_function(
-            "document.querySelector('#composed-info')"
-            " && document.querySelector('#composed-info').innerText.includes('results')")
-        page.wait_for_timeout(500)
-        page.screenshot(path=str(ARTIFACTS / "composed-refined.png"), full_page=True)
-        captions = page.locator("#composed-results .grid-container").inner_text()
-        assert reference_id not in captions  # the new reference itself is left out of its results
+        page.press("#caption textarea", "Enter")
+        page.wait_for_function("window.location.search.includes('darker')")
+        # the new results: the new reference is left out of them, and it was among the old ones
+        page.wait_for_function(f"!document.querySelector('#results .grid-container').innerText.includes("
+                               f"'{clicked_id}')")
+        results_check(page, "results", viewport)
+        page.screenshot(path=str(ARTIFACTS / f"composed-refined-{screen}.png"))
+        page.go_back()  # the previous search, as it was
+        wait_for_value(page, "reference-id", f"=== '{first_reference}'")  # after the page reloads
+        results_check(page, "results", viewport)
+        assert input_value(page, "caption") == first_caption
+        page.click("#tab-image-button") if page.locator("#tab-image-button").count() else \
+            page.get_by_role("tab", name="Find similar").click()
+        page.fill("#image-id textarea, #image-id input", first_reference)
+        page.press("#image-id textarea, #image-id input", "Enter")
+        results_check(page, "image-results", viewport)
+        page.get_by_role("tab", name="Describe it").click()
+        page.fill("#text textarea", "a red dress")
+        page.press("#text textarea", "Enter")
+        results_check(page, "text-results", viewport)
+        page.screenshot(path=str(ARTIFACTS / f"text-{screen}.png"))
+        browser.close()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Chromium is not installed at {CHROMIUM}")
+def test_every_control_is_labelled_and_axe_finds_nothing_critical(served):
+    from playwright.sync_api import sync_playwright
+    axe = Path(axe_playwright_python.__file__).parent / "axe.min.js"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = open_page(browser, served[1], VIEWPORTS["wide"])
+        page.add_script_tag(path=str(axe))
+        report = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+        critical = [(v["id"], v["help"], len(v["nodes"])) for v in report["violations"] if v["impact"] == "critical"]
+        assert not critical, critical
+        unlabelled = page.evaluate("""Array.from(document.querySelectorAll(
+            'input:not([type=hidden]), textarea, select')).filter(e => e.offsetParent !== null
+            && !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby'))
+            .map(e => e.outerHTML.slice(0, 80))""")
+        assert not unlabelled, unlabelled
         browser.close()
 
 
@@ -220,27 +306,19 @@ def user_env(home: Path, port: int) -> dict:
             "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
-def search_each_kind(client: Client, url: str) -> None:
-    """A search of each kind through the API, and a result image fetched over HTTP as the browser would."""
-    items, info = client.predict("a blue dress", "dress", 5, api_name="/text_search")
-    assert len(items) == 5 and "results in" in info, info
-    reference = ids_of(items)[0]
-    items, info = client.predict(None, "is red", "auto", 5, "Combiner", reference, "", api_name="/composed_search")
-    assert len(items) == 5 and reference not in ids_of(items), info
-    upload = items[0]["image"]  # a result image, downloaded by the client
-    items, info = client.predict(handle_file(upload), "is darker", "all", 4, "Sum", "", "",
-                                 api_name="/composed_search")
-    assert len(items) == 4, info
-    items, info = client.predict(handle_file(upload), "all", 3, api_name="/image_search")
-    assert len(items) == 3, info
-    # the server-side URL of a result, fetched as the browser fetches it
-    raw = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}gradio_api/call/text_search", data=json.dumps({"data": ["a red shirt", "shirt", 2]}).encode(),
-        headers={"Content-Type": "application/json"}), timeout=30).read())
-    stream = urllib.request.urlopen(f"{url}gradio_api/call/text_search/{raw['event_id']}", timeout=60).read().decode()
-    data = json.loads(next(line[len("data: "):] for line in stream.splitlines() if line.startswith("data: [")))
-    image_url = data[0][0]["image"]["url"]
-    assert http_status(image_url) == 200
+def search_each_kind(client: Client) -> None:
+    """A search of each kind through the API, and a result's thumbnail and image fetched over HTTP as the
+    browser fetches them."""
+    text = client.predict(caption="a blue dress", category="dress", k=5, api_name="/text_search")
+    assert len(text["results"]) == 5, text
+    reference = text["results"][0]["id"]
+    composed = client.predict(caption="is red", reference_id=reference, category="auto", k=5,
+                              api_name="/composed_search")
+    assert len(composed["results"]) == 5 and reference not in [r["id"] for r in composed["results"]]
+    result = composed["results"][0]
+    assert http_status(result["thumbnail_url"]) == http_status(result["image_url"]) == 200
+    upload = client.predict(reference_id=reference, k=3, api_name="/image_search")
+    assert len(upload["results"]) == 3
 
 
 def test_a_new_machine_runs_the_readme_start_command(outside):
@@ -251,7 +329,7 @@ def test_a_new_machine_runs_the_readme_start_command(outside):
     env = user_env(outside, port)
     process, client = start_app([], env, port)
     try:
-        search_each_kind(client, f"http://127.0.0.1:{port}/")
+        search_each_kind(client)
         cache = outside / ".cache" / "clip4cir"
         assert (cache / "fiq-demo-seed0" / "manifest.json").is_file()
         index_dirs = list((cache / "indexes").iterdir())
@@ -262,8 +340,8 @@ def test_a_new_machine_runs_the_readme_start_command(outside):
         stop(process)
     process, client = start_app(["--share"], env, port)
     try:
-        items, _ = client.predict("a red shirt", "shirt", 3, api_name="/text_search")
-        assert len(items) == 3 and list((cache / "indexes").iterdir()) == index_dirs
+        found = client.predict(caption="a red shirt", category="shirt", k=3, api_name="/text_search")
+        assert len(found["results"]) == 3 and list((cache / "indexes").iterdir()) == index_dirs
     finally:
         output = stop(process)
     assert "could not create a Gradio share link" in output and "Traceback" not in output
@@ -276,7 +354,7 @@ def test_app_serves_a_data_folder_outside_the_working_and_temp_folders(outside, 
     process, client = start_app(["--data", str(data), "--clip-checkpoint", "demo/encoder.safetensors",
                                  "--combiner", "demo/combiner.safetensors"], user_env(outside, port), port)
     try:
-        search_each_kind(client, f"http://127.0.0.1:{port}/")
+        search_each_kind(client)
         assert http_status(f"http://127.0.0.1:{port}/gradio_api/file={data / 'captions' / 'cap.dress.val.json'}") \
             == 403
     finally:
