@@ -64,6 +64,15 @@ def run_params(args, world_size: int) -> dict:
     return {**params, "world_size": world_size}
 
 
+def open_run(args, world_size: int) -> tuple["RunDir", dict]:
+    """The run folder ``args.output`` and the run's parameters, checked before any work: a new run, or one that
+    ``--resume`` continues with the same parameters."""
+    run_dir = RunDir(args.output)
+    params = run_params(args, world_size)
+    run_dir.check_new_or_resumable(params, args.resume)
+    return run_dir, params
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a ``metrics.jsonl``; a last line cut short by a kill is left out with a warning, a
     malformed line elsewhere is a DataError naming the file and line."""
@@ -200,4 +209,4 @@ class RunDir:
                 os.replace(newer, aside)
                 warnings.warn(f"moved the incomplete checkpoint {newer.name} aside to {aside}")
             atomic_write_text(self.metrics_file, _metrics_text(self.log))
-        return {k: saved[k] for k in ("epoch", "step_in_epoch", "global_step", "best", "loss_sum")}
+        return {k: v for k, v in saved.items() if k not in ("optimizer", "scaler", "rng")}

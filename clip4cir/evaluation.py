@@ -169,6 +169,42 @@ def evaluate(encoder: CLIPEncoder, source: Source, split: str | None = None, com
                      source.protocol)
 
 
+BLEND_WEIGHTS = tuple(i / 10 for i in range(11))
+
+
+def blended(combined: Sequence[Ranking], summed: Sequence[Ranking], weight: float) -> list[Ranking]:
+    """The rankings of the queries weight · Combiner query + (1 − weight) · sum query, on the same galleries."""
+    out = []
+    for c, s in zip(combined, summed):
+        queries = weight * c.queries + (1 - weight) * s.queries
+        ranks = subsets = None
+        if c.ranks is not None:
+            index = {image_id: i for i, image_id in enumerate(c.gallery_ids)}
+            targets = torch.tensor([index[t.target] for t in c.triplets])
+            ranks = target_ranks(queries, c.gallery, targets, c.exclude)
+            if c.subset_ranks is not None:
+                subsets = subset_ranks(queries, c.gallery, targets, [[index[m] for m in t.subset if m != t.reference]
+                                                                     for t in c.triplets])
+        out.append(Ranking(c.name, c.gallery_ids, c.triplets, queries, c.gallery, c.exclude, ranks, subsets))
+    return out
+
+
+def choose_blend(encoder: CLIPEncoder, source: Source, combiner, split: str | None = None,
+                 weights: Sequence[float] = BLEND_WEIGHTS, **options) -> tuple[float, dict]:
+    """The blend weight of the Combiner's scores against the sum's that scores best on ``split`` (the source's
+    validation split), and the metrics there: the galleries and captions are encoded once for all weights."""
+    split = split or source.protocol.val_split
+    galleries = {name: gallery_features(encoder, source, split, name, options.get("cache_dir"),
+                                        options.get("batch_size", 64), options.get("workers", 0),
+                                        options.get("progress", True))
+                 for name in (source.categories() if source.protocol.per_category else [None])}
+    combined = rankings_of(encoder, source, split, lambda i, t: combiner.combine(i, t, blend=1.0), galleries=galleries)
+    summed = rankings_of(encoder, source, split, combine_sum, galleries=galleries)
+    scored = [(summarize(blended(combined, summed, w), source.protocol), w) for w in weights]
+    metrics, weight = max(scored, key=lambda mw: (mw[0]["score"], mw[1]))
+    return weight, metrics
+
+
 def query_records(ranking: Ranking, k: int = 10) -> list[dict]:
     """Per-query results for inspection: reference, captions, target, the target's rank, the top-k ids."""
     _, top = top_k(ranking.queries, ranking.gallery, k, ranking.exclude)

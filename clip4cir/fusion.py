@@ -3,8 +3,9 @@ network (stage two), with the reference's module names so CLIP4Cir's ``combiner.
 
 The Combiner's file (``.safetensors``): its state dict, with metadata ``format`` = ``clip4cir.combiner``,
 ``version``, ``feature_dim``, ``projection_dim``, ``hidden_dim``, ``encoder`` (JSON: the fingerprint and source of
-the CLIP encoder whose features it was trained on), ``data`` (JSON: what it was trained on) and ``info`` (JSON:
-epoch, metrics). Loading it for an encoder checks the fingerprint: features of another encoder are refused.
+the CLIP encoder whose features it was trained on), ``data`` (JSON: what it was trained on), ``blend`` (the weight
+of its scores against the sum's, chosen on validation; 1 when not blended) and ``info`` (JSON: epoch, metrics).
+Loading it for an encoder checks the fingerprint: features of another encoder are refused.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Combiner(nn.Module):
         self.logit_scale = 100
         self.trained_on: dict = {}  # the record of the encoder whose features it was trained on (when known)
         self.path: str | None = None  # the file it was loaded from
+        self.blend = 1.0  # the weight of the Combiner's query against the sum's (1: the Combiner alone)
 
     def check_fits(self, encoder: CLIPEncoder) -> None:
         """ModelError, naming both files, unless this Combiner was trained on ``encoder``'s features (a Combiner
@@ -99,11 +101,17 @@ class Combiner(nn.Module):
         return self.logit_scale * query @ F.normalize(target_features, dim=-1).T
 
     @torch.inference_mode()
-    def combine(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def combine(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                blend: float | None = None) -> torch.Tensor:
         """The evaluation-mode combining function (never dropout, whatever the mode, and without switching it:
-        safe while other threads use the module), with the signature of ``combine_sum``."""
+        safe while other threads use the module), with the signature of ``combine_sum``. With a blend weight w
+        below 1 (its own, or ``blend``) the query is w · its query + (1 − w) · the sum's: ranking by it ranks
+        by the same blend of the two scores."""
         device = next(self.parameters()).device
-        return self._fuse(image_features.to(device).float(), text_features.to(device).float(), dropout=False)
+        image_features, text_features = image_features.to(device).float(), text_features.to(device).float()
+        query = self._fuse(image_features, text_features, dropout=False)
+        weight = self.blend if blend is None else blend
+        return query if weight == 1 else weight * query + (1 - weight) * combine_sum(image_features, text_features)
 
 
 def save_combiner(combiner: Combiner, path: str | os.PathLike, encoder: dict | None = None,
@@ -112,7 +120,8 @@ def save_combiner(combiner: Combiner, path: str | os.PathLike, encoder: dict | N
     tensors = {k: v.detach().cpu().contiguous() for k, v in combiner.state_dict().items()}
     metadata = {"format": COMBINER_FORMAT, "version": COMBINER_VERSION, "feature_dim": str(combiner.feature_dim),
                 "projection_dim": str(combiner.projection_dim), "hidden_dim": str(combiner.hidden_dim),
-                "encoder": json.dumps(encoder or {}), "data": json.dumps(data or {}), "info": json.dumps(info or {})}
+                "blend": str(combiner.blend), "encoder": json.dumps(encoder or {}), "data": json.dumps(data or {}),
+                "info": json.dumps(info or {})}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -126,7 +135,8 @@ def _read_combiner(path: Path) -> tuple[dict, dict]:
             raise ModelError(f"cannot read combiner file {path}: {e}") from e
         if meta.get("format") != COMBINER_FORMAT:
             raise ModelError(f"{path} is not a clip4cir combiner file (metadata 'format' is {meta.get('format')!r})")
-        return state_dict, {k: json.loads(meta.get(k, "{}")) for k in ("encoder", "data", "info")}
+        return state_dict, {**{k: json.loads(meta.get(k, "{}")) for k in ("encoder", "data", "info")},
+                            "blend": float(meta.get("blend", 1))}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -134,7 +144,8 @@ def _read_combiner(path: Path) -> tuple[dict, dict]:
     state_dict = obj.get("Combiner", obj) if isinstance(obj, dict) else None
     if not isinstance(state_dict, dict) or "text_projection_layer.weight" not in state_dict:
         raise ModelError(f"{path} is not a Combiner checkpoint (expected CLIP4Cir's 'Combiner' state dict)")
-    return state_dict, {"encoder": {}, "data": {}, "info": {"epoch": obj.get("epoch")} if "epoch" in obj else {}}
+    return state_dict, {"encoder": {}, "data": {}, "blend": 1.0,
+                        "info": {"epoch": obj.get("epoch")} if "epoch" in obj else {}}
 
 
 def load_combiner(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -153,7 +164,7 @@ def load_combiner(path: str | os.PathLike, device: str | torch.device = "cpu",
         combiner.load_state_dict(state_dict)
     except RuntimeError as e:
         raise ModelError(f"{path}: weights do not fit a Combiner: {e}") from e
-    combiner.trained_on, combiner.path = meta["encoder"], str(path)
+    combiner.trained_on, combiner.path, combiner.blend = meta["encoder"], str(path), meta["blend"]
     if encoder is not None:
         combiner.check_fits(encoder)
     return combiner.to(device).eval(), meta

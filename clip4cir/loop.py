@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -19,23 +19,41 @@ class EpochSampler(Sampler[int]):
     """The distributed sampler of both stages: a seeded permutation per epoch (the same on every run, resume and
     world size), cut into global batches of ``batch_size × world_size``; each rank takes its slice of each global
     batch, so N ranks at batch b see exactly the batches one process sees at batch N·b. Batches already done in
-    an interrupted epoch can be skipped."""
+    an interrupted epoch can be skipped. With ``groups`` (a label per sample, e.g. its category), every batch
+    holds one group's samples, so the in-batch negatives are of the same kind: harder than a random batch's."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 groups: Sequence | None = None):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.epoch, self.skip_batches = 0, 0
+        self.groups = None
+        if groups is not None:
+            labels = {g: i for i, g in enumerate(sorted(set(groups), key=str))}
+            self.groups = torch.tensor([labels[g] for g in groups])
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def batches_per_epoch(self) -> int:
-        return self.n // (self.batch_size * self.world_size)
+        global_batch = self.batch_size * self.world_size
+        if self.groups is None:
+            return self.n // global_batch
+        return int(sum(int(c) // global_batch for c in torch.bincount(self.groups)))
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         global_batch = self.batch_size * self.world_size
-        order = torch.randperm(self.n, generator=generator)[: self.batches_per_epoch() * global_batch]
-        mine = order.view(-1, self.world_size, self.batch_size)[self.skip_batches:, self.rank]
+        order = torch.randperm(self.n, generator=generator)
+        if self.groups is None:
+            batches = order[: self.batches_per_epoch() * global_batch].view(-1, global_batch)
+        else:
+            parts = []
+            for label in range(int(self.groups.max()) + 1):
+                members = order[self.groups[order] == label]
+                parts.append(members[: len(members) // global_batch * global_batch].view(-1, global_batch))
+            batches = torch.cat(parts)
+            batches = batches[torch.randperm(len(batches), generator=generator)]
+        mine = batches.view(-1, self.world_size, self.batch_size)[self.skip_batches:, self.rank]
         return iter(mine.reshape(-1).tolist())
 
     def __len__(self) -> int:

@@ -1,7 +1,8 @@
 """Stage one (``scripts/train_clip.py``): task-oriented fine-tuning of the CLIP image and/or text encoder.
 
 Query = normalise(image feature of the reference + text feature of the caption), target = normalise(image
-feature of the target), logits = 100 · query · targetᵀ over the batch, cross-entropy against the diagonal.
+feature of the target), logits = 100 · query · targetᵀ over the batch, cross-entropy against the diagonal
+(``--recipe clip4cir``); the recipe's components (clip4cir.recipes) change the loss and the batches.
 """
 from __future__ import annotations
 
@@ -9,34 +10,26 @@ import argparse
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .checkpointing import RunDir, run_params
+from .checkpointing import open_run
 from .cli import add_model_args, add_run_args, check_run_args, run
 from .data import TripletDataset
 from .device import amp_dtype, autocast
-from .distributed import Dist, gather_with_grad, mean_over_ranks, run_distributed
+from .distributed import Dist, mean_over_ranks, run_distributed
 from .encoder import CLIPEncoder
 from .encoder_file import load_encoder, save_encoder
 from .evaluation import evaluate
 from .factory import load_model
 from .features import loader_options
 from .loop import EpochSampler, new_state, run_epochs
+from .losses import LOGIT_SCALE, Temperature, contrastive_loss
+from .recipes import add_recipe_args, apply_recipe
 from .sources import source_from_args
 
-LOGIT_SCALE = 100.0
 ENCODER_CHOICES = ("both", "image", "text")
-
-
-def contrastive_loss(query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of 100 · normalised query · normalised targetᵀ, each query's own target as the class.
-    Under torchrun the targets of all ranks are gathered (the global batch), gradients reaching each rank's own."""
-    target, offset = gather_with_grad(F.normalize(target.float(), dim=-1))
-    logits = LOGIT_SCALE * F.normalize(query.float(), dim=-1) @ target.T
-    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device) + offset)
 
 
 def set_trainable(model: nn.Module, encoder: str) -> list[nn.Parameter]:
@@ -87,7 +80,8 @@ class TowerFeatures(nn.Module):
 
 
 def training_step(features: nn.Module, encoder: CLIPEncoder, batch: dict, captions: list[str],
-                  dtype: torch.dtype | None) -> torch.Tensor:
+                  dtype: torch.dtype | None, scale: float | torch.Tensor = LOGIT_SCALE, symmetric: bool = False,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
     """The loss of one batch; ``features`` is a TowerFeatures, wrapped in DistributedDataParallel under torchrun."""
     device = encoder.device
     images = torch.cat([batch["reference"], batch["target"]]).to(device, non_blocking=True)
@@ -95,7 +89,19 @@ def training_step(features: nn.Module, encoder: CLIPEncoder, batch: dict, captio
     with autocast(device, dtype):
         image_features, text_features = features(images, tokens)
     reference, target = image_features.float().chunk(2)
-    return contrastive_loss(reference + text_features.float(), target)
+    return contrastive_loss(reference + text_features.float(), target, scale, symmetric, label_smoothing)
+
+
+def batch_groups(train_set: TripletDataset, hard_negatives: bool) -> list | None:
+    """The category of each training triplet, for batches of one category (None: random batches)."""
+    categories = [t.category for t in train_set.triplets]
+    return categories if hard_negatives and all(categories) and len(set(categories)) > 1 else None
+
+
+def average_gradient(parameter: torch.Tensor) -> None:
+    """Under torchrun, average a gradient the model's DistributedDataParallel does not see (a learned scale)."""
+    if parameter.grad is not None:
+        parameter.grad.copy_(torch.tensor(mean_over_ranks(float(parameter.grad))))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -107,7 +113,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
     parser.add_argument("--preprocess", choices=["targetpad", "squarepad", "openclip"], default="targetpad")
     parser.add_argument("--target-ratio", type=float, default=1.25)
+    add_recipe_args(parser, stage=1)
     args = parser.parse_args(argv)
+    apply_recipe(args, stage=1)
     check_run_args(args)
     return args
 
@@ -118,9 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     source = source_from_args(args)
-    run_dir = RunDir(args.output)
-    params = run_params(args, ddp.world_size)
-    run_dir.check_new_or_resumable(params, args.resume)
+    run_dir, params = open_run(args, ddp.world_size)
     checkpoint = run_dir.latest_checkpoint() if args.resume else None
     if checkpoint is not None:
         encoder = load_encoder(checkpoint / "model.safetensors", device)
@@ -141,12 +147,15 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     features: nn.Module = TowerFeatures(encoder, args.encoder)
     if ddp.enabled:
         features = DistributedDataParallel(features, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-7,
-                                  weight_decay=args.weight_decay)
+    temperature = Temperature(args.learn_temperature).to(device)
+    groups = [{"params": trainable}] + ([{"params": [temperature.log_scale], "weight_decay": 0.0}]
+                                        if args.learn_temperature else [])
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=args.weight_decay)
     dtype, use_scaler = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     if checkpoint is not None:
         state = run_dir.resume(checkpoint, optimizer, scaler, ddp.rank, ddp.is_main)
+        temperature.log_scale.data.fill_(state.get("log_scale", temperature.log_scale.item()))
     else:
         state = new_state()
         if ddp.is_main:
@@ -155,7 +164,8 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     if ddp.is_main and train_set.empty_captions:
         print(f"training on {len(train_set):,} triplets; skipped {train_set.empty_captions:,} with an empty caption")
 
-    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, ddp.rank, ddp.world_size)
+    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, ddp.rank, ddp.world_size,
+                           batch_groups(train_set, args.hard_negatives))
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         **loader_options(args.workers, device, args.seed))
 
@@ -170,12 +180,16 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
 
     def step(batch: dict, epoch: int) -> tuple[float, int]:
         captions = [train_set.caption(i) for i in batch["index"].tolist()]
-        loss = training_step(features, encoder, batch, captions, dtype)
+        loss = training_step(features, encoder, batch, captions, dtype, temperature(), args.symmetric,
+                             args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if args.learn_temperature:
+            average_gradient(temperature.log_scale)
         scaler.step(optimizer)
         scaler.update()
         encoder.invalidate_fingerprint()
+        state["log_scale"] = temperature.log_scale.item()
         return mean_over_ranks(loss.item()), len(captions) * ddp.world_size
 
     def validate() -> dict:

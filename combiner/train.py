@@ -17,19 +17,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader
 
 from clip4cir.captions import random_caption_variant
-from clip4cir.checkpointing import RunDir, run_params
+from clip4cir.checkpointing import open_run
 from clip4cir.cli import add_model_args, add_run_args, check_run_args, run
 from clip4cir.data import TripletDataset
 from clip4cir.device import autocast, eval_mode
 from clip4cir.distributed import Dist, barrier, mean_over_ranks, run_distributed
 from clip4cir.encoder import CLIPEncoder
-from clip4cir.evaluation import evaluate
+from clip4cir.evaluation import choose_blend, evaluate
 from clip4cir.factory import load_model
 from clip4cir.features import loader_options
 from clip4cir.fusion import Combiner, load_combiner, save_combiner
 from clip4cir.loop import EpochSampler, new_state, run_epochs
 from clip4cir.sources import source_from_args
-from clip4cir.train import amp_settings, check_batch_fits, contrastive_loss
+from clip4cir.losses import Temperature, contrastive_loss
+from clip4cir.recipes import add_recipe_args, apply_recipe
+from clip4cir.train import amp_settings, average_gradient, batch_groups, check_batch_fits
 
 from .feature_cache import TripletFeatures, triplet_features
 
@@ -64,12 +66,13 @@ class CombinedQuery(nn.Module):
 
 
 def combiner_loss(query_model: nn.Module, reference: torch.Tensor, text: torch.Tensor, target: torch.Tensor,
-                  amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Contrastive loss of the combined query against the (global) batch's targets."""
+                  amp_dtype: torch.dtype | None, **loss_options) -> torch.Tensor:
+    """Contrastive loss of the combined query against the (global) batch's targets, or against a bank of
+    negatives (see clip4cir.losses.contrastive_loss for the options)."""
     device = next(query_model.parameters()).device
     with autocast(device, amp_dtype):
         query = query_model(reference.to(device), text.to(device))
-    return contrastive_loss(query, target.to(device))
+    return contrastive_loss(query, target.to(device), **loss_options)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,9 +83,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden-dim", type=int, default=None, help="hidden dim H (default 8 × feature dim)")
     parser.add_argument("--cache-dir", help="feature cache (default: OUTPUT/feature_cache)")
     parser.add_argument("--reencode", action="store_true", help="encode every batch instead of caching features")
+    add_recipe_args(parser, stage=2)
     args = parser.parse_args(argv)
+    apply_recipe(args, stage=2)
     if not args.model and not args.clip_checkpoint:
         raise ValueError("give the frozen encoders: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+    if args.reencode and args.gallery_negatives:
+        raise ValueError("--gallery-negatives needs cached features: leave out --reencode or --gallery-negatives")
     for name in ("proj_dim", "hidden_dim"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -97,9 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     source = source_from_args(args)
-    run_dir = RunDir(args.output)
-    params = run_params(args, ddp.world_size)
-    run_dir.check_new_or_resumable(params, args.resume)
+    run_dir, params = open_run(args, ddp.world_size)
     encoder = load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, device=device)
     encoder.model.eval().requires_grad_(False)
     train_set = TripletDataset(source, "train", transform=encoder.transform, randomize_captions=True, seed=args.seed,
@@ -118,11 +123,14 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     query_model: nn.Module = CombinedQuery(combiner)
     if ddp.enabled:
         query_model = DistributedDataParallel(query_model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(combiner.parameters(), lr=args.lr)
+    temperature = Temperature(args.learn_temperature).to(device)
+    optimizer = torch.optim.Adam(list(combiner.parameters()) + ([temperature.log_scale] if args.learn_temperature
+                                                                else []), lr=args.lr)
     amp_dtype, use_scaler = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     if checkpoint is not None:
         state = run_dir.resume(checkpoint, optimizer, scaler, ddp.rank, ddp.is_main)
+        temperature.log_scale.data.fill_(state.get("log_scale", temperature.log_scale.item()))
     else:
         state = new_state()
         if ddp.is_main:
@@ -130,7 +138,8 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     if ddp.is_main and train_set.empty_captions:
         print(f"training on {len(train_set):,} triplets; skipped {train_set.empty_captions:,} with an empty caption")
 
-    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, ddp.rank, ddp.world_size)
+    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, ddp.rank, ddp.world_size,
+                           batch_groups(train_set, args.hard_negatives))
     if args.reencode:
         batches = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                              **loader_options(args.workers, device, args.seed))
@@ -156,11 +165,17 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
             reference, text, target = encoded_batch(encoder, batch, captions)
         else:
             reference, text, target = cached_batch(features, torch.tensor(batch), args.seed, epoch)
-        loss = combiner_loss(query_model, reference, text, target, amp_dtype)
+        bank = {"bank": features.image, "bank_targets": features.target[torch.tensor(batch)]} \
+            if args.gallery_negatives else {}
+        loss = combiner_loss(query_model, reference, text, target, amp_dtype, scale=temperature(),
+                             symmetric=args.symmetric, label_smoothing=args.label_smoothing, **bank)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if args.learn_temperature:
+            average_gradient(temperature.log_scale)
         scaler.step(optimizer)
         scaler.update()
+        state["log_scale"] = temperature.log_scale.item()
         return mean_over_ranks(loss.item()), len(reference) * ddp.world_size
 
     def start_epoch(epoch: int) -> None:
@@ -169,8 +184,12 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
 
     def validate() -> dict:
         with eval_mode(combiner):
-            return evaluate(encoder, source, combine=combiner.combine, cache_dir=args.cache_dir, workers=args.workers,
-                            progress=not args.quiet)
+            if not args.blend:
+                return evaluate(encoder, source, combine=combiner.combine, cache_dir=args.cache_dir,
+                                workers=args.workers, progress=not args.quiet)
+            combiner.blend, metrics = choose_blend(encoder, source, combiner, cache_dir=args.cache_dir,
+                                                   workers=args.workers, progress=not args.quiet)
+            return {**metrics, "blend": combiner.blend}
 
     def write_model(path, metrics) -> None:
         save_combiner(combiner, path, encoder.record(), {"epoch": state["epoch"], "global_step": state["global_step"],
