@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from .data import GalleryDataset, TripletDataset
 from .device import resolve_device
-from .encoder import CLIPEncoder
+from .encoder import Encoder
 from .errors import DataError
 from .factory import load_model
 from .sources import Source, add_source_args, source_from_args
@@ -38,7 +38,7 @@ def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, 
     parser.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
     parser.add_argument("--save-best", action="store_true",
                         help="keep best.safetensors (the data set's headline score: FashionIQ the mean of avg R@10 "
-                             "and R@50, CIRR the mean of R@5 and Rs@1)")
+                             "and R@50, CIRR the mean of R@5 and Rs@1, labels MAP@R)")
     parser.add_argument("--save-every", type=int, default=0,
                         help="also commit a checkpoint every N steps (besides the end of every epoch)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
@@ -47,10 +47,8 @@ def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, 
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def check_run_args(args: argparse.Namespace) -> Source:
-    """Reject impossible values, open the data set, and check that every file the run will read exists (the
-    training triplets, the validation triplets and every validation gallery image), before anything is written
-    or loaded. Returns the data set."""
+def check_run_values(args: argparse.Namespace) -> None:
+    """Reject impossible values of the arguments every trainer takes, before anything is written or loaded."""
     for name in ("epochs", "batch_size", "val_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -63,6 +61,13 @@ def check_run_args(args: argparse.Namespace) -> Source:
         raise DataError(f"--output {args.output} is a file; give a folder for the run")
     if getattr(args, "streaming", False):
         raise ValueError("--streaming reads images in order: it builds indexes; training needs random access")
+
+
+def check_run_args(args: argparse.Namespace) -> Source:
+    """Reject impossible values, open the data set, and check that every file the run will read exists (the
+    training triplets, the validation triplets and every validation gallery image), before anything is written
+    or loaded. Returns the data set."""
+    check_run_values(args)
     source = source_from_args(args)
     val = source.protocol.val_split
     TripletDataset(source, "train")  # missing images are named here, not after an epoch
@@ -84,7 +89,7 @@ def check_output_file(path: str | None, flag: str) -> None:
         raise DataError(f"{flag} {path}: the folder {target.parent} does not exist")
 
 
-def encoder_from_args(args: argparse.Namespace) -> CLIPEncoder:
+def encoder_from_args(args: argparse.Namespace) -> Encoder:
     """The encoder the arguments name, on the device they ask for."""
     device = resolve_device(args.device)
     return load_model(args.model, args.pretrained, args.clip_checkpoint, seed=args.seed, device=device)

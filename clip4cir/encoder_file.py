@@ -1,5 +1,6 @@
-"""The project's encoder file: one ``.safetensors`` holding the open_clip ``CLIP`` state dict, whose metadata
-describes it, so it loads with open_clip and safetensors alone.
+"""The project's encoder file: one ``.safetensors`` holding the open_clip ``CLIP`` state dict (or a timm image
+encoder's, when ``model_config`` says ``"family": "timm"``), whose metadata describes it, so it loads with
+open_clip (or timm) and safetensors alone.
 
 Metadata: ``format`` = ``clip4cir.encoder``, ``version``, ``model_name``, ``model_config`` (JSON, the open_clip
 config incl. ``quick_gelu``), ``preprocess`` (JSON, see :class:`clip4cir.transforms.Preprocess`), ``source``
@@ -17,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .artifacts import atomic_write
-from .encoder import CLIPEncoder
+from .encoder import CLIPEncoder, Encoder
 from .errors import ModelError
 from .openai_checkpoint import build_from_config
+from .timm_encoder import TimmEncoder, TimmImageModel
 from .transforms import Preprocess
 
 ENCODER_FORMAT = "clip4cir.encoder"
@@ -27,7 +29,7 @@ ENCODER_VERSION = "1"
 JSON_FIELDS = ("model_config", "preprocess", "source", "info")
 
 
-def save_encoder(encoder: CLIPEncoder, path: str | os.PathLike, info: dict | None = None) -> None:
+def save_encoder(encoder: Encoder, path: str | os.PathLike, info: dict | None = None) -> None:
     """Save an encoder atomically in the self-describing ``.safetensors`` format (see module docstring)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.model.state_dict().items()}
     metadata = {"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "model_name": encoder.name,
@@ -49,10 +51,11 @@ def read_encoder_metadata(path: str | os.PathLike) -> dict:
     return {k: (json.loads(v) if k in JSON_FIELDS else v) for k, v in meta.items()}
 
 
-def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> CLIPEncoder:
-    """Load an encoder saved by :func:`save_encoder`."""
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
+    """Load an encoder saved by :func:`save_encoder` (an open_clip CLIP, or a timm image encoder)."""
     meta = read_encoder_metadata(path)
-    model = build_from_config(meta["model_config"])
+    image_only = meta["model_config"].get("family") == "timm"
+    model = TimmImageModel(meta["model_config"]) if image_only else build_from_config(meta["model_config"])
     try:
         with safe_open(str(path), framework="pt") as f:
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
@@ -60,5 +63,6 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     except Exception as e:
         raise ModelError(f"{path}: weights cannot be read or do not match the stored config: {e}") from e
     source = {**meta["source"], "checkpoint": str(Path(path).resolve())}
-    return CLIPEncoder(model.eval(), meta["model_name"], meta["model_config"],
-                       Preprocess.from_dict(meta["preprocess"]), source, meta["info"]).to(device)
+    cls = TimmEncoder if image_only else CLIPEncoder
+    return cls(model.eval(), meta["model_name"], meta["model_config"], Preprocess.from_dict(meta["preprocess"]),
+               source, meta["info"]).to(device)

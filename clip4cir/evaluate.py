@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .artifacts import atomic_write_text
@@ -17,13 +18,15 @@ from .category_probe import predict_category, train_probe
 from .cli import add_model_args, check_output_file, encoder_from_args, run
 from .data import GalleryDataset
 from .device import resolve_device
-from .encoder import CLIPEncoder
+from .encoder import CLIPEncoder, Encoder
 from .errors import DataError, ModelError
 from .evaluation import image_retrieval_metrics, query_records, rankings_of, summarize, test_predictions
 from .factory import load_model
 from .features import extract_image_features, gallery_features
 from .fusion import Combine, combine_sum, load_combiner
+from .metric_learning import attribute_agreement, retrieval_metrics
 from .sources import Source, add_source_args, source_from_args
+from .sources.labels import LabelledImages
 
 TABLE_ENCODERS = ("none", "image", "text", "both")
 TABLE_COLUMNS = ("shirt", "dress", "toptee", "average")  # the paper's column order (FashionIQ)
@@ -127,6 +130,30 @@ def category_task(encoder: CLIPEncoder, args: argparse.Namespace, source: Source
             "train_images": len(features[source.splits()[0]][0])}
 
 
+def labels_task(encoder: Encoder, args: argparse.Namespace, source: Source) -> dict:
+    """Retrieval on held-out labels (Recall@1/2/4/8, MAP@R, R-precision; top-10 attribute agreement where there
+    are attributes), for the encoder and, when it was fine-tuned, for the encoder it started from."""
+    if not isinstance(source, LabelledImages):
+        raise DataError(f"--task labels needs labelled images (--dataset labels); {source.describe()} has none")
+    encoders = {"fine-tuned" if args.clip_checkpoint else "encoder": encoder}
+    origin = encoder.source
+    if args.clip_checkpoint and origin.get("model"):
+        encoders = {"zero-shot": load_model(origin["model"], origin.get("pretrained"), seed=origin.get("seed", 0),
+                                            device=encoder.device, embed_dim=origin.get("embed_dim")), **encoders}
+    out = {}
+    for name, model in encoders.items():
+        gallery = GalleryDataset(source, args.split, transform=model.transform)
+        ids, features = extract_image_features(model, gallery, args.batch_size, args.workers, not args.quiet)
+        labels = source.labels(args.split)
+        numbers = {label: i for i, label in enumerate(sorted(set(labels.values())))}
+        metrics = retrieval_metrics(features, torch.tensor([numbers[labels[i]] for i in ids]))
+        if source.attributes:
+            metrics["attributes@10"] = attribute_agreement(features, torch.tensor(
+                np.stack([source.attributes[i] for i in ids])), k=10)
+        out[name] = {**metrics, "model": model.describe(), "images": len(ids), "labels": len(numbers)}
+    return out
+
+
 def _write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
@@ -139,8 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["sum", "combiner"], help="combining function (default: combiner "
                         "when --combiner is given, else sum)")
     parser.add_argument("--split", help="default: the data set's validation split (val)")
-    parser.add_argument("--task", choices=["composed", "image", "category"], default="composed",
-                        help="composed: Recall@K; image: image-search mAP@K/P@K; category: accuracy of category=auto")
+    parser.add_argument("--task", choices=["composed", "image", "category", "labels"], default="composed",
+                        help="composed: Recall@K; image: image-search mAP@K/P@K; category: accuracy of "
+                             "category=auto; labels: retrieval on held-out labels (zero-shot and fine-tuned)")
     parser.add_argument("--json", help="write the metrics here")
     parser.add_argument("--dump", help="write per-query JSON lines here (reference, captions, target, rank, top-10)")
     parser.add_argument("--predictions", help="a test split: write the test server's files into this folder "
@@ -155,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source = source_from_args(args)
     protocol = source.protocol
-    args.split = args.split or protocol.val_split
+    args.split = args.split or (protocol.test_split if args.task == "labels" else protocol.val_split)
     source.check_split(args.split)
     testing = args.split == protocol.test_split
     if testing and args.task == "composed" and not args.table and not args.predictions:
@@ -172,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ablation_table(args, source))
         return 0
     encoder = encoder_from_args(args)
+    if args.task == "labels":
+        metrics = labels_task(encoder, args, source)
+        for name, m in metrics.items():
+            print(f"{name:>10}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items() if isinstance(v, float)))
+        if args.json:
+            _write_json(args.json, {**metrics, "data": source.record(), "split": args.split})
+        return 0
     if args.task in ("image", "category"):
         metrics = (image_task if args.task == "image" else category_task)(encoder, args, source)
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

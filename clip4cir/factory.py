@@ -13,10 +13,11 @@ import open_clip
 import torch
 from open_clip.pretrained import get_pretrained_cfg
 
-from .encoder import CLIPEncoder
+from .encoder import CLIPEncoder, Encoder
 from .encoder_file import load_encoder
 from .errors import ModelError
 from .openai_checkpoint import load_openai_checkpoint
+from .timm_encoder import create_timm_encoder, is_timm
 from .transforms import Preprocess
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -41,8 +42,9 @@ def _quiet_random_init():
 
 
 def check_model_name(name: str) -> None:
-    """ModelError unless ``name`` is an open_clip architecture (or an hf-hub: / local-dir: model)."""
-    if name.startswith(("hf-hub:", "local-dir:")) or name.replace("/", "-") in open_clip.list_models():
+    """ModelError unless ``name`` is an open_clip architecture (or an hf-hub: / local-dir: model, or
+    ``timm/<model>``)."""
+    if name.startswith(("hf-hub:", "local-dir:")) or name.replace("/", "-") in open_clip.list_models() or is_timm(name):
         return
     ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
     raise ModelError(f"unknown model {name!r}; use an open_clip architecture such as RN50, RN50x4, ViT-B-32, "
@@ -77,7 +79,7 @@ def create_model(name: str, pretrained: str | None = None, seed: int = 0,
 
 
 def load_checkpoint(path: str | Path, preprocess_kind: str = "targetpad", target_ratio: float = 1.25,
-                    device: str | torch.device = "cpu") -> CLIPEncoder:
+                    device: str | torch.device = "cpu") -> Encoder:
     """An encoder from this project's ``.safetensors``, a CLIP4Cir ``tuned_clip_*.pt`` or an OpenAI state dict."""
     path = Path(path)
     if not path.is_file():
@@ -89,16 +91,19 @@ def load_checkpoint(path: str | Path, preprocess_kind: str = "targetpad", target
 
 def load_model(model: str | None = None, pretrained: str | None = None, checkpoint: str | None = None,
                seed: int = 0, preprocess_kind: str = "targetpad", target_ratio: float = 1.25,
-               device: str | torch.device = "cpu") -> CLIPEncoder:
-    """The one entry point: a checkpoint when given, else ``model`` with ``pretrained`` (or seeded random init)."""
+               device: str | torch.device = "cpu", embed_dim: int | None = None) -> Encoder:
+    """The one entry point: a checkpoint when given, else ``model`` with ``pretrained`` (or seeded random init);
+    ``timm/<model>`` is an image-only encoder with an ``embed_dim`` projection."""
     if checkpoint:
         return load_checkpoint(checkpoint, preprocess_kind, target_ratio, device)
     if not model:
         raise ModelError("give a model name (e.g. --model RN50 --pretrained openai) or a checkpoint")
+    if is_timm(model):
+        return create_timm_encoder(model, pretrained, seed, embed_dim, device=device)
     return create_model(model, pretrained, seed, preprocess_kind, target_ratio, device)
 
 
-def check_same_encoder(recorded: dict, encoder: CLIPEncoder, artifact: str) -> None:
+def check_same_encoder(recorded: dict, encoder: Encoder, artifact: str) -> None:
     """Check that ``artifact`` (e.g. "index FOLDER") was made with ``encoder``: a ModelError naming both if not."""
     if recorded.get("fingerprint") not in (None, encoder.fingerprint()):
         where = encoder.source.get("checkpoint") or encoder.describe()
@@ -108,11 +113,11 @@ def check_same_encoder(recorded: dict, encoder: CLIPEncoder, artifact: str) -> N
 
 
 def encoder_from_record(record: dict, checkpoint: str | None = None, device: str | torch.device = "cpu",
-                        artifact: str = "the features") -> CLIPEncoder:
+                        artifact: str = "the features") -> Encoder:
     """Rebuild the encoder a record describes (``checkpoint`` overrides its path) and check its fingerprint."""
     source, pre = record.get("source", {}), Preprocess.from_dict(record["preprocess"])
     checkpoint = checkpoint or source.get("checkpoint")
     encoder = load_model(source.get("model"), source.get("pretrained"), checkpoint, source.get("seed", 0),
-                         pre.kind, pre.target_ratio, device)
+                         pre.kind, pre.target_ratio, device, source.get("embed_dim"))
     check_same_encoder(record, encoder, artifact)
     return encoder

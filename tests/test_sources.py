@@ -207,7 +207,7 @@ def test_bad_triplet_files_name_the_line_and_field(tiny_root, tmp_path):
         with pytest.raises(DataError, match=message):
             open_source(tmp_path / "t.jsonl", images=images)
     (tmp_path / "t.csv").write_text("ref,caption\nx,y\n")
-    with pytest.raises(DataError, match="header must name"):
+    with pytest.raises(DataError, match=r"t\.csv: the CSV header names neither triplets .*got \[.ref., .caption.\]"):
         open_source(tmp_path / "t.csv", images=images)
     with pytest.raises(DataError, match="does not exist"):
         open_source(tmp_path / "missing-folder")

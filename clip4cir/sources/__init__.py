@@ -1,9 +1,11 @@
 """Data sets behind one interface (:class:`~clip4cir.sources.base.Source`): FashionIQ, CIRR, a user's own
-triplets (JSONL or CSV over an image folder), a plain image folder, and Hugging Face ``datasets``. ``--data``
-names one; its kind is recognised from what is there, or given with ``--dataset``."""
+triplets (JSONL or CSV over an image folder), labelled images (a folder per label, or image,label rows), a
+plain image folder, and Hugging Face ``datasets``. ``--data`` names one; its kind is recognised from what is
+there, or given with ``--dataset`` (a folder of label sub-folders needs ``--dataset labels``)."""
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 from ..errors import DataError
@@ -12,9 +14,10 @@ from .cirr import CIRR, is_cirr_root
 from .fashioniq import CATEGORIES, FashionIQ, is_fashioniq_root
 from .folder import ImageCatalog
 from .hub import HUB_PREFIX, HubDataset, is_datasets_folder
+from .labels import LabelledImages
 from .triplet_files import TripletFile
 
-KINDS = ("auto", "fashioniq", "cirr", "triplets", "folder", "hf")
+KINDS = ("auto", "fashioniq", "cirr", "triplets", "labels", "folder", "hf")
 HUB_OPTIONS = ("image_column", "id_column", "category_column", "caption_column", "reference_column",
                "target_column", "streaming")
 
@@ -28,7 +31,18 @@ def detect_kind(data: str) -> str:
         return "hf"
     path = Path(data)
     if path.suffix.lower() in (".jsonl", ".csv"):
-        return "triplets"
+        if not path.is_file():
+            raise DataError(f"--data {data} does not exist")
+        if path.suffix.lower() == ".jsonl":
+            return "triplets"
+        with open(path, encoding="utf-8") as f:
+            head = next(csv.reader(f), [])
+        if "reference" in head:
+            return "triplets"
+        if "label" in head:
+            return "labels"
+        raise DataError(f"{data}: the CSV header names neither triplets (reference, caption, target, ...) nor "
+                        f"labelled images ('image' and 'label'); got {head}")
     if not path.exists():
         raise DataError(f"--data {data} does not exist")
     if is_cirr_root(path):
@@ -41,9 +55,10 @@ def detect_kind(data: str) -> str:
 
 
 def open_source(data: str, kind: str = "auto", categories: str | None = None, images: str | None = None,
-                **hub_options) -> Source:
+                split_by: str = "label", **hub_options) -> Source:
     """The data set ``data`` names (see the module docstring); ``categories`` narrows FashionIQ, ``images`` is
-    the image folder of a triplet file, ``hub_options`` name the columns of a Hugging Face data set."""
+    the image folder of a triplet or label file, ``split_by`` how labelled images are split (by label or by
+    image), ``hub_options`` name the columns of a Hugging Face data set."""
     data = str(data)
     kind = detect_kind(data) if kind in ("auto", None) else kind
     if kind == "fashioniq":
@@ -52,6 +67,8 @@ def open_source(data: str, kind: str = "auto", categories: str | None = None, im
         return CIRR(data)
     if kind == "triplets":
         return TripletFile(data, images)
+    if kind == "labels":
+        return LabelledImages(data, images, split_by)
     if kind == "folder":
         return ImageCatalog(data)
     if kind == "hf":
@@ -64,7 +81,8 @@ def reopen(record: dict) -> Source:
     record = dict(record)
     kind, data = record.pop("kind"), record.pop("data")
     categories = record.pop("categories", None)
-    return open_source(data, kind, ",".join(categories) if categories else None, **record)
+    return open_source(data, kind, ",".join(categories) if categories else None, record.pop("images", None),
+                       record.pop("split_by", "label"), **record)
 
 
 def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -75,7 +93,9 @@ def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> N
                             "hf://datasets/OWNER/NAME")
     group.add_argument("--dataset", choices=KINDS, default="auto", help="what --data is (default: recognised)")
     group.add_argument("--categories", help="FashionIQ: the categories to use (default: all three)")
-    group.add_argument("--images", help="the image folder of a triplet file (default: the file's folder)")
+    group.add_argument("--images", help="the image folder of a triplet or label file (default: the file's folder)")
+    group.add_argument("--split-by", choices=["label", "image"], default="label",
+                       help="labelled images: hold out whole labels (default) or some images of each label")
     for option in HUB_OPTIONS[:-1]:
         group.add_argument(f"--{option.replace('_', '-')}", help=f"Hugging Face data sets: the {option.split('_')[0]} "
                            f"column")
@@ -83,5 +103,5 @@ def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 
 
 def source_from_args(args: argparse.Namespace) -> Source:
-    return open_source(args.data, args.dataset, args.categories, args.images,
+    return open_source(args.data, args.dataset, args.categories, args.images, args.split_by,
                        **{k: getattr(args, k) for k in HUB_OPTIONS})
