@@ -1,5 +1,6 @@
 """Benchmarks (``scripts/benchmark.py``): feature extraction, both training stages, evaluation ranking, query
-latency (Python and HTTP API) and index scale, with peak memory per step; writes JSON and a markdown table.
+latency (Python and HTTP API), with peak memory per step; writes JSON and a markdown table (index kinds at scale:
+``clip4cir.index_benchmark``).
 
 Timings are medians of repeated runs after a warm-up. ``--config smoke`` is the smallest (the test suite runs
 it), ``quick`` takes a few minutes, ``full`` is the README's table.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from .artifacts import atomic_write_text
 from .cli import run
 from .data import GalleryDataset, TripletDataset
 from .evaluation import target_ranks
@@ -306,8 +308,8 @@ def main(argv: Sequence[str] | None = None,
                 step("latency", lambda: bench_latency(model, root, cfg["gallery"], cfg["repeats"], not args.no_http))
     report = {"config": args.config, "machine": machine(), "seconds": round(time.perf_counter() - started, 1),
               "results": results}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "report.md", markdown(report))
     print(markdown(report))
     print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['seconds']} s")
     return 0

@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(parser, epochs=30, batch_size=64, lr=1e-4)
     add_model_args(parser)
-    parser.add_argument("--loss", choices=LOSSES, default="supcon",
+    parser.add_argument("--loss", choices=LOSSES, default="triplet",
                         help="the metric-learning loss (the default measured best: see the README's table)")
     parser.add_argument("--m-per-class", type=int, default=4, help="images of each label in a batch")
     parser.add_argument("--embed-dim", type=int, default=128, help="timm encoders: the projection's size")

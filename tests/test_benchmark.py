@@ -53,3 +53,28 @@ def test_index_benchmark_can_fail(tmp_path):
     with Image.open(tmp_path / "index-smoke-recall-latency.png") as plot:
         assert plot.width > 400
     assert "| ivf-pq |" in (tmp_path / "index-smoke.md").read_text()
+
+
+@pytest.mark.slow
+def test_labels_benchmark_reports_held_out_identities(tmp_path):
+    """Every loss is judged on identities it never saw, beside the zero-shot encoder of the same seed."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "labels", "--config", "smoke",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "labels-smoke.json").read_text())
+    assert set(report["losses"]) == {"triplet-random", "supcon"} and report["test_identities"] >= 2
+    for row in [report["zero_shot"]] + list(report["losses"].values()):
+        assert 0 < row["MAP@R"]["mean"] <= 100
+    assert "| zero-shot |" in (tmp_path / "labels-smoke.md").read_text()
+
+
+@pytest.mark.slow
+def test_ablation_reports_every_variant_on_the_held_out_catalog(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "ablation.py"), "--config", "smoke",
+                             "--out", str(tmp_path), "--workers", "0"], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "ablation-smoke.json").read_text())
+    assert {"clip4cir", "plus"} <= set(report["stage_one"]) and "+ gallery negatives" in report["stage_two"]
+    assert report["test_seed"] != 0  # reported on a catalog generated with another seed than the training one
+    for rows in (report["stage_one"], report["stage_two"], report["pipelines"]):
+        assert all(0 <= r["average/R@10"]["mean"] <= 100 for r in rows.values())
