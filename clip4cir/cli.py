@@ -77,6 +77,24 @@ def check_run_args(args: argparse.Namespace) -> Source:
     return source
 
 
+def benchmark_args(argv: Sequence[str] | None, prog: str, doc: str, configs: dict, default: str, writes: str,
+                   more: Callable[[argparse.ArgumentParser], None] | None = None
+                   ) -> tuple[argparse.Namespace, dict, Path]:
+    """The options every benchmark command takes (``--config``, ``--out``, an existing folder, and ``--work``, a
+    scratch folder), parsed: the arguments, the chosen config and the output folder."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=list(configs), default=default)
+    parser.add_argument("--out", default="benchmark", help=f"folder for {writes}")
+    parser.add_argument("--work", help="scratch folder (default: a temporary folder)")
+    if more is not None:
+        more(parser)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out {out} does not exist")
+    return args, configs[args.config], out
+
+
 def check_output_file(path: str | None, flag: str) -> None:
     """Before the work whose result it will hold: the folder of an output file must exist, and the path must not
     be a folder."""

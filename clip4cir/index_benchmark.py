@@ -13,7 +13,6 @@ held-out queries, so that it can fail.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import shutil
@@ -28,6 +27,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torchvision import transforms as T
 
+from .cli import benchmark_args
 from .encoder_file import load_encoder
 from .images import load_image
 from .index import CatalogIndex
@@ -307,16 +307,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmark.py index", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=list(CONFIGS), default="1m")
-    parser.add_argument("--out", default="benchmark", help="folder for index.json, index.md, the plot")
-    parser.add_argument("--work", help="scratch folder for data and indexes (default: a temporary folder)")
-    args = parser.parse_args(argv)
-    cfg = CONFIGS[args.config]
-    out = Path(args.out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"--out {out} does not exist")
+    args, cfg, out = benchmark_args(argv, "benchmark.py index", __doc__, CONFIGS, "1m",
+                                    "index.json, index.md and the plot")
     m = machine()
     report = {"config": args.config, "command": f"python scripts/benchmark.py index --config {args.config}",
               "machine": f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, faiss {m['versions']['faiss']}",

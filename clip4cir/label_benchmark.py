@@ -8,7 +8,6 @@ the training throughput. Writes ``labels.json`` and ``labels.md``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -18,6 +17,7 @@ from typing import Sequence
 
 from .artifacts import atomic_write_text
 from .checkpointing import read_metrics
+from .cli import benchmark_args
 from .evaluate import main as evaluate_main
 from .label_training import main as train_labels
 from .machine import machine
@@ -75,16 +75,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmark.py labels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=list(CONFIGS), default="full")
-    parser.add_argument("--out", default="benchmark", help="folder for labels.json and labels.md")
-    parser.add_argument("--work", help="scratch folder (default: a temporary folder)")
-    args = parser.parse_args(argv)
-    cfg = CONFIGS[args.config]
-    out = Path(args.out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"--out {out} does not exist")
+    args, cfg, out = benchmark_args(argv, "benchmark.py labels", __doc__, CONFIGS, "full",
+                                    "labels.json and labels.md")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)

@@ -10,7 +10,6 @@ epoch).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -20,6 +19,7 @@ from typing import Sequence
 
 from clip4cir.artifacts import atomic_write_text
 from clip4cir.checkpointing import read_metrics
+from clip4cir.cli import benchmark_args
 from clip4cir.encoder_file import load_encoder
 from clip4cir.evaluation import evaluate
 from clip4cir.fusion import combine_sum, load_combiner
@@ -119,17 +119,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ablation.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=list(CONFIGS), default="full")
-    parser.add_argument("--out", default="benchmark", help="folder for ablation.json and ablation.md")
-    parser.add_argument("--work", help="scratch folder (default: a temporary folder)")
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
-    cfg = CONFIGS[args.config]
-    out = Path(args.out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"--out {out} does not exist")
+    args, cfg, out = benchmark_args(argv, "ablation.py", __doc__, CONFIGS, "full", "ablation.json and ablation.md",
+                                    lambda parser: parser.add_argument("--workers", type=int, default=2))
     started = time.perf_counter()
     stage_one = {name: [] for name, _ in variants(1)}
     stage_two = {name: [] for name, _ in variants(2)}
