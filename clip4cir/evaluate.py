@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .artifacts import atomic_write_text
@@ -24,7 +23,7 @@ from .evaluation import image_retrieval_metrics, query_records, rankings_of, sum
 from .factory import load_model
 from .features import extract_image_features, gallery_features
 from .fusion import Combine, combine_sum, load_combiner
-from .metric_learning import attribute_agreement, retrieval_metrics
+from .label_training import label_metrics
 from .sources import Source, add_source_args, source_from_args
 from .sources.labels import LabelledImages
 
@@ -142,15 +141,11 @@ def labels_task(encoder: Encoder, args: argparse.Namespace, source: Source) -> d
                                             device=encoder.device, embed_dim=origin.get("embed_dim")), **encoders}
     out = {}
     for name, model in encoders.items():
-        gallery = GalleryDataset(source, args.split, transform=model.transform)
-        ids, features = extract_image_features(model, gallery, args.batch_size, args.workers, not args.quiet)
-        labels = source.labels(args.split)
-        numbers = {label: i for i, label in enumerate(sorted(set(labels.values())))}
-        metrics = retrieval_metrics(features, torch.tensor([numbers[labels[i]] for i in ids]))
-        if source.attributes:
-            metrics["attributes@10"] = attribute_agreement(features, torch.tensor(
-                np.stack([source.attributes[i] for i in ids])), k=10)
-        out[name] = {**metrics, "model": model.describe(), "images": len(ids), "labels": len(numbers)}
+        metrics = label_metrics(model, source, args.split, args.batch_size, args.workers, not args.quiet,
+                                attributes=True)
+        numbers = source.label_numbers(args.split)
+        out[name] = {**metrics, "model": model.describe(), "images": len(numbers),
+                     "labels": len(set(numbers.values()))}
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -26,7 +27,8 @@ from .errors import DataError
 from .factory import load_model
 from .features import extract_image_features, loader_options
 from .loop import new_state, run_epochs
-from .metric_learning import LOSSES, ClassBatchSampler, labelled_loss, make_loss, retrieval_metrics
+from .metric_learning import (LOSSES, ClassBatchSampler, attribute_agreement, labelled_loss, make_loss,
+                              retrieval_metrics)
 from .sources import source_from_args
 from .sources.base import SHOWN
 from .sources.labels import LabelledImages
@@ -36,11 +38,11 @@ from .train import amp_settings, set_train_mode, set_trainable
 class LabelledImageDataset(Dataset):
     """A split's images with their label numbers: items ``{"index", "image", "label"}``."""
 
-    def __init__(self, source: LabelledImages, split: str, transform, label_numbers: dict[str, int] | None = None):
-        labels = source.labels(split)
-        self.source, self.transform, self.ids = source, transform, list(labels)
-        self.label_numbers = label_numbers or {label: i for i, label in enumerate(sorted(set(labels.values())))}
-        self.labels = [self.label_numbers[labels[i]] for i in self.ids]
+    def __init__(self, source: LabelledImages, split: str, transform):
+        numbers = source.label_numbers(split)
+        self.source, self.transform, self.ids = source, transform, list(numbers)
+        self.labels = list(numbers.values())
+        self.num_labels = len(set(self.labels))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,14 +53,17 @@ class LabelledImageDataset(Dataset):
 
 
 def label_metrics(encoder: Encoder, source: LabelledImages, split: str, batch_size: int = 64, workers: int = 0,
-                  progress: bool = True) -> dict:
-    """Retrieval metrics of a split's images among themselves, labels as relevance: {"average": ..., "score"}."""
+                  progress: bool = True, attributes: bool = False) -> dict[str, float]:
+    """Retrieval metrics of a split's images among themselves, labels as relevance (Recall@K, MAP@R,
+    R-precision); with ``attributes``, also the top-10 attribute agreement where the source has attributes."""
     gallery = GalleryDataset(source, split, transform=encoder.transform)
     ids, features = extract_image_features(encoder, gallery, batch_size, workers, progress, desc=f"{split} images")
-    labels = source.labels(split)
-    numbers = {label: i for i, label in enumerate(sorted(set(labels.values())))}
-    metrics = retrieval_metrics(features, torch.tensor([numbers[labels[i]] for i in ids]))
-    return {"average": metrics, "score": metrics["MAP@R"]}
+    numbers = source.label_numbers(split)
+    metrics = retrieval_metrics(features, torch.tensor([numbers[i] for i in ids]))
+    if attributes and source.attributes:
+        metrics["attributes@10"] = attribute_agreement(features, torch.tensor(
+            np.stack([source.attributes[i] for i in ids])), k=10)
+    return metrics
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -117,7 +122,7 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
         load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, "squarepad", device=device,
                    embed_dim=args.embed_dim)
     train_set = LabelledImageDataset(source, "train", encoder.transform)
-    data = {"train": {"source": source.record(), "images": len(train_set), "labels": len(train_set.label_numbers),
+    data = {"train": {"source": source.record(), "images": len(train_set), "labels": train_set.num_labels,
                       "fingerprint": source.fingerprint("train")}, "skipped_labels": source.skipped_labels}
     if args.resume:
         run_dir.check_same_data(data)
@@ -125,7 +130,7 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     trainable = set_trainable(model, "image") if encoder.has_text else list(model.parameters())
     for p in trainable:
         p.requires_grad_(True)
-    loss_fn, miner = make_loss(args.loss, len(train_set.label_numbers), encoder.dim)
+    loss_fn, miner = make_loss(args.loss, train_set.num_labels, encoder.dim)
     loss_fn = loss_fn.to(device)
     image_model: nn.Module = ImageFeatures(encoder)
     if ddp.enabled:
@@ -174,7 +179,8 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
 
     def validate() -> dict:
         model.eval()
-        return label_metrics(encoder, source, "val", workers=args.workers, progress=not args.quiet)
+        metrics = label_metrics(encoder, source, "val", workers=args.workers, progress=not args.quiet)
+        return {"average": metrics, "score": metrics["MAP@R"]}
 
     run_epochs(run_dir, state, epochs=args.epochs, sampler=sampler, batches=loader, step=step, validate=validate,
                val_every=args.val_every, write_model=write_model, parameters=model.parameters, optimizer=optimizer,

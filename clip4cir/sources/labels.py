@@ -129,6 +129,13 @@ class LabelledImages(FileSource):
         """The label of each image of a split."""
         return {i: self.label_of[i] for i in self.gallery(split)}
 
+    def label_numbers(self, split: str) -> dict[str, int]:
+        """Each image of a split with its label's number (0, 1, ... in the labels' sorted order): what losses and
+        metrics take as classes."""
+        labels = self.labels(split)
+        numbers = {label: n for n, label in enumerate(sorted(set(labels.values())))}
+        return {i: numbers[label] for i, label in labels.items()}
+
     def annotation_files(self, split: str) -> list[Path]:
         return [self.data] if self.data.is_file() else []
 
