@@ -82,6 +82,19 @@ def scroll_to(*elem_ids: str) -> str:
         if (top < 0 || top > window.innerHeight - 100) el.scrollIntoView({{block: "start"}}); }}, 50)"""
 
 
+def no_suggestions() -> dict:
+    """The suggested-captions control emptied and hidden (a reference without annotated captions, or none)."""
+    return gr.update(choices=[], value=None, visible=False)
+
+
+def push_query(inputs: str, params: str) -> str:
+    """Browser code run before a search: the query (``params``, a JavaScript object built from ``inputs``) goes
+    into the page address as a new history entry when it changed; the event's ``inputs`` pass on unchanged."""
+    return f"""({inputs}) => {{ const q = new URLSearchParams({params});
+            if (window.location.search !== "?" + q) window.history.pushState(null, "", "?" + q);
+            return [{inputs}]; }}"""
+
+
 def category_value(label: str | None) -> str | None:
     return {ALL: "all", GUESS: "auto", None: "all", "": "all"}.get(label, label)
 
@@ -193,8 +206,7 @@ class App:
             name = None if category in (None, ALL) else category
             ids = self.index.sample(PAGE * (page + 1), name, seed)[PAGE * page:]
             if page == 0 and seed == 0 and name is None:
-                annotated = [i for i in list(self.suggested)[:PAGE]]
-                ids = list(dict.fromkeys(annotated + ids))[:PAGE]
+                ids = list(dict.fromkeys(list(self.suggested)[:PAGE] + ids))[:PAGE]
         items = [(self.thumbnails.small(i), i) for i in ids]
         label = f"page {page + 1}" if not lookup.strip() else f"{len(ids)} ids starting with {plain(lookup)}"
         return items, ids, label
@@ -204,9 +216,9 @@ class App:
         item_id = (item_id or "").strip()
         if item_id and item_id not in self.index:
             gr.Warning(html.escape(f"no item {item_id!r} in this catalog"))
-            return gr.update(), item_id, gr.update(choices=[], value=None, visible=False), ""
+            return gr.update(), item_id, no_suggestions(), ""
         if not item_id:
-            return None, "", gr.update(choices=[], value=None, visible=False), ""
+            return None, "", no_suggestions(), ""
         captions = [c for c, _ in self.suggested.get(item_id, [])]
         return (self.thumbnails.large(item_id), item_id,
                 gr.update(choices=captions, value=None, visible=bool(captions)), "")
@@ -304,15 +316,13 @@ class App:
                            c["target_id"], c["history"]]
         composed_outputs = [c["results"], c["info"], c["composed_hits"], c["history"], c["steps"]]
         # the address of the page holds the query: a link reproduces it, Back goes to the previous one
-        push = """(image, caption, category, k, mode, ref, target, history) => {
-            const q = new URLSearchParams({tab: "composed", ref: ref || "", caption: caption || "",
-                                           category: category || "", k: String(k), mode: mode || ""});
-            if (window.location.search !== "?" + q) window.history.pushState(null, "", "?" + q);
-            return [image, caption, category, k, mode, ref, target, history]; }"""
+        push = push_query("image, caption, category, k, mode, ref, target, history",
+                          '{tab: "composed", ref: ref || "", caption: caption || "", category: category || "", '
+                          'k: String(k), mode: mode || ""}')
         for trigger in (c["search"].click, c["caption"].submit):
             trigger(self.guarded_composed, composed_inputs, composed_outputs, js=push, preprocess=False,
                     **private).then(None, js=scroll_to("results"))
-        c["reference"].input(lambda: ("", gr.update(choices=[], value=None, visible=False), ""), None,
+        c["reference"].input(lambda: ("", no_suggestions(), ""), None,
                              [c["reference_id"], c["suggestions"], c["target_id"]], **private)
         c["reference_id"].submit(self.pick, c["reference_id"],
                                  [c["reference"], c["reference_id"], c["suggestions"], c["target_id"]], **private)
@@ -327,9 +337,9 @@ class App:
         c["shuffle"].click(lambda cat, p, s, look: self.browse(cat, 0, s + 1, "") + (0, s + 1), browse_inputs,
                            browse_outputs + [c["page_number"], c["seed"]], **private)
         c["next_page"].click(lambda cat, p, s, look: self.browse(cat, p + 1, s, look) + (p + 1,), browse_inputs,
-                        browse_outputs + [c["page_number"]], **private)
-        c["previous_page"].click(lambda cat, p, s, look: self.browse(cat, max(p - 1, 0), s, look) + (max(p - 1, 0),),
-                            browse_inputs, browse_outputs + [c["page_number"]], **private)
+                             browse_outputs + [c["page_number"]], **private)
+        c["previous_page"].click(lambda cat, p, s, look: self.browse(cat, max(p - 1, 0), s, look)
+                                 + (max(p - 1, 0),), browse_inputs, browse_outputs + [c["page_number"]], **private)
         pick_outputs = [c["reference"], c["reference_id"], c["suggestions"], c["target_id"]]
         c["browse_gallery"].select(self.pick_from, c["browse_ids"], pick_outputs, **private)
         image_inputs = [c["query_image"], c["image_id"], c["image_category"], c["image_k"]]
@@ -350,10 +360,8 @@ class App:
                 None, js=scroll_to("image-results"))
         text_inputs = [c["text"], c["text_category"], c["text_k"]]
         text_outputs = [c["text_results"], c["text_info"], c["text_hits"]]
-        text_push = """(text, category, k) => {
-            const q = new URLSearchParams({tab: "text", q: text || "", category: category || "", k: String(k)});
-            if (window.location.search !== "?" + q) window.history.pushState(null, "", "?" + q);
-            return [text, category, k]; }"""
+        text_push = push_query("text, category, k",
+                               '{tab: "text", q: text || "", category: category || "", k: String(k)}')
         for trigger in (c["text_button"].click, c["text"].submit):
             trigger(self.guarded_text, text_inputs, text_outputs, js=text_push, **private).then(
                 None, js=scroll_to("text-results"))
