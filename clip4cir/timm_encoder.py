@@ -21,12 +21,16 @@ DEFAULT_EMBED_DIM = 128
 class TimmImageModel(nn.Module):
     """A backbone's pooled features, projected to ``embed_dim``."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, pretrained: bool = False):
         super().__init__()
+        name = config["timm_model"]
+        if not timm.is_model(name):
+            raise ModelError(f"timm has no model {name!r}")
         try:
-            self.backbone = timm.create_model(config["timm_model"], pretrained=False, num_classes=0)
-        except RuntimeError as e:
-            raise ModelError(f"timm has no model {config['timm_model']!r}: {e}") from e
+            self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        except Exception as e:  # offline, or no weights under that name
+            raise ModelError(f"could not load timm's pretrained weights for {name} (offline? put them in timm's "
+                             f"cache first): {e}") from e
         features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features  # after the head
         self.projection = nn.Linear(features, config["embed_dim"])
 
@@ -54,14 +58,7 @@ def create_timm_encoder(name: str, pretrained: str | None = None, seed: int = 0,
     config = {"family": "timm", "timm_model": name[len(PREFIX):], "embed_dim": embed_dim or DEFAULT_EMBED_DIM}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed((zlib.crc32(name.encode()) + seed) % (2 ** 31))
-        model = TimmImageModel(config)
-    if pretrained:
-        try:
-            weights = timm.create_model(config["timm_model"], pretrained=True, num_classes=0).state_dict()
-        except Exception as e:  # offline, or no weights under that name
-            raise ModelError(f"could not load timm's pretrained weights for {config['timm_model']} (offline? put "
-                             f"them in timm's cache first): {e}") from e
-        model.backbone.load_state_dict(weights)
+        model = TimmImageModel(config, pretrained=bool(pretrained))
     cfg = model.backbone.pretrained_cfg or {}
     size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     pre = Preprocess(preprocess_kind, size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
