@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Sequence
 
+from clip4cir.cli import whole
 from clip4cir.service import Options, cache_root, load_engine
 from clip4cir.ui import serve
 
@@ -35,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", default=env("CLIP4CIR_SHARE", "") in ("1", "true", "True"),
                         help="also serve through a Gradio share link")
     parser.add_argument("--host", default=env("CLIP4CIR_HOST"), help="e.g. 0.0.0.0 to serve the network")
-    parser.add_argument("--port", type=int, default=int(env("CLIP4CIR_PORT", "0")) or None)
+    parser.add_argument("--port", type=whole(1, 65_535), default=int(env("CLIP4CIR_PORT", "0")) or None)
     return parser.parse_args(argv)
 
 

@@ -46,12 +46,48 @@ def temp_path(path: Path, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """An output path with its symbolic links resolved: writing replaces what a link points to and keeps the
+    link (a link loop is an error naming it)."""
+    try:
+        return Path(os.path.realpath(path, strict=False))
+    except OSError as e:
+        raise ArtifactError(f"cannot resolve {path}: {e}") from None
+
+
+def _pid_of(leftover: Path, tag: str) -> int | None:
+    """The process id in a temporary name ``.NAME.TAG-PID-RANDOM``."""
+    pid = leftover.name.rsplit(f".{tag}-", 1)[-1].split("-")[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def clean_stale_temporaries(path: Path) -> int:
+    """Remove the temporaries that writes of ``path`` left when they were killed (``.NAME.tmp-PID-*`` of a process
+    that is no longer running); returns how many."""
+    removed = 0
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        pid = _pid_of(leftover, "tmp")
+        if pid is None or pid == os.getpid() or _alive(pid):  # this process's may be in the making (threads)
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)``, flush it to disk, then rename it onto ``path``: a crash never leaves half a file."""
-    path = Path(path)
+    path = resolve(path)
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder; expected a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(path)
     tmp = temp_path(path)
     try:
         write(tmp)
@@ -105,6 +141,7 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def _alive(pid: int) -> bool:
+    """Whether another process with this id runs (what this process left behind counts as abandoned)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,9 +154,9 @@ def _alive(pid: int) -> bool:
 def _recover(path: Path) -> None:
     """Finish a replacement that a kill cut short: put the old folder back if the new one never arrived, else
     remove what is left of the old one (unless the process that moved it is still running)."""
-    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
-        pid = old.name.rsplit(".old-", 1)[1].split("-")[0]
-        if pid.isdigit() and _alive(int(pid)):
+    for old in sorted(path.parent.glob(f".{glob_escape(path.name)}.old-*")):
+        pid = _pid_of(old, "old")
+        if pid is not None and _alive(pid):
             continue
         if not path.exists() and (old / MANIFEST).is_file():
             os.replace(old, path)
@@ -137,21 +174,69 @@ def is_artifact(path: str | os.PathLike, format: str) -> bool:
         return False
 
 
-def check_destination(path: str | os.PathLike, format: str, flag: str = "--output") -> None:
+def foreign_files(path: Path) -> list[str]:
+    """The files inside an artifact folder that its manifest does not list (a user's, put there later)."""
+    try:
+        listed = set(read_json(path / MANIFEST, "artifact").get("files", {})) | {MANIFEST}
+    except ArtifactError:
+        return []
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(path).as_posix() not in listed)
+
+
+def check_destination(path: str | os.PathLike, format: str, flag: str = "--output") -> Path:
     """Refuse, before any work, to write an artifact where it would replace something else than an artifact of
-    the same format (a user's folder or file is never overwritten; an empty folder is fine)."""
-    path = Path(path)
+    the same format that holds only files this tool wrote (a user's folder or file is never overwritten; an empty
+    folder is fine). Returns the path to write, symbolic links resolved; clears what killed writes left there."""
+    given, path = path, resolve(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ArtifactError(f"{flag} {given}: {path.parent} is a file, not a folder")
+    if path.parent.is_dir():
+        clean_stale_temporaries(path)
     _recover(path)
     if not path.exists():
-        if path.parent.exists() and not path.parent.is_dir():
-            raise ArtifactError(f"{flag} {path}: {path.parent} is a file, not a folder")
-        return
-    if path.is_file() or not path.is_dir():
-        raise ArtifactError(f"{flag} {path} is a file; give a folder name for the {format}")
-    if is_artifact(path, format) or not any(path.iterdir()):
-        return
-    raise ArtifactError(f"{flag} {path} already exists and is not a {format} made by this tool: it is left "
-                        f"untouched; choose a new folder")
+        return path
+    if not path.is_dir():
+        raise ArtifactError(f"{flag} {given} is a file; give a folder name for the {format}")
+    if not any(path.iterdir()):
+        return path
+    if not is_artifact(path, format):
+        raise ArtifactError(f"{flag} {given} already exists and is not a {format} made by this tool: it is left "
+                            f"untouched; choose a new folder")
+    extra = foreign_files(path)
+    if extra:
+        shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+        raise ArtifactError(f"{flag} {given} is a {format} made by this tool, but it also holds {len(extra)} file(s) "
+                            f"the tool did not write ({shown}): replacing it would delete them; move them out, "
+                            f"or choose a new folder")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str, is_ours: Callable[[Path], bool],
+                      overwrite: bool = False) -> Path:
+    """Before the work whose result it will hold: refuse an output file that would replace a file this tool did
+    not write (``is_ours`` recognises the tool's files by their content), unless ``overwrite``; its folder must
+    exist. Returns the path to write, symbolic links resolved."""
+    given, path = path, resolve(path)
+    if path.is_dir():
+        raise ArtifactError(f"{flag} {given} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ArtifactError(f"{flag} {given}: the folder {path.parent} does not exist")
+    if path.exists() and path.stat().st_size and not overwrite and not is_ours(path):
+        raise ArtifactError(f"{flag} {given} exists and is not a file this tool wrote: it is left untouched; "
+                            f"choose another name, or pass --overwrite to replace it")
+    return path
+
+
+def json_file_matches(path: Path, accept: Callable[[object], bool], lines: bool = False) -> bool:
+    """Whether a file holds JSON (its first line, with ``lines``) that ``accept`` recognises; a file that is not
+    JSON (an image, say) is not."""
+    try:
+        with open(path, "rb") as f:
+            text = f.readline() if lines else f.read(256 * 2 ** 20)
+        return bool(accept(json.loads(text.decode("utf-8"))))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def write_folder(path: str | os.PathLike, format: str, write: Callable[[Path], None],
@@ -159,8 +244,7 @@ def write_folder(path: str | os.PathLike, format: str, write: Callable[[Path], N
     """Commit a folder artifact as one unit: ``write(tmp)`` fills a temporary folder, the manifest is written
     last, then one rename puts it at ``path`` (replacing only an artifact of the same format). Returns the
     manifest."""
-    path = Path(path)
-    check_destination(path, format)
+    path = check_destination(path, format)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     tmp.mkdir()
@@ -173,7 +257,8 @@ def write_folder(path: str | os.PathLike, format: str, write: Callable[[Path], N
         manifest = {"format": format, "version": MANIFEST_VERSION, "files": files, **(records or {})}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
-        if path.is_dir() and any(path.iterdir()):  # an artifact of this format (checked above)
+        if path.is_dir() and any(path.iterdir()):  # an artifact of this format, only the tool's files (checked)
+            check_destination(path, format)  # again: a file may have been put there while this one was written
             old = temp_path(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
@@ -221,21 +306,20 @@ def remove_artifact(path: str | os.PathLike, format: str) -> None:
     path = Path(path)
     if not is_artifact(path, format):
         raise ArtifactError(f"refusing to delete {path}: it is not a {format} made by this tool")
+    extra = foreign_files(path)
+    if extra:
+        raise ArtifactError(f"refusing to delete {path}: it holds files this tool did not write "
+                            f"({', '.join(extra[:5])})")
     doomed = temp_path(path)
     os.replace(path, doomed)
     shutil.rmtree(doomed)
 
 
 def clean_temporaries(folder: str | os.PathLike) -> int:
-    """Remove what interrupted writes left in ``folder`` (only this module's hidden temporary names)."""
-    removed = 0
+    """Remove what interrupted writes left in ``folder`` (this module's hidden temporary names, of processes that
+    no longer run)."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for leftover in folder.glob(".*.tmp-*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
-        removed += 1
-    return removed
+    names = {p.name.split(".tmp-", 1)[0][1:] for p in folder.glob(".*.tmp-*")}
+    return sum(clean_stale_temporaries(folder / name) for name in names)

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 from .artifacts import atomic_write
 from .catalog import catalog_items, encode_items, items_fingerprint
 from .category_probe import train_probe
-from .cli import add_model_args, encoder_from_args, run
+from .cli import WORKERS, add_model_args, encoder_from_args, number, run, whole
 from .distributed import Dist, barrier, run_distributed
 from .encoder import CLIPEncoder
-from .errors import CatalogIndexError, DataError
+from .errors import CatalogIndexError, Clip4CirError, DataError
 from .fingerprints import digest
 from .index import DEFAULTS, KINDS, METRICS, CatalogIndex, Item
 from .index_tuning import choose_kind
+from .vector_store import check_pq_m
 from .sources import Source, add_source_args, source_from_args
 
 CHUNK = 4096  # images per saved chunk of features
@@ -84,9 +85,32 @@ def build_index(encoder: CLIPEncoder, source: Source, items: Sequence[Item], out
     """Encode the items and write their index to ``output``; returns the index (None on processes other than the
     main one) and the items whose image could not be read. DataError when none can be read: an empty index is
     never a result, and an index already at ``output`` stays as it was."""
-    output = Path(output)
-    CatalogIndex.check_destination(output)
+    output = CatalogIndex.check_destination(output)
     work = output.parent / f".{output.name}.encoding" / digest(encoder.fingerprint(), items_fingerprint(items))
+    if ddp.is_main:
+        clear_other_encodings(work)
+    try:
+        return _build(encoder, source, items, output, work, kind, metric, batch_size, workers, progress, record,
+                      target_recall, memory_budget, ddp, message, chunk, **knobs)
+    except Clip4CirError:  # refused: nothing to resume (an interruption keeps the chunks for the next run)
+        if ddp.is_main:
+            shutil.rmtree(work.parent, ignore_errors=True)
+        raise
+
+
+def clear_other_encodings(work: Path) -> None:
+    """Remove the encodings an earlier build of this output left for another encoder or catalog: they can never
+    be resumed (this build's own, ``work``, is resumed)."""
+    if work.parent.is_dir():
+        for other in work.parent.iterdir():
+            if other != work:
+                shutil.rmtree(other, ignore_errors=True)
+
+
+def _build(encoder: CLIPEncoder, source: Source, items: Sequence[Item], output: Path, work: Path, kind: str,
+           metric: str, batch_size: int, workers: int, progress: bool, record: dict | None,
+           target_recall: float | None, memory_budget: int | None, ddp: Dist, message: Callable[[str], None],
+           chunk: int, **knobs) -> tuple[CatalogIndex | None, list[Item]]:
     positions, features = encode_catalog(encoder, items, source, work, batch_size, workers, progress, ddp, chunk)
     if not ddp.is_main:
         return None, []
@@ -94,7 +118,6 @@ def build_index(encoder: CLIPEncoder, source: Source, items: Sequence[Item], out
     readable = set(positions.tolist())
     unreadable = [item for p, item in enumerate(items) if p not in readable]
     if not kept:
-        shutil.rmtree(work.parent)  # nothing to resume: the catalog itself is unreadable
         shown = ", ".join(item.path for item in unreadable[:3])
         raise DataError(f"none of the {len(items):,} images could be read (first: {shown}); no index was written")
     kind = choose_kind(len(kept), encoder.dim, memory_budget) if kind == "auto" else kind
@@ -111,6 +134,15 @@ def build_index(encoder: CLIPEncoder, source: Source, items: Sequence[Item], out
     return index, unreadable
 
 
+def unreadable_reason(source: Source, item: Item) -> str:
+    """Why an item's image could not be read (it is read again to tell)."""
+    try:
+        source.load_image(item.id)
+    except DataError as e:
+        return str(e)
+    return "it could not be read while encoding"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="build_index.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,25 +154,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kind", choices=("auto",) + KINDS, default="auto",
                         help="auto: flat up to 100k items, IVF with 8-bit codes while they fit --memory-budget, "
                              "else IVF-PQ (approximate kinds re-rank exactly)")
-    parser.add_argument("--target-recall", type=float, default=0.95,
+    parser.add_argument("--target-recall", type=number(0, 1, low_open=True), default=0.95,
                         help="calibrate nprobe/efSearch to this Recall@10 against exact search (approximate kinds)")
-    parser.add_argument("--memory-budget", type=float, help="GB the index's codes may use (default: half the RAM)")
+    parser.add_argument("--memory-budget", type=number(0, 1e6, low_open=True),
+                        help="GB the index's codes may use (default: half the RAM)")
     parser.add_argument("--metric", choices=METRICS, default="cosine")
-    parser.add_argument("--nlist", type=int, help="IVF lists (default 4·√N)")
-    parser.add_argument("--pq-m", type=int, help="IVF-PQ bytes per vector (default: dim/8)")
-    parser.add_argument("--M", type=int, default=DEFAULTS["M"], help="HNSW links per node")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--chunk-size", type=int, default=CHUNK,
+    parser.add_argument("--nlist", type=whole(1), help="IVF lists (default 4·√N)")
+    parser.add_argument("--pq-m", type=whole(1), help="IVF-PQ bytes per vector (default: dim/8)")
+    parser.add_argument("--M", type=whole(2, 512), default=DEFAULTS["M"], help="HNSW links per node")
+    parser.add_argument("--batch-size", type=whole(1), default=64)
+    parser.add_argument("--chunk-size", type=whole(1), default=CHUNK,
                         help="images per saved chunk: what an interruption can lose, and the unit shared out to GPUs")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    if args.chunk_size < 1 or args.batch_size < 1:
-        raise ValueError("--chunk-size and --batch-size must be at least 1")
     if not args.model and not args.clip_checkpoint:
         raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
-    if not 0 < args.target_recall <= 1:
-        raise ValueError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     return args
 
 
@@ -159,6 +188,8 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
                                 f"(default: 4·√N)")
     args.device = str(device)
     encoder = encoder_from_args(args)
+    if args.pq_m is not None:
+        check_pq_m(args.pq_m, encoder.dim)  # before the encoding, not after it
     knobs = {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("M", args.M)) if v is not None}
     budget = int(args.memory_budget * 2 ** 30) if args.memory_budget else None
     index, unreadable = build_index(encoder, source, items, args.output, args.kind, args.metric, args.batch_size,
@@ -167,7 +198,7 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     if index is None:
         return 0
     for item in unreadable[:10]:
-        print(f"skipped unreadable image {item.path}")
+        print(f"skipped {item.path}: {unreadable_reason(source, item)}")
     if unreadable:
         print(f"skipped {len(unreadable):,} unreadable images of {len(items):,}")
     tuned = f", calibrated {index.tuning['effort']} for Recall@10 {index.tuning['recall']}" if index.tuning else ""

@@ -34,12 +34,13 @@ from .artifacts import (
 )
 from .distributed import gather_objects
 from .errors import ArtifactError, DataError
+from .sources.base import describe_change
 
 CHECKPOINT_FORMAT = "clip4cir.checkpoint"
 KEEP_CHECKPOINTS = 2
-# arguments that must match for --resume to continue the same run
-RESUME_KEYS = ("model", "pretrained", "clip_checkpoint", "encoder", "batch_size", "lr", "seed", "categories",
-               "data", "proj_dim", "hidden_dim", "world_size", "weight_decay", "preprocess", "target_ratio")
+# the settings --resume may change: how long, how often to save or validate, where, how fast; every other setting
+# (the objective, the batches, the model, the data) must be what the run started with
+MAY_CHANGE_ON_RESUME = ("epochs", "save_every", "save_best", "val_every", "workers", "output", "cache_dir")
 RUN_FILES = ("params.json", "metrics.jsonl", "best.safetensors", "checkpoints")
 
 
@@ -123,10 +124,14 @@ class RunDir:
             if not self.params_file.is_file():
                 raise DataError(f"--resume: {self.path} holds no run to resume ({self.params_file.name} is missing)")
             saved = read_json(self.params_file, "--resume")
-            changed = [k for k in RESUME_KEYS if k in params and saved.get(k) != params[k]]
+            now = json.loads(json.dumps(params, default=str))  # as params.json holds them
+            changed = [k for k in sorted((set(now) | set(saved)) - {"training_data"})
+                       if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != now.get(k)]
             if changed:
-                what = ", ".join(f"{k} was {saved.get(k)!r}, now {params[k]!r}" for k in changed)
-                raise DataError(f"--resume: {what} in {self.params_file}")
+                what = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
+                free = ", --".join(k.replace("_", "-") for k in MAY_CHANGE_ON_RESUME)
+                raise DataError(f"--resume: {what} ({self.params_file}); a resumed run keeps its objective, batches, "
+                                f"model and data; only --{free} may change")
         elif self.holds_run():
             raise DataError(f"--output {self.path} already holds a run; pass --resume to continue it "
                             f"or choose another folder")
@@ -135,10 +140,11 @@ class RunDir:
 
     def check_same_data(self, data: dict) -> None:
         """--resume: the training data must be what the run started on (same annotations and image files)."""
-        saved = read_json(self.params_file, "--resume").get("training_data", {})
-        if saved.get("train", {}).get("fingerprint") != data["train"]["fingerprint"]:
-            raise DataError(f"--resume: the training data in {data['train']['root']} changed since the run started "
-                            f"(annotation or image files differ from {self.params_file}); start a new run")
+        saved = read_json(self.params_file, "--resume").get("training_data", {}).get("train", {})
+        if saved.get("fingerprint") != data["train"]["fingerprint"]:
+            what = describe_change(saved.get("parts", {}), data["train"].get("parts", {}))
+            raise DataError(f"--resume: the training data changed since the run started ({what}; recorded in "
+                            f"{self.params_file}); restore it, or start a new run")
 
     def start(self, params: dict) -> None:
         """Begin the run (also a resumed one that was stopped before its first checkpoint): params, empty log."""
@@ -184,7 +190,10 @@ class RunDir:
 
         write_folder(self.checkpoints / f"step-{step:09d}", CHECKPOINT_FORMAT, write, {"step": step})
         for old in self._steps()[KEEP_CHECKPOINTS:]:
-            remove_artifact(old, CHECKPOINT_FORMAT)
+            try:
+                remove_artifact(old, CHECKPOINT_FORMAT)
+            except ArtifactError as e:  # e.g. a file of the user's inside it: kept, and said
+                warnings.warn(f"keeping the old checkpoint {old}: {e}")
 
     def save_best(self, write_model: Callable[[Path], None]) -> None:
         atomic_write(self.file("best.safetensors"), write_model)

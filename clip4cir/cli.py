@@ -15,6 +15,47 @@ from .encoder import Encoder
 from .errors import DataError
 from .factory import load_model
 from .sources import Source, add_source_args, source_from_args
+from .sources.base import check_images_readable
+
+
+MAX_SEED = 2 ** 31 - 1
+MAX_WIDTH = 65_536  # the largest layer width a flag may ask for (a Combiner of 1024-d features: 0.3 GB a layer)
+
+
+def whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` (to ``high``); argparse names the flag in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, got {text}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def number(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval (``low_open``/``high_open``: the end excluded)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not inside:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = number(0, math.inf, low_open=True, high_open=True)
+WORKERS = whole(0, 256)
 
 
 def add_model_args(parser: argparse.ArgumentParser, checkpoint_flag: str = "--clip-checkpoint") -> None:
@@ -25,38 +66,30 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_flag: str = "--cl
     group.add_argument(checkpoint_flag, dest="clip_checkpoint",
                        help="fine-tuned encoder: clip4cir .safetensors, CLIP4Cir tuned_clip_*.pt or OpenAI state dict")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
 
 
 def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
     """The arguments both training stages share (their defaults differ)."""
     add_source_args(parser)
     parser.add_argument("--output", required=True, help="run folder: params.json, metrics.jsonl, checkpoints")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="per process (× world size in all)")
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    parser.add_argument("--epochs", type=whole(1), default=epochs)
+    parser.add_argument("--batch-size", type=whole(1), default=batch_size, help="per process (× world size in all)")
+    parser.add_argument("--lr", type=POSITIVE, default=lr)
+    parser.add_argument("--val-every", type=whole(1), default=1, help="validate every N epochs (and after the last)")
     parser.add_argument("--save-best", action="store_true",
                         help="keep best.safetensors (the data set's headline score: FashionIQ the mean of avg R@10 "
                              "and R@50, CIRR the mean of R@5 and Rs@1, labels MAP@R)")
-    parser.add_argument("--save-every", type=int, default=0,
+    parser.add_argument("--save-every", type=whole(0), default=0,
                         help="also commit a checkpoint every N steps (besides the end of every epoch)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps in all")
+    parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--max-steps", type=whole(0), default=0, help="stop (resumably) after this many steps in all")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def check_run_values(args: argparse.Namespace) -> None:
     """Reject impossible values of the arguments every trainer takes, before anything is written or loaded."""
-    for name in ("epochs", "batch_size", "val_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("workers", "max_steps", "save_every"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise DataError(f"--output {args.output} is a file; give a folder for the run")
     if getattr(args, "streaming", False):
@@ -70,10 +103,12 @@ def check_run_args(args: argparse.Namespace) -> Source:
     check_run_values(args)
     source = source_from_args(args)
     val = source.protocol.val_split
-    TripletDataset(source, "train")  # missing images are named here, not after an epoch
-    TripletDataset(source, val)
+    images = []
+    for split in ("train", val):  # missing images are named here, not after an epoch
+        images += [i for t in TripletDataset(source, split).triplets for i in (t.reference, t.target) if i]
     for category in source.categories() if source.protocol.per_category else [None]:
-        GalleryDataset(source, val, [category] if category else None)
+        images += GalleryDataset(source, val, [category] if category else None).ids
+    check_images_readable(source, images)  # and unreadable ones (truncated, not images)
     return source
 
 
@@ -93,18 +128,6 @@ def benchmark_args(argv: Sequence[str] | None, prog: str, doc: str, configs: dic
     if not out.is_dir():
         raise FileNotFoundError(f"--out {out} does not exist")
     return args, configs[args.config], out
-
-
-def check_output_file(path: str | None, flag: str) -> None:
-    """Before the work whose result it will hold: the folder of an output file must exist, and the path must not
-    be a folder."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise DataError(f"{flag} {path} is a folder; give a file name")
-    if not target.parent.is_dir():
-        raise DataError(f"{flag} {path}: the folder {target.parent} does not exist")
 
 
 def encoder_from_args(args: argparse.Namespace) -> Encoder:

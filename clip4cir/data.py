@@ -69,15 +69,20 @@ class TripletDataset(Dataset):
                             + (f" for {','.join(self.categories)}" if self.categories else ""))
         self.triplets = triplets
 
-    def fingerprint(self) -> str:
-        """What the triplets were read from: the annotation files' contents and the images' files."""
+    def fingerprint_parts(self) -> dict:
+        """What the triplets were read from, part by part: the annotation files' contents and the images' files."""
         images = sorted({i for t in self.triplets for i in (t.reference, t.target) if i})
-        return digest(self.source.fingerprint(self.split, images), self.categories, len(self.triplets))
+        return {**self.source.fingerprint_parts(self.split, images), "categories": self.categories,
+                "triplets": len(self.triplets)}
+
+    def fingerprint(self) -> str:
+        return digest(self.fingerprint_parts())
 
     def record(self) -> dict:
-        """What artifacts made from these triplets record of them."""
+        """What artifacts made from these triplets record of them (``parts``: to name what changed)."""
+        parts = self.fingerprint_parts()
         return {"source": self.source.record(), "split": self.split, "categories": self.categories,
-                "triplets": len(self.triplets), "fingerprint": self.fingerprint()}
+                "triplets": len(self.triplets), "fingerprint": digest(parts), "parts": parts}
 
     def set_epoch(self, epoch: int) -> None:
         """Select the caption randomisation of an epoch (deterministic, also across workers)."""

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from .artifacts import atomic_write_text
+from .artifacts import atomic_write_text, check_output_file, json_file_matches, resolve
 from .category_probe import predict_category, train_probe
-from .cli import add_model_args, check_output_file, encoder_from_args, run
+from .cli import WORKERS, add_model_args, encoder_from_args, run, whole
 from .data import GalleryDataset
 from .device import resolve_device
 from .encoder import CLIPEncoder, Encoder
@@ -149,8 +149,33 @@ def labels_task(encoder: Encoder, args: argparse.Namespace, source: Source) -> d
     return out
 
 
+WRITTEN_BY = "clip4cir evaluate"  # the mark of a --json file this command wrote (it may replace only those)
+PREDICTION_FILES = ("recall_submission.json", "recall_subset_submission.json", "predictions.json")
+
+
 def _write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def is_metrics_file(path: Path) -> bool:
+    return json_file_matches(path, lambda v: isinstance(v, dict) and v.get("written_by") == WRITTEN_BY)
+
+
+def is_dump_file(path: Path) -> bool:
+    """A --dump: JSON lines of query records (reference, captions and the top ids)."""
+    return json_file_matches(path, lambda v: isinstance(v, dict) and {"reference", "captions", "top10"} <= set(v),
+                             lines=True)
+
+
+def is_predictions_file(path: Path) -> bool:
+    """A test-server file this command writes: CIRR's (version and metric) or the top-50 lists per category."""
+    def accept(v) -> bool:
+        if not isinstance(v, dict):
+            return False
+        if "version" in v and "metric" in v:
+            return True
+        return all(isinstance(q, list) and all(isinstance(r, dict) and "top50" in r for r in q) for q in v.values())
+    return json_file_matches(path, accept)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,9 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the paper's ablation table (markdown)")
     parser.add_argument("--table-checkpoints", help="image=PATH,text=PATH,both=PATH stage-one checkpoints")
     parser.add_argument("--table-combiners", help="none=PATH,image=PATH,text=PATH,both=PATH stage-two checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --json, --dump and --predictions replace files this tool did not write")
     parser.add_argument("--cache-dir", help="cache gallery features here (keyed by encoder and data fingerprints)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=whole(1), default=64)
+    parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     source = source_from_args(args)
@@ -186,10 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"server's files")
     if args.predictions and not testing:
         raise ValueError(f"--predictions writes the test server's files: use it with --split {protocol.test_split}")
-    for flag in ("json", "dump"):  # before the long work whose results they will hold
-        check_output_file(getattr(args, flag), f"--{flag}")
-    if args.predictions and Path(args.predictions).exists() and not Path(args.predictions).is_dir():
-        raise DataError(f"--predictions {args.predictions} is a file; give a folder")
+    for flag, is_ours in (("json", is_metrics_file), ("dump", is_dump_file)):  # before the long work
+        if getattr(args, flag):
+            setattr(args, flag, check_output_file(getattr(args, flag), f"--{flag}", is_ours, args.overwrite))
+    if args.predictions:
+        args.predictions = resolve(args.predictions)
+        if args.predictions.exists() and not args.predictions.is_dir():
+            raise DataError(f"--predictions {args.predictions} is a file; give a folder")
+        for name in PREDICTION_FILES:
+            if (args.predictions / name).exists():
+                check_output_file(args.predictions / name, "--predictions", is_predictions_file, args.overwrite)
     start = time.perf_counter()
     if args.table:
         print(ablation_table(args, source))
@@ -200,13 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, m in metrics.items():
             print(f"{name:>10}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items() if isinstance(v, float)))
         if args.json:
-            _write_json(args.json, {**metrics, "data": source.record(), "split": args.split})
+            _write_json(args.json, {"written_by": WRITTEN_BY, **metrics, "data": source.record(), "split": args.split})
         return 0
     if args.task in ("image", "category"):
         metrics = (image_task if args.task == "image" else category_task)(encoder, args, source)
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         if args.json:
-            _write_json(args.json, {**metrics, "model": encoder.describe(), "seconds": time.perf_counter() - start})
+            _write_json(args.json, {"written_by": WRITTEN_BY, **metrics, "model": encoder.describe(),
+                                    "seconds": time.perf_counter() - start})
         return 0
     mode = args.mode or ("combiner" if args.combiner else "sum")
     combine = combining_function(encoder, args.combiner, mode)
@@ -228,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:>8}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items()))
     print(f"{'score':>8}: {metrics['score']:.2f} (the mean of {', '.join(protocol.score)})")
     if args.json:
-        _write_json(args.json, {**metrics, "data": source.record(), "protocol": protocol.name,
+        _write_json(args.json, {"written_by": WRITTEN_BY, **metrics, "data": source.record(), "protocol": protocol.name,
                                 "model": encoder.describe(), "combiner": args.combiner if mode == "combiner" else "sum",
                                 "seconds": time.perf_counter() - start})
     return 0

@@ -10,6 +10,7 @@ Loading it for an encoder checks the fingerprint: features of another encoder ar
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from .errors import ModelError
 
 COMBINER_FORMAT = "clip4cir.combiner"
 COMBINER_VERSION = "1"
+log = logging.getLogger(__name__)
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -74,6 +76,9 @@ class Combiner(nn.Module):
                              f"for this one")
         if self.feature_dim != encoder.dim:
             raise ModelError(f"{name} takes {self.feature_dim}-d features; {encoder_file} gives {encoder.dim}-d")
+        if not trained_on:
+            log.warning("%s does not record the encoder it was trained on (a CLIP4Cir combiner.pt?): only its "
+                        "feature size (%d) could be checked against %s", name, self.feature_dim, encoder_file)
 
     def _fuse(self, image_features: torch.Tensor, text_features: torch.Tensor, dropout: bool) -> torch.Tensor:
         p = self.dropout1.p

@@ -326,9 +326,10 @@ class CatalogIndex:
         return cls.load(path)
 
     @staticmethod
-    def check_destination(path: str | os.PathLike) -> None:
-        """Before any work: ArtifactError if saving to ``path`` would replace something that is not an index."""
-        check_destination(path, INDEX_FORMAT)
+    def check_destination(path: str | os.PathLike) -> Path:
+        """Before any work: ArtifactError if saving to ``path`` would replace something that is not an index (or
+        an index that holds files of the user's); returns the path to write, links resolved."""
+        return check_destination(path, INDEX_FORMAT)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CatalogIndex":

@@ -11,13 +11,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpointing import open_run
-from .cli import add_model_args, add_run_args, check_run_values, run
+from .cli import (MAX_WIDTH, POSITIVE, add_model_args, add_run_args, check_run_values, number, run,
+                  whole)
 from .data import GalleryDataset
 from .device import autocast
 from .distributed import Dist, mean_over_ranks, run_distributed
@@ -25,12 +25,13 @@ from .encoder import Encoder
 from .encoder_file import load_encoder, save_encoder
 from .errors import DataError
 from .factory import load_model
+from .fingerprints import digest
 from .features import extract_image_features, loader_options
 from .loop import new_state, run_epochs
 from .metric_learning import (LOSSES, ClassBatchSampler, attribute_agreement, labelled_loss, make_loss,
                               retrieval_metrics)
 from .sources import source_from_args
-from .sources.base import SHOWN
+from .sources.base import check_images_readable
 from .sources.labels import LabelledImages
 from .train import amp_settings, set_train_mode, set_trainable
 
@@ -73,41 +74,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_model_args(parser)
     parser.add_argument("--loss", choices=LOSSES, default="triplet",
                         help="the metric-learning loss (the default measured best: see the README's table)")
-    parser.add_argument("--m-per-class", type=int, default=4, help="images of each label in a batch")
-    parser.add_argument("--embed-dim", type=int, default=128, help="timm encoders: the projection's size")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--proxy-lr-factor", type=float, default=100.0,
+    parser.add_argument("--m-per-class", type=whole(2), default=4, help="images of each label in a batch")
+    parser.add_argument("--embed-dim", type=whole(1, MAX_WIDTH), default=128, help="timm encoders: the projection's size")
+    parser.add_argument("--weight-decay", type=number(0, 1e3), default=1e-4)
+    parser.add_argument("--proxy-lr-factor", type=POSITIVE, default=100.0,
                         help="proxy-based losses: the proxies' learning rate is this times --lr")
     args = parser.parse_args(argv)
     if args.dataset == "auto":
         args.dataset = "labels"
     check_run_values(args)
-    if args.m_per_class < 2:
-        raise ValueError(f"--m-per-class must be at least 2 (an anchor needs a positive), got {args.m_per_class}")
     if not (args.model or args.clip_checkpoint):
         raise ValueError("give the encoder: --model NAME (an open_clip model or timm/<model>) or --clip-checkpoint")
     source = source_from_args(args)
     if not isinstance(source, LabelledImages):
         raise DataError(f"--data {args.data} is not a set of labelled images (a folder per label, or image,label "
                         f"rows): it is {source.describe()}")
-    check_images_open(source)
+    check_images_readable(source, [i for split in source.splits() for i in source.gallery(split)])
     return args
-
-
-def check_images_open(source: LabelledImages) -> None:
-    """Every image the run reads is an image file (its header read, not decoded): found before training, not
-    in the middle of an epoch."""
-    bad = []
-    for split in source.splits():
-        for image_id in source.gallery(split):
-            try:
-                with Image.open(source.path(image_id)):
-                    pass
-            except (OSError, Image.DecompressionBombError) as e:
-                bad.append(f"{source.path(image_id)} ({type(e).__name__})")
-    if bad:
-        shown = "; ".join(bad[:SHOWN]) + ("; ..." if len(bad) > SHOWN else "")
-        raise DataError(f"{len(bad):,} images cannot be read: {shown}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,8 +105,9 @@ def train(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
         load_model(args.model, args.pretrained, args.clip_checkpoint, args.seed, "squarepad", device=device,
                    embed_dim=args.embed_dim)
     train_set = LabelledImageDataset(source, "train", encoder.transform)
+    parts = source.fingerprint_parts("train")
     data = {"train": {"source": source.record(), "images": len(train_set), "labels": train_set.num_labels,
-                      "fingerprint": source.fingerprint("train")}, "skipped_labels": source.skipped_labels}
+                      "fingerprint": digest(parts), "parts": parts}, "skipped_labels": source.skipped_labels}
     if args.resume:
         run_dir.check_same_data(data)
     model = encoder.model

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import number
+
 RECIPES = {
     "clip4cir": {"symmetric": False, "learn_temperature": False, "label_smoothing": 0.0, "hard_negatives": False,
                  "gallery_negatives": False, "blend": False},
@@ -31,7 +33,8 @@ def add_recipe_args(parser: argparse.ArgumentParser, stage: int) -> None:
     flag = argparse.BooleanOptionalAction
     group.add_argument("--symmetric", action=flag, default=None, help="add the target→query loss")
     group.add_argument("--learn-temperature", action=flag, default=None, help="learn the logit scale (from 100)")
-    group.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the cross-entropy")
+    group.add_argument("--label-smoothing", type=number(0, 1, high_open=True), default=None,
+                       help="label smoothing of the cross-entropy")
     group.add_argument("--hard-negatives", action=flag, default=None,
                        help="batches of one category (same-kind negatives); data sets without categories ignore it")
     if stage == 2:
@@ -48,5 +51,3 @@ def apply_recipe(args: argparse.Namespace, stage: int) -> None:
             continue
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if not 0 <= args.label_smoothing < 1:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from .category_probe import predict_category
-from .cli import run
+from .cli import run, whole
 from .device import resolve_device
 from .encoder import CLIPEncoder
-from .errors import CatalogIndexError, DataError, SearchError
+from .errors import CatalogIndexError, DataError, ModelError, SearchError
 from .factory import check_same_encoder, encoder_from_record
 from .features import check_finite
 from .fusion import Combiner, combine_sum, load_combiner
@@ -71,7 +71,10 @@ class SearchEngine:
         index = CatalogIndex.load(index_path)
         encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device),
                                       artifact=f"index {index_path}")
-        combiner = load_combiner(combiner_path, encoder.device, encoder)[0] if combiner_path else None
+        try:
+            combiner = load_combiner(combiner_path, encoder.device, encoder)[0] if combiner_path else None
+        except ModelError as e:
+            raise ModelError(f"{e} (the encoder of index {index_path})") from None
         return cls(index, encoder, combiner)
 
     # ---- query features -------------------------------------------------------------------------------------
@@ -139,6 +142,13 @@ class SearchEngine:
         hits = [Hit(item.id, score, list(item.categories), item.path) for item, score in found if item.id != exclude]
         return SearchResult(hits[:k], notes, category, time.perf_counter() - started)
 
+    @staticmethod
+    def _check_types(**values) -> None:
+        """Each argument a string or None (a number or a list where text belongs is an error naming it)."""
+        for name, value in values.items():
+            if value is not None and not isinstance(value, str):
+                raise SearchError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+
     def _check_k(self, k: int) -> None:
         """k is a whole number from 1 to 10,000 (or the catalog's size, if smaller): never truncated or clamped."""
         largest = min(MAX_K, len(self.index))
@@ -152,6 +162,7 @@ class SearchEngine:
         """Items like the reference (an image, or a catalog id whose stored feature is reused) changed as the
         caption says. The reference item itself is left out of the results."""
         started, notes = time.perf_counter(), []
+        self._check_types(caption=caption, reference_id=reference_id, category=category, mode=mode)
         self._check_k(k)
         if mode not in MODES:
             raise SearchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -172,6 +183,7 @@ class SearchEngine:
                      category: str | None = None, reference_id: str | None = None) -> SearchResult:
         """Items that look like the image, or like a catalog item ("more like this", the item left out)."""
         started, notes = time.perf_counter(), []
+        self._check_types(reference_id=reference_id, category=category)
         self._check_k(k)
         feature = self._reference(image, reference_id)
         return self._search(feature, k, self._category(category, feature, notes), notes, started,
@@ -180,6 +192,7 @@ class SearchEngine:
     def text_search(self, caption: str, k: int = 10, category: str | None = None) -> SearchResult:
         """Items the description fits."""
         started, notes = time.perf_counter(), []
+        self._check_types(caption=caption, category=category)
         self._check_k(k)
         feature = self._text_feature(caption, notes)
         return self._search(feature, k, self._category(category, feature, notes), notes, started)
@@ -195,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference.add_argument("--image", help="reference / query image file")
     reference.add_argument("--ref-id", help="id of a catalog item as the reference")
     parser.add_argument("--caption")
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=whole(1, MAX_K), default=10)
     parser.add_argument("--category", help="a category of the catalog, all, or auto")
     parser.add_argument("--mode", choices=MODES, help="combining function (default: combiner if loaded, else sum)")
     parser.add_argument("--device", default="auto")

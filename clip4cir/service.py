@@ -117,14 +117,6 @@ def load_engine(options: Options, progress: Callable[[str], None] = print) -> Se
     return SearchEngine(index, encoder, combiner_model)
 
 
-def image_folders(index: CatalogIndex) -> list[str]:
-    """The folders holding the catalog's images (recorded when the index was built): exactly what the app may
-    serve files from."""
-    if "folders" not in index.source:
-        raise ValueError("this index does not record its image folders (built by an earlier version): rebuild it")
-    return index.source["folders"]
-
-
 def annotated_captions(index: CatalogIndex, per_item: int = 5) -> dict[str, list[tuple[str, str]]]:
     """The data set's own captions for the indexed references, with their targets: one-click suggestions in
     the app (the known target is marked in the results). Empty when the index was not built from triplets."""
@@ -159,8 +151,4 @@ def thumbnails_for(index: CatalogIndex, cache: Path) -> Thumbnails:
         path = index.item(item_id).path
         return load_image(path) if os.path.isfile(path) else data_set().load_image(item_id)
 
-    def original(item_id: str) -> str | None:
-        path = index.item(item_id).path
-        return path if os.path.isfile(path) else None
-
-    return Thumbnails(cache / "thumbnails" / str(index.source.get("fingerprint", "catalog")), open_image, original)
+    return Thumbnails(cache / "thumbnails" / str(index.source.get("fingerprint", "catalog")), open_image)

@@ -1,7 +1,7 @@
 """Thumbnails of catalog images: made once per item when first shown, kept in a cache folder, and served instead
 of the originals (a result page weighs kilobytes, not megabytes). The whole image is kept (scaled to fit, never
-cropped), sharp enough for high-density screens. Items whose images are not files (a Hugging Face data set's
-rows) get a larger copy too, for the full view."""
+cropped), sharp enough for high-density screens. The large copy is what the app shows as a picked reference: the
+app hands the browser only files of this folder, never a catalog file (see clip4cir.catalog_routes)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,13 +18,12 @@ LARGE_SIDE = 1024
 
 
 class Thumbnails:
-    """``small(item_id)`` and ``large(item_id)`` give image files for an index's items, made on first use."""
+    """``small(item_id)`` and ``large(item_id)`` give JPEG files for an index's items, made on first use."""
 
-    def __init__(self, folder: str | os.PathLike, open_image: Callable[[str], Image.Image],
-                 original: Callable[[str], str | None]):
-        """``open_image(id)`` reads an item's image; ``original(id)`` is its file, when it is one."""
+    def __init__(self, folder: str | os.PathLike, open_image: Callable[[str], Image.Image]):
+        """``open_image(id)`` reads an item's image."""
         self.folder = Path(folder)
-        self.open_image, self.original = open_image, original
+        self.open_image = open_image
 
     def _file(self, item_id: str, side: int) -> Path:
         name = hashlib.sha1(item_id.encode("utf-8")).hexdigest()
@@ -42,6 +41,4 @@ class Thumbnails:
         return self._make(item_id, THUMBNAIL_SIDE)
 
     def large(self, item_id: str) -> str:
-        """The original file where there is one, else a large copy."""
-        original = self.original(item_id)
-        return original if original else self._make(item_id, LARGE_SIDE)
+        return self._make(item_id, LARGE_SIDE)

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .checkpointing import open_run
-from .cli import add_model_args, add_run_args, check_run_args, run
+from .cli import add_model_args, add_run_args, check_run_args, number, run
 from .data import TripletDataset
 from .device import amp_dtype, autocast
 from .distributed import Dist, mean_over_ranks, run_distributed
@@ -109,10 +109,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_run_args(parser, epochs=100, batch_size=128, lr=2e-6)
     add_model_args(parser)
     parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="both", help="which towers to fine-tune")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=number(0, 1e3), default=0.01)
     parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
     parser.add_argument("--preprocess", choices=["targetpad", "squarepad", "openclip"], default="targetpad")
-    parser.add_argument("--target-ratio", type=float, default=1.25)
+    parser.add_argument("--target-ratio", type=number(1, 100), default=1.25,
+                        help="targetpad: pad images whose aspect ratio exceeds this")
     add_recipe_args(parser, stage=1)
     args = parser.parse_args(argv)
     apply_recipe(args, stage=1)

@@ -16,18 +16,19 @@ import logging
 import os
 import re
 from pathlib import Path
-from urllib.parse import quote
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import DataError, SearchError  # noqa: E402
 from .images import load_image  # noqa: E402
 from .search import MAX_K, SearchEngine, SearchResult  # noqa: E402
-from .service import annotated_captions, image_folders, thumbnails_for  # noqa: E402
+from .catalog_routes import add_catalog_routes, image_url, thumbnail_url  # noqa: E402
+from .service import annotated_captions, thumbnails_for  # noqa: E402
 from .thumbnails import Thumbnails  # noqa: E402
 from .threads import configure_serving_threads  # noqa: E402
 
@@ -59,17 +60,41 @@ def plain(text: str) -> str:
     return re.sub(r"([\\`*_\[\]#!|~])", r"\\\1", html.escape(text, quote=False))
 
 
-def read_upload(value) -> Image.Image | None:
-    """The image of an image input, passed unprocessed (the events read uploads themselves, so a file that is not
-    an image, or is too large, gets a message naming the uploaded file instead of Gradio's preprocessing error)."""
-    if not value:
+NOT_AN_UPLOAD = ("the image must be a file uploaded to this app (gradio_client: image=handle_file(PATH); the page: "
+                 "drop or paste it), or give reference_id for a catalog item")
+
+
+def uploaded_path(value) -> str | None:
+    """The server path of a file the client uploaded to Gradio (its FileData, whose path Gradio checked is in
+    its upload folder), or None for no image. Anything else (a path string, a dict without Gradio's file
+    metadata, a path outside the upload folder) is refused with the same message whether or not such a
+    file exists, so the API never reads, or tells about, a file the client did not send."""
+    if value is None or value == "" or value == {}:
         return None
-    path = value.get("path") if isinstance(value, dict) else str(value)
-    name = (value.get("orig_name") if isinstance(value, dict) else None) or os.path.basename(path)
+    if isinstance(value, FileData):
+        value = value.model_dump()
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str) \
+            or (value.get("meta") or {}).get("_type") != "gradio.FileData":
+        raise SearchError(NOT_AN_UPLOAD)
+    uploads = os.path.realpath(get_upload_folder())
+    path = os.path.realpath(value["path"])
+    if os.path.commonpath([uploads, path]) != uploads:
+        raise SearchError(NOT_AN_UPLOAD)
+    return path
+
+
+def read_upload(value) -> Image.Image | None:
+    """The image of an uploaded file (see :func:`uploaded_path`), read by the events themselves, so a file that
+    is not an image, or is too large, gets a message naming the uploaded file instead of Gradio's preprocessing
+    error."""
+    path = uploaded_path(value)
+    if path is None:
+        return None
+    name = value.orig_name if isinstance(value, FileData) else value.get("orig_name")
     try:
         return load_image(path)
     except DataError as e:
-        raise SearchError(str(e).replace(str(path), name)) from None
+        raise SearchError(str(e).replace(path, name or os.path.basename(path))) from None
 
 
 def scroll_to(*elem_ids: str) -> str:
@@ -106,10 +131,9 @@ def message(result: SearchResult) -> str:
     return " · ".join(parts + [plain(note) for note in result.notes])
 
 
-def file_url(path: str, request: gr.Request | None) -> str:
-    """The URL the app serves a file at (absolute when the request says where the app is)."""
-    base = str(request.request.base_url) if request is not None and getattr(request, "request", None) else "/"
-    return f"{base.rstrip('/')}/gradio_api/file={quote(path)}"
+def base_url(request: gr.Request | None) -> str:
+    """Where the app is, as the request says (absolute links for API clients); "/" when unknown."""
+    return str(request.request.base_url) if request is not None and getattr(request, "request", None) else "/"
 
 
 def results_gallery(elem_id: str) -> gr.Gallery:
@@ -142,9 +166,9 @@ class App:
 
     def records(self, result: SearchResult, request: gr.Request | None) -> dict:
         """Structured results for API clients: no image is downloaded unless they ask for it."""
+        base = base_url(request)
         hits = [{"rank": rank, "id": h.id, "categories": h.categories, "score": round(h.score, 6),
-                 "thumbnail_url": file_url(self.thumbnails.small(h.id), request),
-                 "image_url": file_url(self.thumbnails.large(h.id), request)}
+                 "thumbnail_url": thumbnail_url(base, h.id), "image_url": image_url(base, h.id)}
                 for rank, h in enumerate(result.hits, 1)]
         return {"results": hits, "category": result.category, "notes": result.notes,
                 "milliseconds": round(1000 * result.seconds, 2)}
@@ -488,18 +512,17 @@ def build_app(engine: SearchEngine, thumbnails: Thumbnails) -> gr.Blocks:
 
 def serve(engine: SearchEngine, cache: str | os.PathLike, host: str | None = None, port: int | None = None,
           share: bool = False, quiet: bool = False) -> gr.Blocks:
-    """Build the app for ``engine`` and start serving it (without blocking). Gradio serves files only from the
-    working and temp folders and ``allowed_paths``: exactly the catalog's image folders and its thumbnails are
-    allowed, so a catalog anywhere (a home cache, a Space's data, ``--data /srv/...``) is served and nothing
-    else is."""
+    """Build the app for ``engine`` and start serving it (without blocking). Gradio's file route serves only its
+    uploads and ``allowed_paths``: the thumbnails folder alone (JPEGs this app wrote); catalog images are served
+    by id through clip4cir.catalog_routes, wherever the catalog lives, and no other file of a catalog folder."""
     thumbnails = thumbnails_for(engine.index, Path(cache))
     thumbnails.folder.mkdir(parents=True, exist_ok=True)
     app = build_app(engine, thumbnails)
     app.queue(default_concurrency_limit=4)
     configure_serving_threads()
     app.launch(server_name=host, server_port=port, share=share, show_error=True, prevent_thread_lock=True,
-               allowed_paths=image_folders(engine.index) + [str(thumbnails.folder)], max_file_size=MAX_UPLOAD,
-               quiet=quiet, css=CSS, head=HEAD)
+               allowed_paths=[str(thumbnails.folder)], max_file_size=MAX_UPLOAD, quiet=quiet, css=CSS, head=HEAD)
+    add_catalog_routes(app.app, engine.index, thumbnails)
     return app
 
 

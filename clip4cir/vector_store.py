@@ -42,6 +42,14 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
+def check_pq_m(pq_m: int, dim: int) -> None:
+    """Product quantization splits a vector into ``pq_m`` equal parts: it must divide the dimension."""
+    if not 1 <= pq_m <= dim or dim % pq_m:
+        divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+        raise CatalogIndexError(f"--pq-m {pq_m} must divide the features' dimension {dim} (it could be "
+                                f"{', '.join(map(str, divisors[-8:]))}; default {default_pq_m(dim)})")
+
+
 def default_pq_m(dim: int) -> int:
     """Bytes per vector of PQ codes: about one per 8 dimensions, a divisor of ``dim``."""
     target = max(1, dim // 8)
@@ -135,11 +143,11 @@ class FaissStore:
         if kind not in KINDS:
             raise CatalogIndexError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)} (or auto)")
         for name, value in (("nprobe", nprobe), ("M", M), ("ef_search", ef_search), ("k_factor", k_factor),
-                            ("nlist", nlist or 1), ("pq_m", pq_m or 1)):
+                            ("nlist", 1 if nlist is None else nlist)):
             if value < 1:
                 raise CatalogIndexError(f"{name} must be at least 1, got {value}")
-        if pq_m is not None and dim % pq_m:
-            raise CatalogIndexError(f"pq_m {pq_m} must divide the feature size {dim}")
+        if pq_m is not None:
+            check_pq_m(pq_m, dim)
         self.dim, self.kind = dim, kind
         self.nlist, self.pq_m, self.M = nlist, pq_m, M
         self.nprobe, self.ef_search, self.k_factor = nprobe, ef_search, k_factor

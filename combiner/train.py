@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from clip4cir.captions import random_caption_variant
 from clip4cir.checkpointing import open_run
-from clip4cir.cli import add_model_args, add_run_args, check_run_args, run
+from clip4cir.cli import MAX_WIDTH, add_model_args, add_run_args, check_run_args, run, whole
 from clip4cir.data import TripletDataset
 from clip4cir.device import autocast, eval_mode
 from clip4cir.distributed import Dist, barrier, mean_over_ranks, run_distributed
@@ -79,8 +79,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_combiner.py", description=__doc__)
     add_run_args(parser, epochs=300, batch_size=1024, lr=2e-5)
     add_model_args(parser)
-    parser.add_argument("--proj-dim", type=int, default=None, help="projection dim P (default 4 × feature dim)")
-    parser.add_argument("--hidden-dim", type=int, default=None, help="hidden dim H (default 8 × feature dim)")
+    parser.add_argument("--proj-dim", type=whole(1, MAX_WIDTH), default=None,
+                        help="projection dim P (default 4 × feature dim)")
+    parser.add_argument("--hidden-dim", type=whole(1, MAX_WIDTH), default=None,
+                        help="hidden dim H (default 8 × feature dim)")
     parser.add_argument("--cache-dir", help="feature cache (default: OUTPUT/feature_cache)")
     parser.add_argument("--reencode", action="store_true", help="encode every batch instead of caching features")
     add_recipe_args(parser, stage=2)
@@ -90,9 +92,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ValueError("give the frozen encoders: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
     if args.reencode and args.gallery_negatives:
         raise ValueError("--gallery-negatives needs cached features: leave out --reencode or --gallery-negatives")
-    for name in ("proj_dim", "hidden_dim"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     check_run_args(args)
     args.cache_dir = args.cache_dir or str(Path(args.output) / "feature_cache")
     return args

@@ -104,7 +104,9 @@ def test_one_endpoint_per_action_with_named_parameters(served, client, outside_c
 def test_catalog_images_are_served_and_nothing_else(served, outside_catalog):
     engine, url = served
     assert not str(outside_catalog).startswith(("/tmp", str(REPO)))
-    assert http_status(f"{url}gradio_api/file={engine.index.item_at(0).path}") == 200
+    item = engine.index.item_at(0)
+    assert http_status(f"{url}catalog/image/{item.id}") == 200  # by id, never by path
+    assert http_status(f"{url}gradio_api/file={item.path}") == 403
     assert http_status(f"{url}gradio_api/file={outside_catalog / 'captions' / 'cap.dress.val.json'}") == 403
     assert http_status(f"{url}gradio_api/file={outside_catalog.parent / 'enc.safetensors'}") == 403
     assert http_status(f"{url}gradio_api/file=/etc/passwd") == 403

@@ -248,8 +248,8 @@ def test_gallery_cache_follows_the_data(tiny_root, tmp_path):
 
 
 def test_output_files_are_checked_before_any_work(tiny_root, tmp_path):
-    from clip4cir.errors import DataError
+    from clip4cir.errors import Clip4CirError
     for flag in ("--json", "--dump"):  # a missing checkpoint would fail later: nothing was loaded
-        with pytest.raises(DataError, match=f"{flag} .*the folder .*missing does not exist"):
+        with pytest.raises(Clip4CirError, match=f"{flag} .*the folder .*missing does not exist"):
             evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(tmp_path / "none.pt"),
                            flag, str(tmp_path / "missing" / "out.json")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..fingerprints import contents, digest, file_stats
-from ..images import IMAGE_EXTENSIONS, load_image
+from ..images import IMAGE_EXTENSIONS, check_image_file, load_image
 
 SHOWN = 5  # how many ids an error message lists
 
@@ -107,6 +108,10 @@ class Source(ABC):
             raise DataError(f"no image for id {image_id!r} in {self.describe()}")
         return load_image(self.path(image_id))
 
+    def check_image(self, image_id: str) -> None:
+        """DataError naming the image when it is not a complete image file (checked without decoding it; a
+        source whose images are not files checks nothing here)."""
+
     @abstractmethod
     def annotation_files(self, split: str) -> list[Path]:
         """The files a split's triplets and gallery are read from (their contents are fingerprinted)."""
@@ -122,21 +127,76 @@ class Source(ABC):
         if split not in self.splits():
             raise DataError(f"unknown split {split!r} of {self.describe()}; it has {', '.join(self.splits())}")
 
-    def fingerprint(self, split: str, image_ids: Sequence[str] | None = None) -> str:
-        """What a split was read from: the annotation files' contents and the images' files (path, size,
-        modification time); ``image_ids`` narrows the images to those used."""
+    def fingerprint_parts(self, split: str, image_ids: Sequence[str] | None = None) -> dict:
+        """What a split was read from, part by part (so that a change can be named): the source, each
+        annotation file's contents, and the images' files (path, size, modification time); ``image_ids``
+        narrows the images to those used."""
         ids = image_ids if image_ids is not None else sorted(self.gallery(split))
-        return digest(self.record(), split, contents(self.annotation_files(split)),
-                      file_stats(self.path(i) for i in ids if self.has_image(i)), len(ids))
+        return {"source": digest(self.record(), split),
+                "annotations": {str(path): contents([path]) for path in self.annotation_files(split)},
+                "images": len(ids), "image_files": file_stats(self.path(i) for i in ids if self.has_image(i))}
+
+    def fingerprint(self, split: str, image_ids: Sequence[str] | None = None) -> str:
+        """One hash of :meth:`fingerprint_parts`."""
+        return digest(self.fingerprint_parts(split, image_ids))
+
+
+def describe_change(saved: dict, now: dict) -> str:
+    """What differs between two :meth:`Source.fingerprint_parts`, in words."""
+    changes = []
+    if saved.get("source") != now.get("source"):
+        changes.append("the data set is opened differently (another path, kind or option)")
+    old, new = saved.get("annotations", {}), now.get("annotations", {})
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            changes.append(f"annotation file {name} " + ("is new" if name not in old else "is gone"
+                                                         if name not in new else "changed"))
+    if saved.get("images") != now.get("images"):
+        changes.append(f"{saved.get('images')} images then, {now.get('images')} now")
+    elif saved.get("image_files") != now.get("image_files"):
+        changes.append(f"an image file of the {now.get('images')} changed (its path, size or modification time "
+                       f"differs)")
+    for key in sorted((set(saved) | set(now)) - {"source", "annotations", "images", "image_files"}):
+        if saved.get(key) != now.get(key):
+            changes.append(f"{key} was {saved.get(key)!r}, now {now.get(key)!r}")
+    return "; ".join(changes) or "its fingerprint differs"
 
 
 def local_path(spec: str | os.PathLike) -> Path:
     return Path(spec).expanduser()
 
 
+def image_files(root: Path) -> tuple[list[Path], list[str]]:
+    """The image files under ``root`` (by extension), following symbolic links to folders and files, each real
+    folder walked once (a link loop is walked no further); and, as problems to report, the links that point
+    nowhere and the folders that loop."""
+    found, problems, seen = [], [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            problems.append(f"{folder} (a link to a folder already read: not read twice)")
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.is_file():
+                found.append(path)
+            else:
+                problems.append(f"{path} (a link to nothing)")
+        for name in subfolders:
+            if not (Path(folder) / name).exists():
+                problems.append(f"{Path(folder) / name} (a link to nothing)")
+    return found, problems
+
+
 @dataclass
 class ImageFolder:
-    """The image files under a folder, found by their path relative to it, with or without extension."""
+    """The image files under a folder, found by their path relative to it, with or without extension (symbolic
+    links followed; broken ones reported with a warning, never dropped silently)."""
 
     root: Path
     files: dict[str, str] = field(default_factory=dict)
@@ -144,7 +204,11 @@ class ImageFolder:
     def __post_init__(self):
         if not self.root.is_dir():
             raise DataError(f"missing image folder {self.root}")
-        for path in sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+        paths, problems = image_files(self.root)
+        if problems:
+            shown = "; ".join(problems[:SHOWN]) + ("; ..." if len(problems) > SHOWN else "")
+            warnings.warn(f"{len(problems):,} entries under {self.root} are left out: {shown}")
+        for path in paths:
             relative = path.relative_to(self.root).as_posix()
             self.files.setdefault(relative, relative)
             stem = relative.rsplit(".", 1)[0]
@@ -173,3 +237,21 @@ class FileSource(Source):
 
     def has_image(self, image_id: str) -> bool:
         return image_id in self.images
+
+    def check_image(self, image_id: str) -> None:
+        check_image_file(self.path(image_id))
+
+
+def check_images_readable(source: Source, image_ids) -> None:
+    """Before a run: every image it will read is a complete image file (header and end marker, see
+    clip4cir.images.check_image_file), so a bad one stops it now, not at an epoch's end. One DataError lists
+    the bad files."""
+    bad = []
+    for image_id in dict.fromkeys(image_ids):
+        try:
+            source.check_image(image_id)
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        shown = "; ".join(bad[:SHOWN]) + ("; ..." if len(bad) > SHOWN else "")
+        raise DataError(f"{len(bad):,} images cannot be read: {shown}")

@@ -201,10 +201,10 @@ class HubDataset(Source):
     def annotation_files(self, split: str) -> list[Path]:
         return []
 
-    def fingerprint(self, split: str, image_ids=None) -> str:
+    def fingerprint_parts(self, split: str, image_ids=None) -> dict:
         table = self._split(split)
-        return digest(self.record(), split, getattr(table, "_fingerprint", None) or self.spec,
-                      None if self.streaming else table.num_rows)
+        return {"source": digest(self.record(), split), "table": getattr(table, "_fingerprint", None) or self.spec,
+                "rows": None if self.streaming else table.num_rows}
 
     def record(self) -> dict:
         spec = self.spec if self.spec.startswith(HUB_PREFIX) else str(Path(self.spec).resolve())
