@@ -1,5 +1,6 @@
-"""Stage two of CLIP4Cir: training the Combiner on cached features of the frozen encoders.
+"""Stage two of CLIP4Cir (layer 5, beside serving): training the Combiner on cached features of the frozen encoders
+(``stage_two``, ``feature_cache``).
 
-The Combiner network itself (and its file format) is :mod:`clip4cir.fusion`, where search, evaluation and the
-app load it too: ``combiner`` depends on ``clip4cir``, never the other way round.
+The Combiner network itself (and its file format) is :mod:`clip4cir.models.combiner`, where search, evaluation and
+the app load it too: ``combiner`` depends on the library's lower layers, never the other way round.
 """

@@ -16,12 +16,12 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from clip4cir.captions import caption_variants
-from clip4cir.data import TripletDataset
-from clip4cir.encoder import CLIPEncoder
-from clip4cir.features import cached, encode_texts, extract_image_features
-from clip4cir.fingerprints import digest
-from clip4cir.sources import Source
+from clip4cir.core.fingerprints import digest
+from clip4cir.data.captions import caption_variants
+from clip4cir.data.datasets import TripletDataset
+from clip4cir.data.sources import Source
+from clip4cir.models.encoder import CLIPEncoder
+from clip4cir.models.features import cached, encode_texts, extract_image_features
 
 
 @dataclass

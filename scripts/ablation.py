@@ -1,8 +1,6 @@
-"""The recipe ablation: python scripts/ablation.py [--config smoke|full] [--out benchmark]. See --help."""
-import sys
-
-from clip4cir.cli import run
-from combiner.ablation import main
+"""The recipe ablation. See --help (clip4cir.commands.benchmark)."""
+import _bootstrap  # noqa: F401
+from clip4cir.commands.benchmark import console_ablation
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(console_ablation())

@@ -1,8 +1,6 @@
-"""Build a search index from a FashionIQ root (--data) or an image folder (--images). See --help."""
-import sys
-
-from clip4cir.build_index import main
-from clip4cir.cli import run
+"""Build a search index of a data set or an image folder. See --help (clip4cir.commands.build_index)."""
+import _bootstrap  # noqa: F401
+from clip4cir.commands.build_index import console
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(console())

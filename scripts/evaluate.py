@@ -1,8 +1,6 @@
-"""FashionIQ Recall@10/50 evaluation (and the ablation table, image and category tasks). See --help."""
-import sys
-
-from clip4cir.cli import run
-from clip4cir.evaluate import main
+"""Evaluate: Recall@K, test predictions, the ablation table, other tasks. See --help (clip4cir.commands.evaluate)."""
+import _bootstrap  # noqa: F401
+from clip4cir.commands.evaluate import console
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(console())

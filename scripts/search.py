@@ -1,8 +1,6 @@
-"""Search an index: a reference and a caption, a reference, or a caption. See --help."""
-import sys
-
-from clip4cir.cli import run
-from clip4cir.search import main
+"""Search an index: composed, image or text queries. See --help (clip4cir.commands.search)."""
+import _bootstrap  # noqa: F401
+from clip4cir.commands.search import console
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(console())

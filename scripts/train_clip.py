@@ -1,8 +1,6 @@
-"""Stage one: fine-tune the CLIP encoders on FashionIQ triplets. See python scripts/train_clip.py --help."""
-import sys
-
-from clip4cir.cli import run
-from clip4cir.train import main
+"""Stage one: fine-tune the CLIP encoders on triplets. See --help (clip4cir.commands.train_clip)."""
+import _bootstrap  # noqa: F401
+from clip4cir.commands.train_clip import console
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(console())

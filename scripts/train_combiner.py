@@ -1,8 +1,6 @@
-"""Stage two: train the Combiner on cached features of frozen encoders. See python scripts/train_combiner.py --help."""
-import sys
-
-from clip4cir.cli import run
-from combiner.train import main
+"""Stage two: train the Combiner on the frozen encoders' features. See --help (clip4cir.commands.train_combiner)."""
+import _bootstrap  # noqa: F401
+from clip4cir.commands.train_combiner import console
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(console())

@@ -1,8 +1,6 @@
-"""Learn image similarity from labels (identities, products): python scripts/train_labels.py --help."""
-import sys
-
-from clip4cir.cli import run
-from clip4cir.label_training import main
+"""Learn image similarity from labelled images. See --help (clip4cir.commands.train_labels)."""
+import _bootstrap  # noqa: F401
+from clip4cir.commands.train_labels import console
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(console())

@@ -9,7 +9,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from clip4cir.synthetic import make_synthetic_fashioniq  # noqa: E402
+from clip4cir.data.synthetic import make_synthetic_fashioniq  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

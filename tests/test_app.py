@@ -16,15 +16,15 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from clip4cir.build_index import build_index  # noqa: E402
-from clip4cir.catalog import catalog_items  # noqa: E402
-from clip4cir.encoder_file import save_encoder  # noqa: E402
-from clip4cir.factory import create_model, load_model  # noqa: E402
-from clip4cir.fusion import Combiner  # noqa: E402
-from clip4cir.search import SearchEngine  # noqa: E402
-from clip4cir.sources import open_source  # noqa: E402
-from clip4cir.service import thumbnails_for  # noqa: E402
-from clip4cir.ui import ALL, App, plain, serve  # noqa: E402
+from clip4cir.data.sources import open_source  # noqa: E402
+from clip4cir.models.combiner import Combiner  # noqa: E402
+from clip4cir.models.encoder_file import save_encoder  # noqa: E402
+from clip4cir.models.factory import create_model, load_model  # noqa: E402
+from clip4cir.retrieval.building import BuildOptions, build_index  # noqa: E402
+from clip4cir.retrieval.catalog import catalog_items  # noqa: E402
+from clip4cir.retrieval.search import SearchEngine  # noqa: E402
+from clip4cir.serving.service import thumbnails_for  # noqa: E402
+from clip4cir.serving.ui import ALL, App, plain, serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -54,7 +54,7 @@ def served(outside_catalog, tmp_path_factory):
     encoder = load_model(checkpoint=str(encoder_file))
     source = open_source(outside_catalog)
     index, _ = build_index(encoder, source, catalog_items(source, ["val"]), outside_catalog.parent / "index",
-                           progress=False)
+                           BuildOptions(progress=False))
     engine = SearchEngine(index, encoder, Combiner(encoder.dim))
     port = free_port()
     ui = serve(engine, outside_catalog.parent / "cache", port=port, quiet=True)
@@ -158,9 +158,9 @@ def test_bad_queries_are_errors_with_their_reason(served, client, tmp_path):
 def test_user_text_is_shown_as_typed_not_rendered(served, outside_catalog):
     engine, _ = served
     app = App(engine, thumbnails_for(engine.index, outside_catalog.parent / "cache"))
-    _, info, *_ = app.guarded_composed(None, "is red", ALL, 2, "Simple sum", "<img src=x onerror=alert(1)>", "", [])
+    _, info, *_ = app.composed(None, "is red", ALL, 2, "Simple sum", "<img src=x onerror=alert(1)>", "", [])
     assert "<img" not in info and "&lt;img src=x onerror=alert(1)&gt;" in info
-    _, info, *_ = app.guarded_composed(None, "# big", "hats", 2, "Simple sum", engine.index.ids(1)[0], "", [])
+    _, info, *_ = app.composed(None, "# big", "hats", 2, "Simple sum", engine.index.ids(1)[0], "", [])
     assert "'hats'" in info
     assert plain("# big *bold* <b>") == "\\# big \\*bold\\* &lt;b&gt;"
 

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clip4cir.benchmark import main as benchmark_main
-from clip4cir.sources.fashioniq import CATEGORIES, load_image_split
-from combiner.benchmark import bench_stage_two
+from clip4cir.commands.benchmark import main as benchmark_main
+from clip4cir.data.sources.fashioniq import CATEGORIES, load_image_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pipeline_benchmark_measures_what_it_reports(tmp_path, real_annotations):
     out = tmp_path / "bench"
     assert benchmark_main(["--config", "smoke", "--out", str(out), "--annotations", str(real_annotations),
-                           "--workers", "0"], stage_two=bench_stage_two) == 0
-    report = json.loads((out / "report.json").read_text())
+                           "--workers", "0"]) == 0
+    report = json.loads((out / "report-smoke.json").read_text())
     results = report["results"]
     # the evaluation step ranks galleries of the real val sizes, read from the annotation files
     assert results["evaluation"]["galleries"] == [len(load_image_split(real_annotations, c, "val")) for c in CATEGORIES]
@@ -28,7 +27,7 @@ def test_pipeline_benchmark_measures_what_it_reports(tmp_path, real_annotations)
     for api in ("python", "http"):
         assert set(latency[api]) >= {"composed_gallery_ref", "composed_upload", "image", "text"}
         assert all(p["p50_ms"] <= p["p95_ms"] for p in latency[api].values())
-    table = (out / "report.md").read_text()
+    table = (out / "report-smoke.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| step")]
     assert len(rows) == len(results["extraction"]) + len(results["stage_one"]) + len(results["stage_two"]) + 1 + \
         sum(len(q[api]) for q in results["latency"] for api in ("python", "http"))

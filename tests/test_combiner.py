@@ -6,15 +6,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clip4cir.checkpointing import RunDir, read_metrics
-from clip4cir.data import TripletDataset
-from clip4cir.sources.fashioniq import FashionIQ
-from clip4cir.encoder_file import save_encoder
-from clip4cir.errors import ModelError
-from clip4cir.factory import create_model
+from clip4cir.commands.train_combiner import main as combiner_main
+from clip4cir.core.errors import ModelError
+from clip4cir.data.datasets import TripletDataset
+from clip4cir.data.sources.fashioniq import FashionIQ
+from clip4cir.models.combiner import Combiner, load_combiner, save_combiner
+from clip4cir.models.encoder_file import save_encoder
+from clip4cir.models.factory import create_model
+from clip4cir.training.checkpointing import RunDir, read_metrics
 from combiner.feature_cache import triplet_features
-from clip4cir.fusion import Combiner, load_combiner, save_combiner
-from combiner.train import CombinedQuery, cached_batch, combiner_loss, encoded_batch, main as combiner_main
+from combiner.stage_two import CombinedQuery, cached_batch, combiner_loss, encoded_batch
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
 
@@ -143,7 +144,7 @@ def test_training_lowers_the_loss(tiny_root, tmp_path):
 
 
 def test_command_trains_resumes_and_evaluates(tiny_root, tmp_path):
-    from clip4cir.evaluate import main as evaluate_main
+    from clip4cir.commands.evaluate import main as evaluate_main
     encoder_path = tmp_path / "enc.safetensors"
     save_encoder(create_model("cir-tiny"), encoder_path)
     args = ["--data", str(tiny_root), "--clip-checkpoint", str(encoder_path), "--epochs", "3", "--save-best",
@@ -188,7 +189,7 @@ def test_cold_and_warm_feature_cache_give_the_same_run(tiny_root, tmp_path):
 
 
 def test_bad_inputs(tiny_root, tmp_path):
-    with pytest.raises(ValueError, match="frozen encoders"):
+    with pytest.raises(ValueError, match="give the encoder"):
         combiner_main(["--data", str(tiny_root), "--output", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--batch-size 1024"):
         combiner_main(["--data", str(tiny_root), "--output", str(tmp_path / "o")] + BASE + ["--batch-size", "1024"])

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip4cir.captions import caption_variants, clean_caption, eval_caption, random_caption_variant
-from clip4cir.data import GalleryDataset, TripletDataset
-from clip4cir.errors import DataError
-from clip4cir.images import load_image
-from clip4cir.sources.base import ImageFolder
-from clip4cir.sources.fashioniq import (CATEGORIES, SPLITS, FashionIQ, load_image_split, load_triplets,
-                                        parse_categories)
+from clip4cir.core.errors import DataError
+from clip4cir.data.captions import caption_variants, clean_caption, eval_caption, random_caption_variant
+from clip4cir.data.datasets import GalleryDataset, TripletDataset
+from clip4cir.data.images import load_image
+from clip4cir.data.sources.base import ImageFolder
+from clip4cir.data.sources.fashioniq import (CATEGORIES, SPLITS, FashionIQ, load_image_split, load_triplets,
+                                             parse_categories)
 
 REAL_TRIPLETS = {"dress": (5985, 2017, 2024), "shirt": (5988, 2038, 2038), "toptee": (6027, 1961, 2056)}
 REAL_IMAGES = {"dress": (11452, 3817, 3818), "shirt": (19036, 6346, 6346), "toptee": (16121, 5373, 5374)}
@@ -74,7 +74,7 @@ def test_training_captions_change_with_epoch(tiny_root):
 
 
 def test_triplet_and_gallery_items(tiny_root):
-    from clip4cir.transforms import Preprocess, build_transform
+    from clip4cir.models.transforms import Preprocess, build_transform
     transform = build_transform(Preprocess(size=32))
     ds = TripletDataset(FashionIQ(tiny_root), "train", ["dress"], transform=transform)
     item = ds[0]

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip4cir.errors import DataError
-from clip4cir.sources.fashioniq import load_image_split, load_triplets
-from clip4cir.evaluate import main as evaluate_main
-from clip4cir.sources import open_source
-from clip4cir.evaluation import image_retrieval_metrics, recall_at_k, target_ranks, top_k
-from clip4cir.errors import ModelError
+from clip4cir.commands.evaluate import main as evaluate_main
+from clip4cir.core.errors import DataError, ModelError
+from clip4cir.data.sources import open_source
+from clip4cir.data.sources.fashioniq import load_image_split, load_triplets
+from clip4cir.evaluation.image_search import image_retrieval_metrics
+from clip4cir.evaluation.ranking import recall_at_k, target_ranks, top_k
 
 
 def brute_force_ranks(queries, gallery, targets):
@@ -152,9 +152,9 @@ def test_command_line_exit_code(tiny_root, tmp_path):
 
 
 def test_ablation_table_in_the_papers_layout(tiny_root, tmp_path, capsys):
-    from clip4cir.encoder_file import load_encoder, save_encoder
-    from clip4cir.factory import create_model
-    from clip4cir.fusion import Combiner, save_combiner
+    from clip4cir.models.combiner import Combiner, save_combiner
+    from clip4cir.models.encoder_file import load_encoder, save_encoder
+    from clip4cir.models.factory import create_model
     for name, seed in (("image", 1), ("both", 2)):
         save_encoder(create_model("cir-tiny", seed=seed), tmp_path / f"{name}.safetensors")
     both = load_encoder(tmp_path / "both.safetensors")
@@ -200,9 +200,9 @@ def test_test_split_without_predictions_is_refused_before_loading_models(tiny_ro
 
 
 def test_non_finite_features_are_an_error_not_a_recall(tiny_root, tmp_path):
-    from clip4cir.encoder_file import save_encoder
-    from clip4cir.errors import NonFiniteError
-    from clip4cir.factory import create_model
+    from clip4cir.core.errors import NonFiniteError
+    from clip4cir.models.encoder_file import save_encoder
+    from clip4cir.models.factory import create_model
     broken = create_model("cir-tiny")
     with torch.no_grad():
         broken.model.visual.proj.fill_(float("nan"))  # what a diverged run leaves
@@ -214,8 +214,8 @@ def test_non_finite_features_are_an_error_not_a_recall(tiny_root, tmp_path):
 
 
 def test_empty_caption_queries_are_kept_and_counted(tiny_root, tmp_path):
-    from clip4cir.evaluation import rank_split
-    from clip4cir.factory import create_model
+    from clip4cir.evaluation.composed import rank_split
+    from clip4cir.models.factory import create_model
     root = tmp_path / "fiq"
     shutil.copytree(tiny_root, root)
     path = root / "captions" / "cap.dress.val.json"
@@ -230,8 +230,8 @@ def test_empty_caption_queries_are_kept_and_counted(tiny_root, tmp_path):
 def test_gallery_cache_follows_the_data(tiny_root, tmp_path):
     from PIL import Image
 
-    from clip4cir.factory import create_model
-    from clip4cir.features import gallery_features
+    from clip4cir.models.factory import create_model
+    from clip4cir.models.features import gallery_features
     encoder = create_model("cir-tiny")
     cache = tmp_path / "cache"
     ids, first = gallery_features(encoder, open_source(tiny_root), "val", "dress", cache, progress=False)
@@ -248,7 +248,7 @@ def test_gallery_cache_follows_the_data(tiny_root, tmp_path):
 
 
 def test_output_files_are_checked_before_any_work(tiny_root, tmp_path):
-    from clip4cir.errors import Clip4CirError
+    from clip4cir.core.errors import Clip4CirError
     for flag in ("--json", "--dump"):  # a missing checkpoint would fail later: nothing was loaded
         with pytest.raises(Clip4CirError, match=f"{flag} .*the folder .*missing does not exist"):
             evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(tmp_path / "none.pt"),

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip4cir.index import CatalogIndex, Item
-from clip4cir.vector_store import gpus
+from clip4cir.retrieval.index import CatalogIndex, Item
+from clip4cir.retrieval.vector_store import gpus
 
 needs_faiss_gpu = pytest.mark.skipif(not (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0),
                                      reason="faiss sees no GPU (install faiss-gpu on a GPU machine)")
@@ -36,10 +36,11 @@ def test_gpu_index_matches_cpu_reference(kind, tmp_path):
 
 @needs_cuda
 def test_amp_training_step_on_cuda(tiny_root):
-    from clip4cir.data import TripletDataset
-    from clip4cir.sources.fashioniq import FashionIQ
-    from clip4cir.factory import create_model
-    from clip4cir.train import TowerFeatures, amp_settings, set_trainable, training_step
+    from clip4cir.data.datasets import TripletDataset
+    from clip4cir.data.sources.fashioniq import FashionIQ
+    from clip4cir.models.factory import create_model
+    from clip4cir.training.stage_one import TowerFeatures, set_trainable, training_step
+    from clip4cir.training.trainer import amp_settings
     encoder = create_model("cir-tiny", device="cuda")
     dtype, scaler_needed = amp_settings(torch.device("cuda"))
     assert dtype in (torch.bfloat16, torch.float16) and scaler_needed == (dtype == torch.float16)

@@ -11,19 +11,23 @@ import pytest
 import torch
 from PIL import Image
 
-from clip4cir.artifacts import write_folder
-from clip4cir.build_index import build_index, main as build_main
-from clip4cir.catalog import catalog_items
-from clip4cir.sources import open_source
-from clip4cir.fusion import Combiner, save_combiner
-from clip4cir.index import INDEX_FORMAT, CatalogIndex, CatalogIndexError, Item
-from clip4cir.encoder_file import save_encoder
-from clip4cir.sources.fashioniq import load_image_split, load_triplets
-from clip4cir.errors import ArtifactError, DataError, ModelError
-from clip4cir.factory import create_model
-from clip4cir.index_benchmark import synthetic_vectors
-from clip4cir.search import SearchEngine, SearchError, main as search_main
-from clip4cir.vector_store import exact_search
+from clip4cir.benchmarks.index import synthetic_vectors
+from clip4cir.commands.build_index import main as build_main
+from clip4cir.commands.search import main as search_main
+from clip4cir.core.artifacts import write_folder
+from clip4cir.core.errors import ArtifactError, DataError, ModelError
+from clip4cir.data.sources import open_source
+from clip4cir.data.sources.fashioniq import load_image_split, load_triplets
+from clip4cir.models.combiner import Combiner, save_combiner
+from clip4cir.models.encoder_file import save_encoder
+from clip4cir.models.factory import create_model
+from clip4cir.retrieval.building import BuildOptions, build_index
+from clip4cir.retrieval.catalog import catalog_items
+from clip4cir.retrieval.index import INDEX_FORMAT, CatalogIndex, CatalogIndexError, Item
+from clip4cir.retrieval.search import SearchEngine, SearchError
+from clip4cir.retrieval.vector_store import exact_search
+
+QUIET = BuildOptions(progress=False)
 
 
 def mixture(n, d=512, clusters=300, seed=0, spread=1.0):
@@ -110,7 +114,7 @@ def test_a_memory_mapped_index_serves_without_reading_its_vectors(kind, tmp_path
     vector_file = (tmp_path / "index" / "vectors.npy").stat().st_size
     script = f"""
 import numpy as np
-from clip4cir.index import CatalogIndex
+from clip4cir.retrieval.index import CatalogIndex
 def rss():
     return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
 queries = np.random.default_rng(5).standard_normal((100, 128)).astype(np.float32)
@@ -476,7 +480,7 @@ def test_image_folder_catalog_skips_unreadable(tmp_path, tiny_root):
     source = open_source(folder)
     items = catalog_items(source)
     assert {i.categories for i in items} == {("hats",), ("shoes",), ()} and len(items) == 8
-    index, unreadable = build_index(create_model("cir-tiny"), source, items, tmp_path / "index", progress=False)
+    index, unreadable = build_index(create_model("cir-tiny"), source, items, tmp_path / "index", QUIET)
     assert [i.id for i in unreadable] == ["shoes/broken"] and len(index) == 7
     assert index.categories() == ["hats", "shoes"]
     (tmp_path / "empty").mkdir()
@@ -499,20 +503,22 @@ def test_an_interrupted_build_resumes_without_encoding_again(tiny_root, tmp_path
 
     encoder.encode_image = counting
     with pytest.raises(KeyboardInterrupt):
-        build_index(encoder, source, items, tmp_path / "index", batch_size=8, chunk=16, progress=False)
+        build_index(encoder, source, items, tmp_path / "index", BuildOptions(batch_size=8, chunk=16,
+                                                                          progress=False))
     assert not (tmp_path / "index").exists() and len(list((tmp_path / ".index.encoding").rglob("chunk-*.pt"))) == 2
     encoded.clear()
     encoder.encode_image = encode
-    resumed, _ = build_index(encoder, source, items, tmp_path / "index", batch_size=8, chunk=16, progress=False)
-    straight, _ = build_index(create_model("cir-tiny"), source, items, tmp_path / "straight", chunk=16,
-                              progress=False)
+    resumed, _ = build_index(encoder, source, items, tmp_path / "index",
+                             BuildOptions(batch_size=8, chunk=16, progress=False))
+    straight, _ = build_index(create_model("cir-tiny"), source, items, tmp_path / "straight",
+                              BuildOptions(chunk=16, progress=False))
     assert not (tmp_path / ".index.encoding").exists()
     assert resumed.ids() == straight.ids() == [item.id for item in items]
     np.testing.assert_allclose(resumed.feature(items[50].id), straight.feature(items[50].id), rtol=1e-4, atol=1e-5)
 
 
 def test_auto_kind_follows_the_catalog_size_and_the_memory_budget():
-    from clip4cir.index_tuning import choose_kind
+    from clip4cir.retrieval.tuning import choose_kind
     assert choose_kind(50_000, 640) == "flat"
     assert choose_kind(1_000_000, 640, budget=2 * 2 ** 30) == "ivf-sq8"  # 640 MB of 8-bit codes fit
     assert choose_kind(10_000_000, 640, budget=2 * 2 ** 30) == "ivf-pq"  # 6.4 GB would not
@@ -523,7 +529,7 @@ def test_serving_threads_are_set_in_one_place_and_reach_every_serving_thread(eng
     searches (as Gradio's workers do)."""
     import faiss
 
-    from clip4cir.threads import configure_serving_threads
+    from clip4cir.retrieval.threads import configure_serving_threads
     before = torch.get_num_threads()
     seen = []
 

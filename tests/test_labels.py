@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import miners
 
-from clip4cir.build_index import main as build_main
-from clip4cir.checkpointing import RunDir, read_metrics
-from clip4cir.encoder_file import load_encoder
-from clip4cir.errors import DataError
-from clip4cir.evaluate import main as evaluate_main
-from clip4cir.label_training import main as train_labels
-from clip4cir.metric_learning import ClassBatchSampler, labelled_loss, make_loss, retrieval_metrics
-from clip4cir.search import SearchEngine, SearchError
-from clip4cir.sources import open_source
-from clip4cir.synthetic import make_synthetic_identities
+from clip4cir.commands.build_index import main as build_main
+from clip4cir.commands.evaluate import main as evaluate_main
+from clip4cir.commands.train_labels import main as train_labels
+from clip4cir.core.errors import DataError
+from clip4cir.data.sources import open_source
+from clip4cir.data.synthetic import make_synthetic_identities
+from clip4cir.evaluation.labels import retrieval_metrics
+from clip4cir.models.encoder_file import load_encoder
+from clip4cir.retrieval.search import SearchEngine, SearchError
+from clip4cir.training.checkpointing import RunDir, read_metrics
+from clip4cir.training.metric_losses import labelled_loss, make_loss
+from clip4cir.training.samplers import ClassBatchSampler
 
 BASE = ["--batch-size", "16", "--m-per-class", "4", "--lr", "1e-3", "--workers", "0", "--quiet", "--device", "cpu"]
 

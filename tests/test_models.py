@@ -4,12 +4,12 @@ import open_clip
 import pytest
 import torch
 
-from clip4cir.device import resolve_device
-from clip4cir.encoder import CLIPEncoder
-from clip4cir.encoder_file import load_encoder, read_encoder_metadata, save_encoder
-from clip4cir.errors import ModelError
-from clip4cir.factory import CONFIG_DIR, create_model, load_checkpoint, load_model
-from clip4cir.transforms import Preprocess
+from clip4cir.core.device import resolve_device
+from clip4cir.core.errors import ModelError
+from clip4cir.models.encoder import CLIPEncoder
+from clip4cir.models.encoder_file import load_encoder, read_encoder_metadata, save_encoder
+from clip4cir.models.factory import CONFIG_DIR, create_model, load_checkpoint, load_model
+from clip4cir.models.transforms import Preprocess
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
+
 """Each component of a recipe changes the loss, the batches or the ranking as it says, and ``--recipe clip4cir``
 is the paper's training, step for step."""
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -8,19 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
-from clip4cir.captions import random_caption_variant
-from clip4cir.checkpointing import RunDir
-from clip4cir.data import TripletDataset
-from clip4cir.encoder_file import save_encoder
-from clip4cir.evaluation import target_ranks
-from clip4cir.factory import create_model
-from clip4cir.fusion import Combiner, combine_sum, load_combiner
-from clip4cir.loop import EpochSampler
-from clip4cir.losses import LOGIT_SCALE, Temperature, contrastive_loss
-from clip4cir.recipes import RECIPES
-from clip4cir.sources.fashioniq import FashionIQ
+from clip4cir.commands.train_combiner import main as combiner_main
+from clip4cir.data.captions import random_caption_variant
+from clip4cir.data.datasets import TripletDataset
+from clip4cir.data.sources.fashioniq import FashionIQ
+from clip4cir.evaluation.ranking import target_ranks
+from clip4cir.models.combiner import Combiner, combine_sum, load_combiner
+from clip4cir.models.encoder_file import save_encoder
+from clip4cir.models.factory import create_model
+from clip4cir.training.checkpointing import RunDir
+from clip4cir.training.losses import LOGIT_SCALE, Temperature, contrastive_loss
+from clip4cir.training.recipes import RECIPES
+from clip4cir.training.samplers import EpochSampler
 from combiner.feature_cache import triplet_features
-from combiner.train import main as combiner_main
 
 
 def batch(n=6, d=8, seed=0):
@@ -108,7 +110,7 @@ def test_recipe_clip4cir_trains_the_combiner_exactly_as_the_paper(tiny_root, tmp
                           "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]) == 0
     trained, _ = load_combiner(RunDir(tmp_path / "run").latest_checkpoint() / "model.safetensors")
     params = json.loads((tmp_path / "run" / "params.json").read_text())
-    assert {k: params[k] for k in RECIPES["clip4cir"]} == RECIPES["clip4cir"]
+    assert {k: params[k] for k in asdict(RECIPES["clip4cir"])} == asdict(RECIPES["clip4cir"])
 
     dataset = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform)
     features, hit = triplet_features(encoder, dataset, tmp_path / "cache", progress=False)
@@ -143,13 +145,14 @@ def test_plus_trains_every_component_and_records_it(tiny_root, tmp_path):
                           str(tmp_path / "run"), "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--workers",
                           "0", "--quiet", "--recipe", "plus", "--save-best", "--device", "cpu"]) == 0
     params = json.loads((tmp_path / "run" / "params.json").read_text())
-    assert {k: params[k] for k in RECIPES["plus"]} == RECIPES["plus"]
+    assert {k: params[k] for k in asdict(RECIPES["plus"])} == asdict(RECIPES["plus"])
     best, meta = load_combiner(tmp_path / "run" / "best.safetensors")
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert 0 <= best.blend <= 1 and best.blend in [r["blend"] for r in log]
     assert np.isfinite([r["loss"] for r in log]).all()
     state = torch.load(RunDir(tmp_path / "run").latest_checkpoint() / "state.pt", weights_only=False)
-    assert state["log_scale"] != pytest.approx(np.log(100))  # the learned temperature moved; resumed from here
+    # the learned temperature moved; resumed from here
+    assert state["modules"]["temperature"]["log_scale"] != pytest.approx(np.log(100))
     with pytest.raises(ValueError, match="--gallery-negatives needs cached features"):
         combiner_main(["--data", str(tiny_root), "--clip-checkpoint", str(encoder), "--output", str(tmp_path / "x"),
                        "--recipe", "plus", "--reencode"])

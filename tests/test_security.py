@@ -14,21 +14,22 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from clip4cir.artifacts import write_folder
-from clip4cir.build_index import build_index
-from clip4cir.build_index import main as build_main
-from clip4cir.catalog import catalog_items
-from clip4cir.encoder_file import save_encoder
-from clip4cir.errors import ArtifactError, CatalogIndexError, DataError, ModelError
-from clip4cir.evaluate import main as evaluate_main
-from clip4cir.factory import create_model, load_model
-from clip4cir.fusion import Combiner
-from clip4cir.images import load_image
-from clip4cir.search import SearchEngine
-from clip4cir.sources import open_source
-from clip4cir.train import main as train_main
-from clip4cir.ui import NOT_AN_UPLOAD, serve
-from combiner.train import main as combiner_main
+from clip4cir.commands.build_index import main as build_main
+from clip4cir.commands.evaluate import main as evaluate_main
+from clip4cir.commands.train_clip import main as train_main
+from clip4cir.commands.train_combiner import main as combiner_main
+from clip4cir.core.artifacts import write_folder
+from clip4cir.core.errors import ArtifactError, CatalogIndexError, DataError, ModelError
+from clip4cir.data.images import load_image
+from clip4cir.data.sources import open_source
+from clip4cir.models.combiner import Combiner
+from clip4cir.models.encoder_file import save_encoder
+from clip4cir.models.factory import create_model, load_model
+from clip4cir.retrieval.building import BuildOptions, build_index
+from clip4cir.retrieval.catalog import catalog_items
+from clip4cir.retrieval.search import SearchEngine
+from clip4cir.serving.ui import serve
+from clip4cir.serving.uploads import NOT_AN_UPLOAD
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
 
@@ -89,7 +90,8 @@ def hostile_catalog(tmp_path_factory):
 def served(hostile_catalog):
     encoder = create_model("cir-tiny")
     source = open_source(hostile_catalog / "catalog")
-    index, unreadable = build_index(encoder, source, catalog_items(source), hostile_catalog / "index", progress=False)
+    index, unreadable = build_index(encoder, source, catalog_items(source), hostile_catalog / "index",
+                                    BuildOptions(progress=False))
     assert not unreadable
     engine = SearchEngine(index, encoder, Combiner(encoder.dim))
     port = free_port()
@@ -131,7 +133,7 @@ def test_the_api_reads_only_uploaded_files(served, hostile_catalog, tmp_path):
 
 def test_the_ui_events_read_only_uploaded_files(served, hostile_catalog):
     engine, _ = served
-    from clip4cir.ui import read_upload
+    from clip4cir.serving.uploads import read_upload
     for value in (str(hostile_catalog / "single.jpg"), {"path": str(hostile_catalog / "single.jpg"),
                                                         "meta": {"_type": "gradio.FileData"}}):
         with pytest.raises(Exception, match="uploaded to this app"):
@@ -299,7 +301,7 @@ def test_resume_names_a_changed_training_image(tiny_root, tmp_path):
     shutil.copytree(tiny_root, root)
     out = tmp_path / "run"
     assert train_main(["--data", str(root), "--output", str(out), "--max-steps", "1", "--epochs", "1"] + BASE) == 0
-    from clip4cir.data import TripletDataset
+    from clip4cir.data.datasets import TripletDataset
     reference = TripletDataset(open_source(root), "train").triplets[0].reference
     image = root / "images" / f"{reference}.jpg"
     Image.open(image).convert("L").convert("RGB").save(image)
@@ -374,7 +376,7 @@ def test_a_legacy_combiner_is_accepted_with_a_warning_and_a_mismatch_names_the_i
     with caplog.at_level("WARNING"):
         SearchEngine.load(tmp_path / "index", combiner_path=str(tmp_path / "combiner.pt"))
     assert "does not record the encoder it was trained on" in caplog.text
-    from clip4cir.fusion import save_combiner
+    from clip4cir.models.combiner import save_combiner
     other = create_model("cir-tiny", seed=3)
     save_combiner(Combiner(other.dim), tmp_path / "other.safetensors", other.record())
     with pytest.raises(ModelError, match="index .*index"):

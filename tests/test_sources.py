@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clip4cir.build_index import main as build_main
-from clip4cir.data import GalleryDataset, TripletDataset
-from clip4cir.errors import DataError
-from clip4cir.evaluate import main as evaluate_main
-from clip4cir.evaluation import subset_ranks, target_ranks
-from clip4cir.factory import create_model
-from clip4cir.search import SearchEngine
-from clip4cir.sources import open_source
-from clip4cir.sources.cirr import CIRR
-from clip4cir.synthetic import make_synthetic_cirr
-from clip4cir.train import main as train_main
-from combiner.train import main as combiner_main
+from clip4cir.commands.build_index import main as build_main
+from clip4cir.commands.evaluate import main as evaluate_main
+from clip4cir.commands.train_clip import main as train_main
+from clip4cir.commands.train_combiner import main as combiner_main
+from clip4cir.core.errors import DataError
+from clip4cir.data.datasets import GalleryDataset, TripletDataset
+from clip4cir.data.sources import open_source
+from clip4cir.data.sources.cirr import CIRR
+from clip4cir.data.synthetic import make_synthetic_cirr
+from clip4cir.evaluation.composed import subset_ranks, target_ranks
+from clip4cir.models.factory import create_model
+from clip4cir.retrieval.search import SearchEngine
 
 REPO = Path(__file__).resolve().parents[1]
 CIRR_SHARED = REPO.parent / "shared" / "cirr"
@@ -259,7 +259,7 @@ def test_index_and_search_a_datasets_folder(tiny_root, tmp_path):
     assert source.kind == "hf" and source.categories() == ["dress", "shirt", "toptee"]
     assert list(source.gallery("train")) == ids and source.gallery("train")[ids[9]] == ("shirt",)
     encoder = tmp_path / "enc.safetensors"
-    from clip4cir.encoder_file import save_encoder
+    from clip4cir.models.encoder_file import save_encoder
     save_encoder(create_model("cir-tiny"), encoder)
     assert build_main(args + ["--clip-checkpoint", str(encoder), "--output", str(tmp_path / "index"), "--quiet",
                               "--workers", "0"]) == 0

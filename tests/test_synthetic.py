@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip4cir.data import GalleryDataset, TripletDataset
-from clip4cir.sources.fashioniq import CATEGORIES, SPLITS, FashionIQ, load_image_split, load_triplets
-from clip4cir.synthetic import ATTRIBUTES, SIZES, SPECIFIC, Item, make_synthetic_fashioniq, render
+from clip4cir.data.datasets import GalleryDataset, TripletDataset
+from clip4cir.data.sources.fashioniq import CATEGORIES, SPLITS, FashionIQ, load_image_split, load_triplets
+from clip4cir.data.synthetic import SIZES, make_synthetic_fashioniq
+from clip4cir.data.synthetic.garments import ATTRIBUTES, SPECIFIC, Item, render
 
 
 def digest(root):

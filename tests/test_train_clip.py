@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip4cir.checkpointing import RunDir, read_metrics
-from clip4cir.data import TripletDataset
-from clip4cir.errors import DataError
-from clip4cir.sources.fashioniq import FashionIQ
-from clip4cir.encoder_file import load_encoder
-from clip4cir.errors import ModelError, NonFiniteError
-from clip4cir.factory import create_model
-from clip4cir.train import (TowerFeatures, contrastive_loss, main as train_main, set_train_mode, set_trainable,
-                            training_step)
+from clip4cir.commands.train_clip import main as train_main
+from clip4cir.core.errors import DataError, ModelError, NonFiniteError
+from clip4cir.data.datasets import TripletDataset
+from clip4cir.data.sources.fashioniq import FashionIQ
+from clip4cir.models.encoder_file import load_encoder
+from clip4cir.models.factory import create_model
+from clip4cir.training.checkpointing import RunDir, read_metrics
+from clip4cir.training.losses import contrastive_loss
+from clip4cir.training.stage_one import TowerFeatures, set_train_mode, set_trainable, training_step
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_training_writes_run_files_and_resume_is_exact(tiny_root, tmp_path):
     assert data["train"]["triplets"] == 36 and data["skipped_empty_captions"] == 0
     log = read_metrics(full / "metrics.jsonl")
     assert [r["epoch"] for r in log] == [0, 1]
-    assert {"loss", "dress", "shirt", "toptee", "average", "seconds", "triplets_per_s"} <= set(log[0])
+    assert {"loss", "dress", "shirt", "toptee", "average", "seconds", "samples_per_s"} <= set(log[0])
     info = load_encoder(last_model(full)).info
     assert info["global_step"] == 8 and info["data"]["train"]["fingerprint"] == data["train"]["fingerprint"]
 

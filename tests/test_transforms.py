@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip4cir.transforms import Preprocess, build_transform, square_pad, target_pad
+from clip4cir.models.transforms import Preprocess, build_transform, square_pad, target_pad
 
 
 def test_target_pad_only_beyond_ratio():

@@ -1,0 +1,23 @@
+"""What every benchmark ends with: its report written as JSON and as a markdown table (each committed whole),
+the table printed, and the machine it ran on."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from clip4cir.core.artifacts import atomic_write_text
+
+
+def write_report(out: Path, stem: str, report: dict, markdown: Callable[[dict], str]) -> str:
+    """Write ``out/STEM.json`` and ``out/STEM.md``; returns (and prints) the markdown."""
+    text = markdown(report)
+    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1))
+    atomic_write_text(out / f"{stem}.md", text)
+    print(text)
+    return text
+
+
+def stem_for(name: str, config: str, full: str) -> str:
+    """The files of the README's run are NAME.*, others NAME-CONFIG.* (a smoke run never replaces them)."""
+    return name if config == full else f"{name}-{config}"

@@ -1,0 +1,60 @@
+"""The app (``python app.py``, ``clip4cir-app``): composed, image and text search over a catalog in a Gradio
+page, also the Hugging Face Spaces entry point.
+
+    python app.py                      # offline demo: synthetic catalog + the small model in demo/
+    python app.py --index INDEX [--combiner PATH] [--share]
+    python app.py --model RN50 --pretrained openai --data FOLDER
+
+Every argument has an environment variable for Spaces: CLIP4CIR_INDEX, CLIP4CIR_CLIP_CHECKPOINT, CLIP4CIR_COMBINER,
+CLIP4CIR_MODEL, CLIP4CIR_PRETRAINED, CLIP4CIR_DATA, CLIP4CIR_DATASET, CLIP4CIR_SHARE, CLIP4CIR_HOST, CLIP4CIR_PORT.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from clip4cir.commands.common import whole
+from clip4cir.data.sources import SourceOptions
+from clip4cir.serving.service import Options, cache_root, load_engine
+from clip4cir.serving.ui import serve
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", default=env("CLIP4CIR_INDEX"), help="index folder (or hf://OWNER/REPO/PATH)")
+    parser.add_argument("--clip-checkpoint", default=env("CLIP4CIR_CLIP_CHECKPOINT"), help="stage-one checkpoint")
+    parser.add_argument("--combiner", default=env("CLIP4CIR_COMBINER"), help="stage-two checkpoint")
+    parser.add_argument("--model", default=env("CLIP4CIR_MODEL"), help="open_clip model for zero-shot search")
+    parser.add_argument("--pretrained", default=env("CLIP4CIR_PRETRAINED"), help="its pretrained tag, e.g. openai")
+    parser.add_argument("--data", default=env("CLIP4CIR_DATA"),
+                        help="data set or image folder to index: FashionIQ or CIRR root, triplets .jsonl/.csv, "
+                             "image folder, datasets folder, hf://datasets/OWNER/NAME")
+    parser.add_argument("--dataset", default=env("CLIP4CIR_DATASET", "auto"), help="what --data is (default: "
+                        "recognised)")
+    parser.add_argument("--device", default=env("CLIP4CIR_DEVICE", "auto"))
+    parser.add_argument("--share", action="store_true", default=env("CLIP4CIR_SHARE", "") in ("1", "true", "True"),
+                        help="also serve through a Gradio share link")
+    parser.add_argument("--host", default=env("CLIP4CIR_HOST"), help="e.g. 0.0.0.0 to serve the network")
+    parser.add_argument("--port", type=whole(1, 65_535), default=int(env("CLIP4CIR_PORT", "0")) or None)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = Options(index=args.index, source=SourceOptions(args.data, args.dataset) if args.data else None,
+                      model=args.model, pretrained=args.pretrained, clip_checkpoint=args.clip_checkpoint,
+                      combiner=args.combiner, device=args.device)
+    try:
+        engine = load_engine(options)
+    except ValueError as e:  # bad paths, models, indexes: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = serve(engine, cache_root(options), args.host, args.port, args.share)
+    if args.share and not app.share_url:
+        print("could not create a Gradio share link (no connection to the share server?); "
+              f"the app keeps running locally at {app.local_url}", file=sys.stderr)
+    app.block_thread()
+    return 0

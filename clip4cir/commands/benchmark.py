@@ -1,0 +1,99 @@
+"""The benchmarks (``scripts/benchmark.py``, ``scripts/ablation.py``): argument parsing for each, which then
+runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into ``--out``.
+
+    python scripts/benchmark.py [--quick | --config smoke|quick|full]   the pipeline
+    python scripts/benchmark.py index [--config smoke|1m|10m]           index kinds against exact search
+    python scripts/benchmark.py labels [--config smoke|full]            metric-learning losses, held-out identities
+    python scripts/ablation.py [--config smoke|full]                    the training recipes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from clip4cir.benchmarks import ablation, index, labels, pipeline
+from clip4cir.commands.common import WORKERS, run
+
+ANNOTATIONS = Path(__file__).resolve().parents[3] / "shared" / "fashioniq"  # beside the checkout
+
+
+def benchmark_args(argv: Sequence[str] | None, prog: str, doc: str | None, configs: dict, default: str,
+                   writes: str, more: Callable[[argparse.ArgumentParser], None] | None = None
+                   ) -> argparse.Namespace:
+    """The options every benchmark takes (``--config``, ``--out``, an existing folder, and ``--work``, a scratch
+    folder), and ``more`` of its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=list(configs), default=default)
+    parser.add_argument("--out", default="benchmark", help=f"folder for {writes}")
+    parser.add_argument("--work", help="scratch folder (default: a temporary folder)")
+    if more is not None:
+        more(parser)
+    args = parser.parse_args(argv)
+    args.out = Path(args.out)
+    if args.out.exists() and not args.out.is_dir():
+        raise FileNotFoundError(f"--out {args.out} is a file; give a folder")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def pipeline_main(argv: Sequence[str] | None) -> int:
+    def more(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="--config quick")
+        parser.add_argument("--annotations", default=str(ANNOTATIONS),
+                            help="the real FashionIQ annotation files (for the evaluation step)")
+        parser.add_argument("--workers", type=WORKERS, default=min(2, os.cpu_count() or 1))
+        parser.add_argument("--no-http", action="store_true", help="skip the HTTP-API latencies")
+        parser.add_argument("--steps", default=",".join(pipeline.STEPS))
+
+    args = benchmark_args(argv, "benchmark.py", pipeline.__doc__, pipeline.CONFIGS, "full",
+                          "report.json and report.md", more)
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = sorted(set(steps) - set(pipeline.STEPS))
+    if unknown:
+        raise ValueError(f"--steps: unknown {', '.join(unknown)}; choose from {', '.join(pipeline.STEPS)}")
+    pipeline.run_pipeline(args.config, args.out, Path(args.annotations), args.workers, not args.no_http, steps)
+    return 0
+
+
+def index_main(argv: Sequence[str] | None) -> int:
+    args = benchmark_args(argv, "benchmark.py index", index.__doc__, index.CONFIGS, "1m",
+                          "index.json, index.md and the plot")
+    index.run_index(args.config, args.out, args.work)
+    return 0
+
+
+def labels_main(argv: Sequence[str] | None) -> int:
+    args = benchmark_args(argv, "benchmark.py labels", labels.__doc__, labels.CONFIGS, "full",
+                          "labels.json and labels.md")
+    labels.run_labels(args.config, args.out, args.work)
+    return 0
+
+
+def ablation_main(argv: Sequence[str] | None = None) -> int:
+    args = benchmark_args(argv, "ablation.py", ablation.__doc__, ablation.CONFIGS, "full",
+                          "ablation.json and ablation.md",
+                          lambda parser: parser.add_argument("--workers", type=WORKERS, default=2))
+    ablation.run_ablation(args.config, args.out, args.work, args.workers)
+    return 0
+
+
+SUBCOMMANDS = {"index": index_main, "labels": labels_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``benchmark.py SUBCOMMAND ...`` runs that benchmark; without one, the pipeline."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    return pipeline_main(argv)
+
+
+def console() -> int:
+    return run(main)
+
+
+def console_ablation() -> int:
+    return run(ablation_main)

@@ -1,0 +1,161 @@
+"""The evaluation command (``scripts/evaluate.py``, ``clip4cir-eval``): Recall@K under each data set's protocol
+(FashionIQ, CIRR, a user's own triplets), test-split predictions for the test servers, the paper's ablation
+table, and the other tasks of clip4cir.evaluation.tasks."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, run, source_options,
+                                      whole)
+from clip4cir.core.artifacts import atomic_write_text, check_output_file, json_file_matches, resolve
+from clip4cir.core.device import resolve_device
+from clip4cir.core.errors import DataError
+from clip4cir.evaluation.composed import query_records, test_predictions
+from clip4cir.evaluation.table import TABLE_ENCODERS, ablation_table
+from clip4cir.evaluation.tasks import TASKS, EvalRequest
+from clip4cir.models.combiner import combining_function
+
+WRITTEN_BY = "clip4cir evaluate"  # the mark of a --json file this command wrote (it may replace only those)
+PREDICTION_FILES = ("recall_submission.json", "recall_subset_submission.json", "predictions.json")
+
+
+def is_metrics_file(path: Path) -> bool:
+    return json_file_matches(path, lambda v: isinstance(v, dict) and v.get("written_by") == WRITTEN_BY)
+
+
+def is_dump_file(path: Path) -> bool:
+    """A --dump: JSON lines of query records (reference, captions and the top ids)."""
+    return json_file_matches(path, lambda v: isinstance(v, dict) and {"reference", "captions", "top10"} <= set(v),
+                             lines=True)
+
+
+def is_predictions_file(path: Path) -> bool:
+    """A test-server file this command writes: CIRR's (version and metric) or the top-50 lists per category."""
+    def accept(v) -> bool:
+        if not isinstance(v, dict):
+            return False
+        if "version" in v and "metric" in v:
+            return True
+        return all(isinstance(q, list) and all(isinstance(r, dict) and "top50" in r for r in q) for q in v.values())
+    return json_file_matches(path, accept)
+
+
+def parse_pairs(text: str | None, flag: str) -> dict[str, str]:
+    """``image=PATH,both=PATH`` as a dict, the keys checked."""
+    pairs = {}
+    for part in filter(None, (text or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in TABLE_ENCODERS:
+            raise ValueError(f"{flag}: expected ENCODER=PATH with ENCODER in {', '.join(TABLE_ENCODERS)}, got {part!r}")
+        pairs[key] = value
+    return pairs
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def print_metrics(metrics: dict) -> None:
+    for name, m in metrics.items():
+        if isinstance(m, dict):
+            print(f"{name:>10}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items() if isinstance(v, float)))
+        elif isinstance(m, float):
+            print(f"{name:>10}: {m:.2f}")
+        else:
+            print(f"{name:>10}: {m}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__)
+    add_source_args(parser)
+    add_model_args(parser)
+    parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
+    parser.add_argument("--mode", choices=["sum", "combiner"], help="combining function (default: combiner "
+                        "when --combiner is given, else sum)")
+    parser.add_argument("--split", help="default: the data set's validation split (val)")
+    parser.add_argument("--task", choices=TASKS.names(), default="composed",
+                        help="composed: Recall@K; image: image-search mAP@K/P@K; category: accuracy of "
+                             "category=auto; labels: retrieval on held-out labels (zero-shot and fine-tuned)")
+    parser.add_argument("--json", help="write the metrics here")
+    parser.add_argument("--dump", help="write per-query JSON lines here (reference, captions, target, rank, top-10)")
+    parser.add_argument("--predictions", help="a test split: write the test server's files into this folder "
+                        "(CIRR: recall_submission.json and recall_subset_submission.json)")
+    parser.add_argument("--table", action="store_true", help="print the paper's ablation table (markdown)")
+    parser.add_argument("--table-checkpoints", help="image=PATH,text=PATH,both=PATH stage-one checkpoints")
+    parser.add_argument("--table-combiners", help="none=PATH,image=PATH,text=PATH,both=PATH stage-two checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --json, --dump and --predictions replace files this tool did not write")
+    parser.add_argument("--cache-dir", help="cache gallery features here (keyed by encoder and data fingerprints)")
+    parser.add_argument("--batch-size", type=whole(1), default=64)
+    parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def check_outputs(args: argparse.Namespace, testing: bool, test_split: str) -> None:
+    """Before the long work whose results they will hold: each output can be written and replaces nothing of
+    the user's."""
+    if args.predictions and not testing:
+        raise ValueError(f"--predictions writes the test server's files: use it with --split {test_split}")
+    for flag, is_ours in (("json", is_metrics_file), ("dump", is_dump_file)):
+        if getattr(args, flag):
+            setattr(args, flag, check_output_file(getattr(args, flag), f"--{flag}", is_ours, args.overwrite))
+    if args.predictions:
+        args.predictions = resolve(args.predictions)
+        if args.predictions.exists() and not args.predictions.is_dir():
+            raise DataError(f"--predictions {args.predictions} is a file; give a folder")
+        for name in PREDICTION_FILES:
+            if (args.predictions / name).exists():
+                check_output_file(args.predictions / name, "--predictions", is_predictions_file, args.overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    source = source_options(args).open()
+    protocol = source.protocol
+    args.split = args.split or (protocol.test_split if args.task == "labels" else protocol.val_split)
+    source.check_split(args.split)
+    testing = args.split == protocol.test_split
+    if testing and args.task == "composed" and not args.table and not args.predictions:
+        raise ValueError(f"--split {args.split} has no targets to score: give --predictions FOLDER for the test "
+                         f"server's files")
+    check_outputs(args, testing, protocol.test_split)
+    start = time.perf_counter()
+    request = EvalRequest(args.split, cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.quiet)
+    if args.table:
+        print(ablation_table(source, args.model, args.pretrained, args.seed, resolve_device(args.device),
+                             parse_pairs(args.table_checkpoints, "--table-checkpoints"),
+                             parse_pairs(args.table_combiners, "--table-combiners"), request))
+        return 0
+    encoder = encoder_from_args(args)
+    mode = args.mode or ("combiner" if args.combiner else "sum")
+    if args.task == "composed":
+        request.combine = combining_function(encoder, args.combiner, mode)
+    result = TASKS[args.task](encoder, source, request)
+    if args.dump:
+        lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]
+        atomic_write_text(args.dump, "".join(line + "\n" for line in lines))
+    if args.task == "composed" and testing:
+        folder = Path(args.predictions)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in test_predictions(result.rankings, protocol).items():
+            write_json(folder / name, content)
+        print(f"wrote the test predictions of {sum(len(r.triplets) for r in result.rankings):,} queries to {folder}")
+        return 0
+    print_metrics(result.metrics)
+    if args.json:
+        write_json(args.json, {"written_by": WRITTEN_BY, **result.metrics, "task": args.task, "split": args.split,
+                               "data": source.record(), "protocol": protocol.name, "model": encoder.describe(),
+                               "combiner": args.combiner if mode == "combiner" and args.task == "composed" else None,
+                               "seconds": time.perf_counter() - start})
+    return 0
+
+
+def console() -> int:
+    return run(main)

@@ -1,0 +1,63 @@
+"""Make the offline demo's model (``scripts/make_demo_model.py``): generate the `demo` synthetic catalog, fine-tune
+cir-tiny (stage one), train a Combiner (stage two), and write ``demo/encoder.safetensors``,
+``demo/combiner.safetensors`` and ``demo/metrics.json``.
+
+    python scripts/make_demo_model.py --work ~/demo-work --out demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from clip4cir.commands.common import WORKERS, run, whole
+from clip4cir.core.artifacts import atomic_write, atomic_write_text, is_artifact, write_folder
+from clip4cir.data.sources import SourceOptions, open_source
+from clip4cir.data.synthetic import SYNTHETIC_FORMAT, make_synthetic_fashioniq
+from clip4cir.evaluation.composed import evaluate
+from clip4cir.models.combiner import combine_sum, load_combiner
+from clip4cir.models.encoder_file import load_encoder
+from clip4cir.serving.demo import DEMO_SEED
+from clip4cir.training.stage_one import StageOneConfig, StageOneTask
+from clip4cir.training.trainer import train_here
+from combiner.stage_two import StageTwoConfig, StageTwoTask
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="scratch folder (catalog, runs)")
+    parser.add_argument("--out", default="demo", help="where the demo checkpoints go")
+    parser.add_argument("--epochs", type=whole(1), default=40, help="stage-one epochs")
+    parser.add_argument("--combiner-epochs", type=whole(1), default=100)
+    parser.add_argument("--workers", type=WORKERS, default=2)
+    args = parser.parse_args(argv)
+    work, out = Path(args.work), Path(args.out)
+    data = work / "fiq-demo"
+    if not is_artifact(data, SYNTHETIC_FORMAT):
+        write_folder(data, SYNTHETIC_FORMAT, lambda tmp: make_synthetic_fashioniq(tmp, "demo", seed=DEMO_SEED),
+                     {"size": "demo", "seed": DEMO_SEED})
+    source = SourceOptions(str(data))
+    stage_one = StageOneConfig(source=source, output=str(work / "stage1"), model="cir-tiny", epochs=args.epochs,
+                               batch_size=64, lr=5e-4, workers=args.workers, quiet=True, save_best=True)
+    train_here(StageOneTask, stage_one)
+    encoder_path = work / "stage1" / "best.safetensors"
+    stage_two = StageTwoConfig(source=source, output=str(work / "stage2"), clip_checkpoint=str(encoder_path),
+                               epochs=args.combiner_epochs, batch_size=256, lr=1e-3, val_every=5,
+                               workers=args.workers, quiet=True, save_best=True)
+    train_here(StageTwoTask, stage_two)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "encoder.safetensors", lambda tmp: shutil.copyfile(encoder_path, tmp))
+    atomic_write(out / "combiner.safetensors", lambda tmp: shutil.copyfile(work / "stage2" / "best.safetensors", tmp))
+    encoder = load_encoder(out / "encoder.safetensors")
+    combiner, _ = load_combiner(out / "combiner.safetensors", encoder=encoder)
+    metrics = {name: evaluate(encoder, open_source(data), combine=combine, progress=False)
+               for name, combine in (("sum", combine_sum), ("combiner", combiner.combine))}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    print(json.dumps({k: v["average"] for k, v in metrics.items()}))
+    return 0
+
+
+def console() -> int:
+    return run(main)

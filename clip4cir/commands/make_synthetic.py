@@ -1,0 +1,85 @@
+"""Generate synthetic data sets in the real layouts (``scripts/make_synthetic_fashioniq.py``, ``..._cirr.py``,
+``..._identities.py``): each is committed as one folder (clip4cir.core.artifacts), so a folder of yours is never
+written into and an interrupted run leaves no half data set."""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from clip4cir.commands.common import MAX_SEED, WORKERS, run, whole
+from clip4cir.core.artifacts import write_folder
+from clip4cir.data.synthetic import (CIRR_SIZES, SIZES, SYNTHETIC_FORMAT, make_synthetic_cirr,
+                                     make_synthetic_fashioniq, make_synthetic_identities)
+
+
+@dataclass(frozen=True)
+class Generator:
+    """One generator: what it makes, its own arguments, how it draws into a folder, and its summary line."""
+
+    description: str
+    layout: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    make: Callable[[str, argparse.Namespace], dict]
+    summary: Callable[[dict], str]
+
+
+def sizes(choices: dict, help_text: str) -> Callable[[argparse.ArgumentParser], None]:
+    return lambda parser: parser.add_argument("--size", choices=list(choices), default="tiny", help=help_text)
+
+
+def identity_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--identities", type=whole(2), default=300)
+    parser.add_argument("--views", type=whole(2), default=8, help="photos of each identity")
+
+
+GENERATORS = {
+    "fashioniq": Generator(
+        "Generate a synthetic catalog in FashionIQ's exact layout.", "captions/, image_splits/, images/",
+        sizes(SIZES, "tiny: seconds, for tests; demo: a few thousand images; full: FashionIQ's split sizes"),
+        lambda out, a: make_synthetic_fashioniq(out, a.size, a.seed, a.workers),
+        lambda c: f"{sum(v['triplets'] for v in c.values()):,} triplets and "
+                  f"{sum(v['images'] for v in c.values()):,} split entries"),
+    "cirr": Generator(
+        "Generate a synthetic catalog in CIRR's exact layout.", "cirr/captions, cirr/image_splits, images",
+        sizes(CIRR_SIZES, "tiny: seconds, for tests; demo: about a thousand images; full: CIRR's split sizes"),
+        lambda out, a: make_synthetic_cirr(out, a.size, a.seed, a.workers),
+        lambda c: ", ".join(f"{split}: {v['triplets']:,} triplets over {v['images']:,} images"
+                            for split, v in c.items())),
+    "identities": Generator(
+        "Generate labelled images for learning similarity.", "a sub-folder per identity, labels.csv", identity_args,
+        lambda out, a: make_synthetic_identities(out, a.identities, a.views, a.seed, a.workers),
+        lambda c: f"{c['images']:,} images of {c['identities']:,} identities"),
+}
+
+
+def generate_main(kind: str, argv: Sequence[str] | None = None) -> int:
+    """Parse a generator's arguments, draw into a temporary folder and commit it at ``--out``."""
+    generator = GENERATORS[kind]
+    parser = argparse.ArgumentParser(description=generator.description)
+    parser.add_argument("--out", required=True,
+                        help=f"folder to write ({generator.layout}); a new one, or one this command made")
+    parser.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
+    parser.add_argument("--workers", type=WORKERS, default=None, help="processes that draw images")
+    generator.add_args(parser)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    counts: dict = {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workers")}
+    write_folder(args.out, SYNTHETIC_FORMAT, lambda tmp: counts.update(generator.make(str(tmp), args)),
+                 {"kind": kind, **settings}, flag="--out")
+    print(f"wrote {generator.summary(counts)} to {args.out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def console_fashioniq() -> int:
+    return run(lambda argv: generate_main("fashioniq", argv))
+
+
+def console_cirr() -> int:
+    return run(lambda argv: generate_main("cirr", argv))
+
+
+def console_identities() -> int:
+    return run(lambda argv: generate_main("identities", argv))

@@ -1,0 +1,340 @@
+"""The one interface every data set implements: its splits and categories, the triplets of a split (reference,
+target, captions), the gallery of a split, its images, and how it is evaluated. Training, evaluation, index
+building and the app use only this, never a data set's name.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from clip4cir.core.errors import DataError
+from clip4cir.core.fingerprints import contents, digest, file_stats
+from clip4cir.core.registry import Registry
+from clip4cir.data.images import IMAGE_EXTENSIONS, check_image_file, load_image
+
+SHOWN = 5  # how many ids an error message lists
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """A reference image, the target image (None on a test split), the modification caption(s); the category
+    when the data set has them; CIRR's pair id and the image subset its Recall_subset ranks within."""
+
+    reference: str
+    target: str | None
+    captions: tuple[str, ...]
+    category: str | None = None
+    pair_id: str | None = None
+    subset: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a data set is evaluated (see clip4cir.evaluation): Recall@K over a gallery of the split (per category
+    and averaged, or one gallery), with the reference left out of its own ranking or not, Recall_subset@K within
+    each query's subset, and the headline score (what --save-best maximises)."""
+
+    name: str
+    ks: tuple[int, ...]
+    per_category: bool
+    remove_reference: bool
+    subset_ks: tuple[int, ...] = ()
+    score: tuple[str, ...] = ("R@10", "R@50")  # the headline is the mean of these of the "average" metrics
+    val_split: str = "val"
+    test_split: str = "test"
+
+
+FASHIONIQ_PROTOCOL = Protocol("fashioniq", (10, 50), per_category=True, remove_reference=False)
+CIRR_PROTOCOL = Protocol("cirr", (1, 5, 10, 50), per_category=False, remove_reference=True, subset_ks=(1, 2, 3),
+                         score=("R@5", "Rs@1"), test_split="test1")
+
+
+def read_json_file(path: Path):
+    if not path.is_file():
+        raise DataError(f"missing annotation file {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"malformed JSON in {path}: {e}") from e
+
+
+def triplet_entries(path: Path) -> list[dict]:
+    """The entries of a triplet annotation file: a JSON list of objects (DataError naming the file and entry)."""
+    entries = read_json_file(path)
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of triplets, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: entry {i} is not an object")
+    return entries
+
+
+def missing_message(what: str, n_missing: int, total: int, ids: Sequence[str], where: str) -> str:
+    """A readable account of missing images: how many of what, where, and the first few missing ids."""
+    shown = ", ".join(ids[:SHOWN]) + (", ..." if len(ids) > SHOWN else "")
+    return (f"{what}: {n_missing:,} of {total:,} miss images in {where} ({len(ids):,} image ids, first: "
+            f"{shown}); pass skip_missing=True to drop them")
+
+
+@dataclass
+class SourceOptions:
+    """How to open a data set: ``data`` (a path or ``hf://datasets/OWNER/NAME``), what it is (``dataset``, or
+    "auto": recognised), and the options some kinds take (FashionIQ's ``categories``, a triplet or label file's
+    ``images`` folder, how labels are split, a Hugging Face data set's columns and streaming)."""
+
+    data: str
+    dataset: str = "auto"
+    categories: str | None = None
+    images: str | None = None
+    split_by: str = "label"
+    image_column: str | None = None
+    id_column: str | None = None
+    category_column: str | None = None
+    caption_column: str | None = None
+    reference_column: str | None = None
+    target_column: str | None = None
+    streaming: bool = False
+
+    def open(self) -> "Source":
+        kind = detect_kind(str(self.data)) if self.dataset in ("auto", None) else self.dataset
+        return SOURCES[kind].open(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "SourceOptions":
+        """The options that open the source a ``Source.record()`` describes again."""
+        record = dict(record)
+        categories = record.pop("categories", None)
+        return cls(data=record.pop("data"), dataset=record.pop("kind"),
+                   categories=",".join(categories) if categories else None, **record)
+
+
+class Source(ABC):
+    """A data set of composed-retrieval triplets and the images they refer to (or a plain catalog of images).
+    Each kind registers a :class:`SourceKind` in ``SOURCES``."""
+
+    kind: str = ""
+    protocol: Protocol = FASHIONIQ_PROTOCOL
+
+    @abstractmethod
+    def splits(self) -> tuple[str, ...]:
+        """The split names, training first."""
+
+    def categories(self) -> list[str]:
+        """The category names (empty when the data set has none)."""
+        return []
+
+    def triplets(self, split: str) -> list[Triplet]:
+        """The triplets of a split, validated (a plain catalog has none)."""
+        return []
+
+    @abstractmethod
+    def gallery(self, split: str) -> dict[str, tuple[str, ...]]:
+        """The images of a split, each with its categories."""
+
+    @abstractmethod
+    def path(self, image_id: str) -> str:
+        """Where an image is: a file path, or a reference the source reads (e.g. a row of a Hub data set)."""
+
+    @abstractmethod
+    def has_image(self, image_id: str) -> bool:
+        """Whether the image of an id can be found (without decoding it)."""
+
+    def load_image(self, image_id: str) -> Image.Image:
+        """The image of an id as RGB; DataError naming it when it is missing or cannot be read."""
+        if not self.has_image(image_id):
+            raise DataError(f"no image for id {image_id!r} in {self.describe()}")
+        return load_image(self.path(image_id))
+
+    def check_image(self, image_id: str) -> None:
+        """DataError naming the image when it is not a complete image file (checked without decoding it; a
+        source whose images are not files checks nothing here)."""
+
+    @abstractmethod
+    def annotation_files(self, split: str) -> list[Path]:
+        """The files a split's triplets and gallery are read from (their contents are fingerprinted)."""
+
+    @abstractmethod
+    def record(self) -> dict:
+        """How to open this source again (``clip4cir.sources.open_source(**record)``)."""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.record().get('data', '')}"
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits():
+            raise DataError(f"unknown split {split!r} of {self.describe()}; it has {', '.join(self.splits())}")
+
+    def fingerprint_parts(self, split: str, image_ids: Sequence[str] | None = None) -> dict:
+        """What a split was read from, part by part (so that a change can be named): the source, each
+        annotation file's contents, and the images' files (path, size, modification time); ``image_ids``
+        narrows the images to those used."""
+        ids = image_ids if image_ids is not None else sorted(self.gallery(split))
+        return {"source": digest(self.record(), split),
+                "annotations": {str(path): contents([path]) for path in self.annotation_files(split)},
+                "images": len(ids), "image_files": file_stats(self.path(i) for i in ids if self.has_image(i))}
+
+    def fingerprint(self, split: str, image_ids: Sequence[str] | None = None) -> str:
+        """One hash of :meth:`fingerprint_parts`."""
+        return digest(self.fingerprint_parts(split, image_ids))
+
+
+def describe_change(saved: dict, now: dict) -> str:
+    """What differs between two :meth:`Source.fingerprint_parts`, in words."""
+    changes = []
+    if saved.get("source") != now.get("source"):
+        changes.append("the data set is opened differently (another path, kind or option)")
+    old, new = saved.get("annotations", {}), now.get("annotations", {})
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            changes.append(f"annotation file {name} " + ("is new" if name not in old else "is gone"
+                                                         if name not in new else "changed"))
+    if saved.get("images") != now.get("images"):
+        changes.append(f"{saved.get('images')} images then, {now.get('images')} now")
+    elif saved.get("image_files") != now.get("image_files"):
+        changes.append(f"an image file of the {now.get('images')} changed (its path, size or modification time "
+                       f"differs)")
+    for key in sorted((set(saved) | set(now)) - {"source", "annotations", "images", "image_files"}):
+        if saved.get(key) != now.get(key):
+            changes.append(f"{key} was {saved.get(key)!r}, now {now.get(key)!r}")
+    return "; ".join(changes) or "its fingerprint differs"
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A kind of data set: whether it recognises a ``--data`` value, and how it opens from options; a fallback
+    kind is asked only when no other recognises the data (a plain image folder)."""
+
+    detect: Callable[[str], bool]
+    open: Callable[[SourceOptions], Source]
+    fallback: bool = False
+
+
+SOURCES: Registry[SourceKind] = Registry("--dataset")
+ANNOTATION_FILES = (".jsonl", ".csv")
+
+
+def detect_kind(data: str) -> str:
+    """The registered kind that recognises ``data`` (a fallback kind only when no other does)."""
+    if not data.startswith("hf://") and not Path(data).exists():
+        raise DataError(f"--data {data} does not exist")
+    for kind, entry in sorted(SOURCES.items(), key=lambda item: item[1].fallback):
+        if entry.detect(data):
+            return kind
+    if Path(data).suffix.lower() in ANNOTATION_FILES:
+        header = csv_header(Path(data)) if Path(data).suffix.lower() == ".csv" else []
+        raise DataError(f"{data}: the CSV header names neither triplets (reference, caption, target, ...) nor "
+                        f"labelled images ('image' and 'label'); got {header}")
+    raise DataError(f"--data {data}: no data set kind recognises it; give --dataset ({', '.join(SOURCES)})")
+
+
+def csv_header(path: Path) -> list[str]:
+    """The first row of a CSV file (empty when it is not one)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def local_path(spec: str | os.PathLike) -> Path:
+    return Path(spec).expanduser()
+
+
+def image_files(root: Path) -> tuple[list[Path], list[str]]:
+    """The image files under ``root`` (by extension), following symbolic links to folders and files, each real
+    folder walked once (a link loop is walked no further); and, as problems to report, the links that point
+    nowhere and the folders that loop."""
+    found, problems, seen = [], [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            problems.append(f"{folder} (a link to a folder already read: not read twice)")
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.is_file():
+                found.append(path)
+            else:
+                problems.append(f"{path} (a link to nothing)")
+        for name in subfolders:
+            if not (Path(folder) / name).exists():
+                problems.append(f"{Path(folder) / name} (a link to nothing)")
+    return found, problems
+
+
+@dataclass
+class ImageFolder:
+    """The image files under a folder, found by their path relative to it, with or without extension (symbolic
+    links followed; broken ones reported with a warning, never dropped silently)."""
+
+    root: Path
+    files: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.root.is_dir():
+            raise DataError(f"missing image folder {self.root}")
+        paths, problems = image_files(self.root)
+        if problems:
+            shown = "; ".join(problems[:SHOWN]) + ("; ..." if len(problems) > SHOWN else "")
+            warnings.warn(f"{len(problems):,} entries under {self.root} are left out: {shown}")
+        for path in paths:
+            relative = path.relative_to(self.root).as_posix()
+            self.files.setdefault(relative, relative)
+            stem = relative.rsplit(".", 1)[0]
+            old = self.files.get(stem)
+            if old is None or IMAGE_EXTENSIONS.index(path.suffix.lower()) < \
+                    IMAGE_EXTENSIONS.index(Path(old).suffix.lower()):
+                self.files[stem] = relative
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.files
+
+    def path(self, image_id: str) -> str:
+        name = self.files.get(image_id)
+        if name is None:
+            raise DataError(f"no image for id {image_id!r} in {self.root}")
+        return str(self.root / name)
+
+
+class FileSource(Source):
+    """A source whose images are files in one folder tree (``self.images``)."""
+
+    images: ImageFolder
+
+    def path(self, image_id: str) -> str:
+        return self.images.path(image_id)
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id in self.images
+
+    def check_image(self, image_id: str) -> None:
+        check_image_file(self.path(image_id))
+
+
+def check_images_readable(source: Source, image_ids) -> None:
+    """Before a run: every image it will read is a complete image file (header and end marker, see
+    clip4cir.images.check_image_file), so a bad one stops it now, not at an epoch's end. One DataError lists
+    the bad files."""
+    bad = []
+    for image_id in dict.fromkeys(image_ids):
+        try:
+            source.check_image(image_id)
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        shown = "; ".join(bad[:SHOWN]) + ("; ..." if len(bad) > SHOWN else "")
+        raise DataError(f"{len(bad):,} images cannot be read: {shown}")

@@ -1,0 +1,118 @@
+"""A user's own triplets: a JSON Lines or CSV file over a folder of images.
+
+Fields: ``reference`` and ``target`` (image files relative to the image folder, with or without extension),
+``caption`` (JSONL: a string or a list; CSV: ``caption``, ``caption2``, ... columns), optional ``category`` and
+optional ``split``. Without a split field, one triplet in ten (chosen by a hash of its image ids, so the same
+every time) is held out as ``val``. The gallery of a split is every image its triplets name.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zlib
+from pathlib import Path
+
+from clip4cir.core.errors import DataError
+from clip4cir.data.sources.base import SOURCES, FileSource, ImageFolder, Protocol, SourceKind, Triplet, csv_header
+
+OWN_PROTOCOL = Protocol("recall", (1, 5, 10, 50), per_category=False, remove_reference=True)
+FIELDS = ("reference", "caption", "target", "category", "split")
+
+
+def held_out(reference: str, target: str) -> bool:
+    return zlib.crc32(f"{reference}|{target}".encode()) % 10 == 0
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, fields) of every row of a JSONL or CSV file."""
+    if not path.is_file():
+        raise DataError(f"missing triplet file {path}")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "reference" not in reader.fieldnames:
+                raise DataError(f"{path}: the CSV header must name the columns {', '.join(FIELDS)} "
+                                f"(got {reader.fieldnames})")
+            rows = []
+            for row in reader:
+                captions = [row[k] for k in sorted(k for k in row if k and k.startswith("caption")) if row[k]]
+                rows.append((reader.line_num, {**{k: v for k, v in row.items() if v}, "caption": captions}))
+            return rows
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number} is not JSON: {e}") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number} is not a JSON object")
+            rows.append((number, row))
+    return rows
+
+
+def is_triplet_file(data: str) -> bool:
+    path = Path(data)
+    return path.is_file() and (path.suffix.lower() == ".jsonl" or
+                               (path.suffix.lower() == ".csv" and "reference" in csv_header(path)))
+
+
+class TripletFile(FileSource):
+    kind = "triplets"
+
+    def __init__(self, file: str | os.PathLike, images: str | os.PathLike | None = None):
+        self.file = Path(file)
+        self.images = ImageFolder(Path(images) if images else self.file.parent)
+        self._triplets: dict[str, list[Triplet]] = {}
+        for number, row in _rows(self.file):
+            where = f"{self.file}: line {number}"
+            captions = row.get("caption", row.get("captions"))
+            captions = [captions] if isinstance(captions, str) else captions
+            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+                raise DataError(f"{where}: field 'caption' must be a string or a list of strings")
+            for field in ("reference", "target"):
+                value = row.get(field)
+                if not isinstance(value, str) or not value:
+                    raise DataError(f"{where}: field {field!r} is missing")
+                if value not in self.images:
+                    raise DataError(f"{where}: {field} {value!r} is not an image in {self.images.root}")
+            split = row.get("split") or ("val" if held_out(row["reference"], row["target"]) else "train")
+            self._triplets.setdefault(str(split), []).append(
+                Triplet(row["reference"], row["target"], tuple(captions), row.get("category") or None))
+        if not self._triplets:
+            raise DataError(f"{self.file} holds no triplets")
+        self.protocol = Protocol(OWN_PROTOCOL.name, OWN_PROTOCOL.ks, per_category=bool(self.categories()),
+                                 remove_reference=True, test_split="test")
+
+    def splits(self) -> tuple[str, ...]:
+        return tuple(sorted(self._triplets, key=lambda s: (s != "train", s != "val", s)))
+
+    def categories(self) -> list[str]:
+        return sorted({t.category for ts in self._triplets.values() for t in ts if t.category})
+
+    def triplets(self, split: str) -> list[Triplet]:
+        self.check_split(split)
+        return list(self._triplets[split])
+
+    def gallery(self, split: str) -> dict[str, tuple[str, ...]]:
+        out: dict[str, tuple[str, ...]] = {}
+        for t in self.triplets(split):
+            for image_id in (t.reference, t.target):
+                categories = out.get(image_id, ())
+                out[image_id] = categories + ((t.category,) if t.category and t.category not in categories else ())
+        return out
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self.file]
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "data": str(self.file.resolve()), "images": str(self.images.root.resolve())}
+
+    def describe(self) -> str:
+        return f"the triplets of {self.file}"
+
+
+SOURCES.add("triplets", SourceKind(is_triplet_file, lambda options: TripletFile(options.data, options.images)))

@@ -1,0 +1,162 @@
+"""Building a catalog index: encode the images of a data set's splits (or any image folder), index them.
+
+Encoding is most of the work. It runs in chunks that are saved as they finish (in a hidden folder beside the
+output, removed when the index is committed), so an interrupted build resumes without encoding a finished
+chunk again; under ``torchrun`` every process encodes its share of the chunks (one GPU each, across machines
+too) and the first assembles the index. Progress is shown with an ETA.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from clip4cir.core.artifacts import atomic_write
+from clip4cir.core.distributed import Dist, barrier
+from clip4cir.core.errors import Clip4CirError, DataError
+from clip4cir.core.fingerprints import digest
+from clip4cir.data.sources import Source
+from clip4cir.models.category_probe import train_probe
+from clip4cir.models.encoder import Encoder
+from clip4cir.retrieval.catalog import annotated_captions, encode_items, items_fingerprint
+from clip4cir.retrieval.index import CatalogIndex, Item
+from clip4cir.retrieval.tuning import choose_kind
+
+log = logging.getLogger(__name__)
+
+
+CHUNK = 4096  # images per saved chunk of features
+PROBE_SAMPLE = 50_000  # the category probe learns from at most this many items
+
+
+@dataclass
+class BuildOptions:
+    """How to index: the kind (``auto`` chooses by size and ``memory_budget`` bytes), the metric, the Recall@10
+    the approximate kinds are calibrated to, their knobs (None: defaults), and the encoding's batch, workers,
+    chunk (what an interruption can lose, and the unit shared out to GPUs) and progress bar."""
+
+    kind: str = "flat"
+    metric: str = "cosine"
+    target_recall: float | None = None
+    memory_budget: int | None = None
+    nlist: int | None = None
+    pq_m: int | None = None
+    M: int | None = None
+    batch_size: int = 64
+    workers: int = 0
+    chunk: int = CHUNK
+    progress: bool = True
+
+    def knobs(self) -> dict:
+        return {k: v for k, v in (("nlist", self.nlist), ("pq_m", self.pq_m), ("M", self.M)) if v is not None}
+
+
+def _chunk_file(work: Path, i: int) -> Path:
+    return work / f"chunk-{i:06d}.pt"
+
+
+def encode_catalog(encoder: Encoder, items: Sequence[Item], source: Source, work: Path, batch_size: int = 64,
+                   workers: int = 0, progress: bool = True, ddp: Dist = Dist(), chunk: int = CHUNK
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features of the items, encoded in chunks saved in ``work`` (a chunk already there is not encoded
+    again), this process taking every ``world_size``-th chunk. Returns, on the main process once all are done,
+    the positions of the readable items and their features (memory-mapped from ``work``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    chunks = range((len(items) + chunk - 1) // chunk)
+    mine = [i for i in chunks if i % ddp.world_size == ddp.rank]
+    todo = [i for i in mine if not _chunk_file(work, i).is_file()]
+    bar = tqdm(total=sum(min(chunk, len(items) - i * chunk) for i in mine), desc="encoding images", unit="img",
+               disable=not progress, smoothing=0.1)
+    bar.update(bar.total - sum(min(chunk, len(items) - i * chunk) for i in todo))  # resumed: done before
+    for i in todo:
+        part = items[i * chunk:(i + 1) * chunk]
+        kept, features, _ = encode_items(encoder, part, source, batch_size, workers, progress=False, start=i * chunk)
+        positions = {item.id: p for p, item in enumerate(part)}
+        atomic_write(_chunk_file(work, i), lambda tmp: torch.save(
+            {"positions": torch.tensor([i * chunk + positions[item.id] for item in kept], dtype=torch.long),
+             "features": torch.from_numpy(features)}, tmp))
+        bar.update(len(part))
+    bar.close()
+    barrier()
+    if not ddp.is_main:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, encoder.dim), dtype=np.float32)
+    parts = [torch.load(_chunk_file(work, i), weights_only=True) for i in chunks]
+    positions = np.concatenate([p["positions"].numpy() for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    features = open_memmap(work / "features.npy", mode="w+", dtype=np.float32, shape=(len(positions), encoder.dim))
+    start = 0
+    for part in parts:
+        features[start:start + len(part["positions"])] = part["features"].numpy()
+        start += len(part["positions"])
+    features.flush()
+    return positions, features
+
+
+def build_index(encoder: Encoder, source: Source, items: Sequence[Item], output: str | os.PathLike,
+                options: BuildOptions = BuildOptions(), record: dict | None = None, ddp: Dist = Dist(),
+                message: Callable[[str], None] = log.info) -> tuple[CatalogIndex | None, list[Item]]:
+    """Encode the items and write their index to ``output``; returns the index (None on processes other than the
+    main one) and the items whose image could not be read. DataError when none can be read: an empty index is
+    never a result, and an index already at ``output`` stays as it was."""
+    output = CatalogIndex.check_destination(output)
+    work = output.parent / f".{output.name}.encoding" / digest(encoder.fingerprint(), items_fingerprint(items))
+    if ddp.is_main:
+        clear_other_encodings(work)
+    try:
+        return _build(encoder, source, items, output, work, options, record, ddp, message)
+    except Clip4CirError:  # refused: nothing to resume (an interruption keeps the chunks for the next run)
+        if ddp.is_main:
+            shutil.rmtree(work.parent, ignore_errors=True)
+        raise
+
+
+def clear_other_encodings(work: Path) -> None:
+    """Remove the encodings an earlier build of this output left for another encoder or catalog: they can never
+    be resumed (this build's own, ``work``, is resumed)."""
+    if work.parent.is_dir():
+        for other in work.parent.iterdir():
+            if other != work:
+                shutil.rmtree(other, ignore_errors=True)
+
+
+def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path, work: Path,
+           options: BuildOptions, record: dict | None, ddp: Dist, message: Callable[[str], None]
+           ) -> tuple[CatalogIndex | None, list[Item]]:
+    positions, features = encode_catalog(encoder, items, source, work, options.batch_size, options.workers,
+                                         options.progress, ddp, options.chunk)
+    if not ddp.is_main:
+        return None, []
+    kept = [items[p] for p in positions]
+    readable = set(positions.tolist())
+    unreadable = [item for p, item in enumerate(items) if p not in readable]
+    if not kept:
+        shown = ", ".join(item.path for item in unreadable[:3])
+        raise DataError(f"none of the {len(items):,} images could be read (first: {shown}); no index was written")
+    kind = choose_kind(len(kept), encoder.dim, options.memory_budget) if options.kind == "auto" else options.kind
+    sample = np.sort(np.random.default_rng(0).permutation(len(kept))[:PROBE_SAMPLE])
+    probe = train_probe(np.asarray(features[sample]), [kept[i].categories for i in sample])
+    index = CatalogIndex.create(output, kept, features, kind=kind, metric=options.metric, encoder=encoder.record(),
+                                source={"data": source.record(), **(record or {}), "items": len(kept),
+                                        "fingerprint": items_fingerprint(kept)},
+                                probe=probe, captions=annotated_captions(source, {item.id for item in kept}),
+                                target_recall=options.target_recall,
+                                progress=message if options.progress else None, **options.knobs())
+    del features
+    shutil.rmtree(work.parent)  # the chunks this build made, now in the committed index
+    return index, unreadable
+
+
+def unreadable_reason(source: Source, item: Item) -> str:
+    """Why an item's image could not be read (it is read again to tell)."""
+    try:
+        source.load_image(item.id)
+    except DataError as e:
+        return str(e)
+    return "it could not be read while encoding"

@@ -1,0 +1,194 @@
+"""The search API: composed (reference + caption), image and text search over a catalog index.
+
+One :class:`SearchEngine` holds the encoders, an optional Combiner and an index; it is safe to call from
+several threads, also while items are added or removed (a GPU index serialises its own searches). Its models stay
+in evaluation mode: the same query always gives the same results.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from clip4cir.core.device import resolve_device
+from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError
+from clip4cir.data.images import load_image
+from clip4cir.models.category_probe import predict_category
+from clip4cir.models.combiner import Combiner, combine_sum, load_combiner
+from clip4cir.models.encoder import Encoder
+from clip4cir.models.factory import check_same_encoder, encoder_from_record
+from clip4cir.models.features import check_finite
+from clip4cir.retrieval.index import CatalogIndex
+from clip4cir.retrieval.threads import apply_serving_threads
+
+MAX_K = 10_000
+MODES = ("combiner", "sum")
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    categories: list[str]
+    path: str
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    notes: list[str] = field(default_factory=list)  # e.g. a truncated caption, the predicted category
+    category: str | None = None  # the category searched within (None: all)
+    seconds: float = 0.0
+
+
+class SearchEngine:
+    """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
+
+    def __init__(self, index: CatalogIndex, encoder: Encoder, combiner: Combiner | None = None):
+        try:
+            check_same_encoder(index.encoder, encoder, "the index")
+            if combiner is not None:
+                combiner.check_fits(encoder)
+        except ValueError as e:
+            raise SearchError(str(e)) from e
+        self.index, self.encoder, self.combiner = index, encoder, combiner
+        self.encoder.model.eval()  # for good: serving never switches modes (other threads may be encoding)
+        if combiner is not None:
+            combiner.eval()
+
+    @classmethod
+    def load(cls, index_path: str | os.PathLike, clip_checkpoint: str | None = None,
+             combiner_path: str | None = None, device: str = "auto") -> "SearchEngine":
+        """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives); a
+        Combiner trained on another encoder's features is refused."""
+        index = CatalogIndex.load(index_path)
+        encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device),
+                                      artifact=f"index {index_path}")
+        try:
+            combiner = load_combiner(combiner_path, encoder.device, encoder)[0] if combiner_path else None
+        except ModelError as e:
+            raise ModelError(f"{e} (the encoder of index {index_path})") from None
+        return cls(index, encoder, combiner)
+
+    # ---- query features -------------------------------------------------------------------------------------
+    def _image_feature(self, image: Image.Image | str | os.PathLike | None) -> torch.Tensor:
+        if image is None:
+            raise SearchError("no image given")
+        if not isinstance(image, Image.Image):
+            try:
+                image = load_image(image)
+            except DataError as e:
+                raise SearchError(str(e)) from e
+        if image.width < 1 or image.height < 1:
+            raise SearchError("the image is empty")
+        x = self.encoder.transform(image)[None]  # the transform converts any mode to RGB and bounds the size
+        with torch.inference_mode():
+            return check_finite(self.encoder.encode_image(x)[0].float().cpu(), "image features")
+
+    def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
+        if not self.encoder.has_text:
+            raise SearchError(f"the encoder {self.encoder.describe()} reads images only: use image search")
+        caption = (caption or "").strip()
+        if not caption:
+            raise SearchError("the caption is empty")
+        n_tokens = self.encoder.count_tokens(caption)
+        if n_tokens > self.encoder.context_length:
+            notes.append(f"the caption has {n_tokens} tokens; only the first {self.encoder.context_length} were used")
+        with torch.inference_mode():
+            return check_finite(self.encoder.encode_text([caption])[0].float().cpu(), "caption features")
+
+    def _category(self, category: str | None, query: torch.Tensor, notes: list[str]) -> str | None:
+        """The category to search within: none for "all", the given one, or for "auto" the one the index's
+        probe predicts from the query feature (the composed query, the image, or the description)."""
+        if category in (None, "", "all"):
+            return None
+        if category == "auto":
+            if self.index.probe is None:
+                notes.append("this catalog has no categories to predict; searched all")
+                return None
+            predicted = predict_category(self.index.probe, query.numpy())[0]
+            notes.append(f"predicted category: {predicted}")
+            return predicted
+        if category not in self.index.categories():
+            raise SearchError(f"unknown category {category!r}; this catalog has "
+                              f"{', '.join(self.index.categories()) or 'none'}")
+        return category
+
+    def _reference(self, image, reference_id: str | None) -> torch.Tensor:
+        """The reference feature: a catalog item's stored one (no re-encoding), or the image's."""
+        if reference_id:
+            try:
+                return torch.from_numpy(self.index.feature(reference_id))
+            except ValueError as e:
+                raise SearchError(str(e)) from e
+        if image is not None:
+            return self._image_feature(image)
+        raise SearchError("no reference: give an image or the id of a catalog item")
+
+    def _search(self, query: torch.Tensor, k: int, category: str | None, notes: list[str], started: float,
+                exclude: str | None = None) -> SearchResult:
+        apply_serving_threads()  # this thread's FAISS threads, when serving (see clip4cir.threads)
+        try:
+            found = self.index.top_items(query.numpy(), k + (exclude is not None), category)
+        except CatalogIndexError as e:
+            raise SearchError(str(e)) from e
+        hits = [Hit(item.id, score, list(item.categories), item.path) for item, score in found if item.id != exclude]
+        return SearchResult(hits[:k], notes, category, time.perf_counter() - started)
+
+    @staticmethod
+    def _check_types(**values) -> None:
+        """Each argument a string or None (a number or a list where text belongs is an error naming it)."""
+        for name, value in values.items():
+            if value is not None and not isinstance(value, str):
+                raise SearchError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+
+    def _check_k(self, k: int) -> None:
+        """k is a whole number from 1 to 10,000 (or the catalog's size, if smaller): never truncated or clamped."""
+        largest = min(MAX_K, len(self.index))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= largest:
+            raise SearchError(f"k must be a whole number from 1 to {largest:,} (the number of results), got {k!r}")
+
+    # ---- queries --------------------------------------------------------------------------------------------
+    def composed_search(self, caption: str, image: Image.Image | str | os.PathLike | None = None,
+                        reference_id: str | None = None, k: int = 10, category: str | None = None,
+                        mode: str = "combiner") -> SearchResult:
+        """Items like the reference (an image, or a catalog id whose stored feature is reused) changed as the
+        caption says. The reference item itself is left out of the results."""
+        started, notes = time.perf_counter(), []
+        self._check_types(caption=caption, reference_id=reference_id, category=category, mode=mode)
+        self._check_k(k)
+        if mode not in MODES:
+            raise SearchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode == "combiner" and self.combiner is None:
+            raise SearchError("no Combiner is loaded: use mode 'sum' or load a stage-two checkpoint")
+        if (caption or "").strip() == "":
+            raise SearchError("the caption is empty: say how the wanted item differs "
+                              "(for similar items without a change, use image search)")
+        reference = self._reference(image, reference_id)
+        text = self._text_feature(caption, notes)
+        combine = self.combiner.combine if mode == "combiner" else combine_sum
+        with torch.inference_mode():
+            query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
+        query = query.float().cpu()
+        return self._search(query, k, self._category(category, query, notes), notes, started, exclude=reference_id)
+
+    def image_search(self, image: Image.Image | str | os.PathLike | None = None, k: int = 10,
+                     category: str | None = None, reference_id: str | None = None) -> SearchResult:
+        """Items that look like the image, or like a catalog item ("more like this", the item left out)."""
+        started, notes = time.perf_counter(), []
+        self._check_types(reference_id=reference_id, category=category)
+        self._check_k(k)
+        feature = self._reference(image, reference_id)
+        return self._search(feature, k, self._category(category, feature, notes), notes, started,
+                            exclude=reference_id)
+
+    def text_search(self, caption: str, k: int = 10, category: str | None = None) -> SearchResult:
+        """Items the description fits."""
+        started, notes = time.perf_counter(), []
+        self._check_types(caption=caption, category=category)
+        self._check_k(k)
+        feature = self._text_feature(caption, notes)
+        return self._search(feature, k, self._category(category, feature, notes), notes, started)

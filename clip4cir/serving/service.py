@@ -1,0 +1,96 @@
+"""Assembling a search engine from what the user gives the app: an index, checkpoints, a zero-shot model, a data
+folder to index at start (its index cached by data and encoder), or nothing at all (the offline demo). Paths may
+be ``hf://OWNER/REPO/PATH`` (clip4cir.serving.hub)."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from clip4cir.core.artifacts import is_artifact
+from clip4cir.core.device import resolve_device
+from clip4cir.core.fingerprints import digest
+from clip4cir.data.images import load_image
+from clip4cir.data.sources import SourceOptions, reopen
+from clip4cir.models.combiner import load_combiner
+from clip4cir.models.factory import load_model
+from clip4cir.retrieval.building import BuildOptions, build_index
+from clip4cir.retrieval.catalog import catalog_items, items_fingerprint
+from clip4cir.retrieval.index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
+from clip4cir.retrieval.search import SearchEngine
+from clip4cir.serving.demo import DEMO_DIR, ensure_demo_catalog
+from clip4cir.serving.hub import resolve_path
+from clip4cir.serving.thumbnails import Thumbnails
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    """What the app was asked to serve (command-line arguments or their environment variables): an index, or a
+    data set to index at start (``source``) with an encoder; a Combiner; nothing at all for the offline demo."""
+
+    index: str | None = None
+    source: SourceOptions | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    clip_checkpoint: str | None = None
+    combiner: str | None = None
+    device: str = "auto"
+    cache_dir: str | None = None
+
+
+def cache_root(options: Options) -> Path:
+    return Path(options.cache_dir or os.environ.get("CLIP4CIR_CACHE") or Path.home() / ".cache" / "clip4cir")
+
+
+def load_engine(options: Options, progress: Callable[[str], None] = log.info) -> SearchEngine:
+    """The engine the options describe; an index built from ``data`` is cached by data path and encoder."""
+    cache = cache_root(options)
+    device = resolve_device(options.device)
+    index_path = resolve_path(options.index, cache)
+    clip_checkpoint = resolve_path(options.clip_checkpoint, cache)
+    combiner = resolve_path(options.combiner, cache)
+    if index_path:
+        return SearchEngine.load(index_path, clip_checkpoint, combiner, str(device))
+    source_options = options.source
+    if not (source_options or options.model or clip_checkpoint):  # nothing given: the offline demo
+        source_options = SourceOptions(str(ensure_demo_catalog(cache, progress)))
+        clip_checkpoint = str(DEMO_DIR / "encoder.safetensors")
+        combiner = combiner or str(DEMO_DIR / "combiner.safetensors")
+    if not source_options:
+        raise ValueError("give --index, or --data (a data set or an image folder) to index at start")
+    if not (options.model or clip_checkpoint):
+        raise ValueError("give the encoder for --data: --clip-checkpoint PATH or --model NAME [--pretrained TAG]")
+    source = source_options.open()
+    encoder = load_model(options.model, options.pretrained, clip_checkpoint, device=device)
+    combiner_model = load_combiner(combiner, device, encoder)[0] if combiner else None  # before indexing
+    splits = [source.protocol.val_split]
+    items = catalog_items(source, splits)
+    # keyed on what the index is computed from: the catalog's files as they are now, and the encoder
+    key = digest(source.record(), splits, items_fingerprint(items), encoder.fingerprint(), INDEX_VERSION)
+    cached = cache / "indexes" / key
+    if is_artifact(cached, INDEX_FORMAT):
+        index = CatalogIndex.load(cached)
+    else:
+        progress(f"indexing {len(items):,} images of {source.describe()} with {encoder.describe()} ...")
+        index, unreadable = build_index(encoder, source, items, cached, BuildOptions(progress=False),
+                                        record={"splits": splits})
+        if unreadable:
+            progress(f"skipped {len(unreadable):,} unreadable images")
+    return SearchEngine(index, encoder, combiner_model)
+
+
+def thumbnails_for(index: CatalogIndex, cache: Path) -> Thumbnails:
+    """Thumbnails of the index's items, cached under the catalog's fingerprint (a changed image gets a new one);
+    images that are not files are read through the data set they came from."""
+    data_set = functools.cache(lambda: reopen(index.source["data"]))  # opened when an image is not a file
+
+    def open_image(item_id: str):
+        path = index.item(item_id).path
+        return load_image(path) if os.path.isfile(path) else data_set().load_image(item_id)
+
+    return Thumbnails(cache / "thumbnails" / str(index.source.get("fingerprint", "catalog")), open_image)
