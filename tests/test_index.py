@@ -94,7 +94,7 @@ def test_approximate_kinds_against_exact_search_on_held_out_queries(kind, hard_d
     index = CatalogIndex.create(tmp_path / kind, items, x, kind=kind, target_recall=0.95, exact_members=5_000)
     truth = exact_truth(x, q)
     original = np.array([int(index.item_at(r).id[2:]) for r in range(len(x))] + [-1])  # rows -> data rows
-    assert index.tuning["recall"][""] >= 0.95 and set(index.tuning["effort"]) == {"", "large"}
+    assert index.tuning["recall"][""]["image"] >= 0.95 and set(index.tuning["effort"]) == {"", "large"}
     assert recall(original[index.search(q, 10)[1]], truth) >= 0.93
     if kind != "hnsw":
         assert recall(original[index.search(q, 10, effort=1)[1]], truth) < 0.5

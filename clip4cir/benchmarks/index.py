@@ -13,8 +13,9 @@ held-out queries, so that it can fail.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
-import shutil
+import os
 import tempfile
 import threading
 import time
@@ -26,6 +27,7 @@ from numpy.lib.format import open_memmap
 from torchvision import transforms as T
 
 from clip4cir.benchmarks.machine import machine
+from clip4cir.core.artifacts import atomic_write_text
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.data.images import load_image
 from clip4cir.data.synthetic import make_synthetic_fashioniq
@@ -145,22 +147,65 @@ def _busy(stop: threading.Event) -> None:
         x = torch.tanh(x @ x)
 
 
+def _io_read_bytes() -> int:
+    """Bytes this process has had read from storage (Linux's /proc/self/io): the file pages it touched cold."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+    except (OSError, StopIteration):
+        return -1
+
+
+def drop_cached(folder: Path) -> None:
+    """Evict the folder's files from the page cache (posix_fadvise DONTNEED), so serving starts cold, as after a
+    restart, instead of warm from the build that just wrote them."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _latencies(index: CatalogIndex, queries: np.ndarray, repeats: int, effort: int | None,
+               category: str | None = None, warmup: int = 0) -> dict:
+    """p50/p99 ms of single queries (the first ``warmup`` not counted)."""
+    times = []
+    for i in range(repeats):
+        q = queries[i % len(queries)][None]
+        t0 = time.perf_counter()
+        index.search(q, K, category, effort)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times[warmup:]) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
 def _serve(folder: str, queries_path: str, truth_path: str, efforts: list, repeats: int,
            threads: str, result: mp.Queue) -> None:
-    """Recall per filter at each effort (None: the efforts calibrated per filter), single-query latency and
-    batch throughput; ``threads`` "serving" applies clip4cir.threads, "default" keeps FAISS's own; with
-    "...+load" torch works in another thread meanwhile, as in the app."""
+    """Serving from a cold start (the index's files dropped from the page cache first): the first single queries'
+    latency, the storage read and the memory they cost; then, warm, recall per filter at each effort (None: the
+    efforts calibrated per filter), single-query latency, batch throughput and, at the calibrated effort, the
+    latency of each category filter. ``threads`` "serving" applies clip4cir.threads, "default" keeps FAISS's own;
+    with "...+load" torch works in another thread meanwhile, as in the app."""
     if threads.startswith("serving"):
         configure_serving_threads()
     stop = threading.Event()
     busy = threading.Thread(target=_busy, args=(stop,), daemon=True)
     if threads.endswith("+load"):
         busy.start()
-    before = _memory()
+    drop_cached(Path(folder))
+    before, read_before = _memory(), _io_read_bytes()
     index = CatalogIndex.load(folder)
     loaded = _memory()
     queries = np.load(queries_path)
     truth = dict(np.load(truth_path))
+    cold = {**_latencies(index, queries, min(repeats, len(queries)), None),
+            "read_mib": round((_io_read_bytes() - read_before) / 2 ** 20, 1)}
+    after_cold = _memory()
+    cold.update(rss_mib=round(after_cold["VmRSS"]), rss_file_mib=round(after_cold["RssFile"]),
+                rss_anon_mib=round(after_cold["RssAnon"]))
     original = np.append(np.asarray(index.table.ids).astype(np.int64), -1)  # row -> data row (the item ids)
     rows = []
     for effort in list(efforts) + [None]:
@@ -168,25 +213,21 @@ def _serve(folder: str, queries_path: str, truth_path: str, efforts: list, repea
         for group, expected in truth.items():
             _, found = index.search(queries, K, None if group == "all" else group, effort)
             row["recall"][group] = round(recall_at_k(original[found], expected), 4)
-        times = []
-        for i in range(repeats):
-            q = queries[i % len(queries)][None]
-            t0 = time.perf_counter()
-            index.search(q, K, None, effort)
-            times.append(time.perf_counter() - t0)
-        ms = np.array(times[min(10, repeats // 10):]) * 1000  # after a warm-up
-        row.update(p50_ms=round(float(np.percentile(ms, 50)), 3), p99_ms=round(float(np.percentile(ms, 99)), 3))
+        row.update(_latencies(index, queries, repeats, effort, warmup=min(10, repeats // 10)))
         t0 = time.perf_counter()
         index.search(queries, K, None, effort)
         row["batch_qps"] = round(len(queries) / (time.perf_counter() - t0), 1)
+        if effort is None:
+            row["filtered"] = {c: _latencies(index, queries, repeats, None, c, warmup=min(10, repeats // 10))
+                               for c in CATEGORY_SHARES}
         rows.append(row)
     stop.set()
     if busy.is_alive():
         busy.join()  # a thread still in torch when the process exits aborts it
     after = _memory()
-    result.put({"rows": rows, "rss_loaded_mib": round(loaded["VmRSS"] - before["VmRSS"]),
+    result.put({"rows": rows, "cold": cold, "rss_loaded_mib": round(loaded["VmRSS"] - before["VmRSS"]),
                 "rss_serving_mib": round(after["VmRSS"]), "rss_anon_serving_mib": round(after["RssAnon"]),
-                "peak_rss_serving_mib": round(after["VmHWM"]),
+                "rss_file_serving_mib": round(after["RssFile"]), "peak_rss_serving_mib": round(after["VmHWM"]),
                 "tuned": index.tuning.get("effort", {}), "tuned_recall": index.tuning.get("recall", {})})
 
 
@@ -206,59 +247,76 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _stamped(path: Path, make) -> dict:
+    """``make()``'s result, kept in ``path`` (JSON): a benchmark run again with the same ``--work`` folder
+    reuses what it already made (data, truth, builds) and measures again."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    atomic_write_text(path, json.dumps(value))
+    return value
+
+
 def bench_set(name: str, n: int, d: int, cfg: dict, work: Path, progress=print) -> dict:
-    """One data set: generate it, its exact ground truth, then build and serve every kind."""
+    """One data set: generate it, its exact ground truth, then build and serve every kind (each serving run
+    starting cold)."""
     work.mkdir(parents=True, exist_ok=True)
     progress(f"index benchmark: {name} data ...")
-    if name == "synthetic":
-        base = synthetic_vectors(work / "base.npy", n, d, seed=1)
-        queries = np.asarray(synthetic_vectors(work / "queries.npy", cfg["queries"], d, seed=2))
-    else:
-        base_array, queries = encoder_vectors(work / "images")
-        np.save(work / "base.npy", base_array)
-        np.save(work / "queries.npy", queries)
+
+    def make_data() -> dict:
+        if name == "synthetic":
+            synthetic_vectors(work / "base.npy", n, d, seed=1)
+            synthetic_vectors(work / "queries.npy", cfg["queries"], d, seed=2)
+        else:
+            base_array, query_array = encoder_vectors(work / "images")
+            np.save(work / "base.npy", base_array)
+            np.save(work / "queries.npy", query_array)
         base = np.load(work / "base.npy", mmap_mode="r")
-        n, d = base.shape
-    labels = categories_of(n, seed=3)
-    np.save(work / "labels.npy", labels)
-    started = time.perf_counter()
-    truth = ground_truth(base, queries, labels)
-    truth_s = time.perf_counter() - started
-    np.savez(work / "truth.npz", **truth)
-    out = {"data": name, "n": n, "dim": d, "queries": len(queries), "truth_s": round(truth_s, 1),
-           "categories": CATEGORY_SHARES, "kinds": []}
+        labels = categories_of(len(base), seed=3)
+        np.save(work / "labels.npy", labels)
+        started = time.perf_counter()
+        np.savez(work / "truth.npz", **ground_truth(base, np.load(work / "queries.npy"), labels))
+        return {"n": len(base), "dim": base.shape[1], "truth_s": round(time.perf_counter() - started, 1)}
+
+    data = _stamped(work / f"data-{n}x{d}.json", make_data)
+    n, d = data["n"], data["dim"]
+    out = {"data": name, "n": n, "dim": d, "queries": len(np.load(work / "queries.npy", mmap_mode="r")),
+           "truth_s": data["truth_s"], "categories": CATEGORY_SHARES, "kinds": []}
+
+    def built(kind: str) -> tuple[Path, dict]:
+        folder = work / f"index-{kind}"
+        return folder, _stamped(work / f"built-{kind}.json", lambda: _in_process(
+            _build, str(folder), str(work / "base.npy"), str(work / "labels.npy"), kind))
+
     for kind in cfg["kinds"]:
         progress(f"index benchmark: {name} {n:,} × {d}: {kind} ...")
-        folder = work / f"index-{kind}"
-        built = _in_process(_build, str(folder), str(work / "base.npy"), str(work / "labels.npy"), kind)
+        folder, build = built(kind)
         family = KINDS[kind].family
         efforts = [] if family == "flat" else cfg["efforts"][family]
         served = _in_process(_serve, str(folder), str(work / "queries.npy"), str(work / "truth.npz"),
                              efforts, cfg["repeats"], "serving")
-        vectors = n * d * 4
-        out["kinds"].append({"kind": kind, **built, **served, "disk_bytes_per_vector": round(
-            folder_bytes(folder) / n, 1), "disk_over_vectors": round(folder_bytes(folder) / vectors, 3)})
-        shutil.rmtree(folder)
+        out["kinds"].append({"kind": kind, **build, **served, "disk_bytes_per_vector": round(
+            folder_bytes(folder) / n, 1), "disk_over_vectors": round(folder_bytes(folder) / (n * d * 4), 3)})
     if name == "synthetic":  # FAISS's default threads against the serving settings, with torch busy meanwhile
         kind = "ivf-sq8" if "ivf-sq8" in cfg["kinds"] else cfg["kinds"][-1]
-        folder = work / f"index-{kind}"
-        _in_process(_build, str(folder), str(work / "base.npy"), str(work / "labels.npy"), kind)
+        folder, _ = built(kind)
         out["threads"] = {"kind": kind, **{mode: _in_process(_serve, str(folder), str(work / "queries.npy"),
                                                               str(work / "truth.npz"), [], cfg["repeats"],
                                                               mode)["rows"][0]
                                             for mode in ("default", "serving", "default+load", "serving+load")}}
-        shutil.rmtree(folder)
     return out
 
 
 # ---- report --------------------------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}; config `{report['config']}`; command: `{report['command']}`.", ""]
+    lines = [f"Machine: {report['machine']}; config `{report['config']}`; command: `{report['command']}`.", "",
+             "Serving starts cold: the index's files are dropped from the page cache before it loads (as after a "
+             "restart); warm figures follow the first pass over the queries.", ""]
     for s in report["sets"]:
         lines += [f"### {s['data']} features, {s['n']:,} × {s['dim']}, {s['queries']} held-out queries "
                   f"(exact truth in {s['truth_s']} s)", "",
                   "| kind | nprobe / efSearch | Recall@10 all | a (60%) | b (30%) | c (10%) | p50 ms | p99 ms | "
-                  "batch q/s | build s | peak RSS build MiB | RSS serving MiB (anon) | disk B/vector |",
+                  "batch q/s | build s | peak RSS build MiB | RSS serving MiB (anon / file) | disk B/vector |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in s["kinds"]:
             for row in k["rows"]:
@@ -268,12 +326,23 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {k['kind']} | {setting} | "
                              f"{r['all']:.3f} | {r['a']:.3f} | {r['b']:.3f} | {r['c']:.3f} | {row['p50_ms']} | "
                              f"{row['p99_ms']} | {row['batch_qps']} | {k['build_s']} | {k['peak_rss_build_mib']} | "
-                             f"{k['rss_serving_mib']} ({k['rss_anon_serving_mib']}) | {k['disk_bytes_per_vector']} |")
+                             f"{k['rss_serving_mib']} ({k['rss_anon_serving_mib']} / {k['rss_file_serving_mib']}) | "
+                             f"{k['disk_bytes_per_vector']} |")
+        lines += ["", "Cold start and filtered searches (single queries, calibrated efforts):", "",
+                  "| kind | cold p50 / p99 ms | read from storage MiB | RSS after cold MiB (anon / file) | "
+                  "warm p50 / p99 ms | filter a p50 / p99 | filter b | filter c |", "|---|---|---|---|---|---|---|---|"]
+        for k in s["kinds"]:
+            c, warm = k["cold"], k["rows"][-1]
+            f = warm.get("filtered", {})
+            lines.append(f"| {k['kind']} | {c['p50_ms']} / {c['p99_ms']} | {c['read_mib']} | {c['rss_mib']} "
+                         f"({c['rss_anon_mib']} / {c['rss_file_mib']}) | {warm['p50_ms']} / {warm['p99_ms']} | "
+                         + " | ".join(f"{f[g]['p50_ms']} / {f[g]['p99_ms']}" for g in CATEGORY_SHARES) + " |")
         for k in s["kinds"]:
             if k["tuned"]:
-                lines.append(f"\nCalibrated at build for Recall@10 ≥ 0.95 ({k['kind']}, on {k['tuning']['queries']} "
-                             f"catalog items held out of the codes): effort {k['tuned']} ('' unfiltered, else per "
-                             f"category), re-rank depth ×{k['store']['k_factor']}, measured there {k['tuned_recall']}.")
+                lines.append(f"\nCalibrated at build for Recall@10 ≥ 0.95 ({k['kind']}; rule: the smallest effort, "
+                             f"then the smallest re-ranking depth, reaching it on {k['tuning']['queries']} queries "
+                             f"held out of the codes): effort {k['tuned']} ('' unfiltered, else per category), "
+                             f"re-rank depth ×{k['store']['k_factor']}, measured there {k['tuned_recall']}.")
         if "threads" in s:
             t = s["threads"]
             lines.append(f"\nThreads ({t['kind']}, calibrated, single queries, p50 / p99 ms): FAISS's default threads "
@@ -316,9 +385,9 @@ def run_index(config: str, out: Path, work: str | None = None) -> dict:
               "machine": f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, faiss {m['versions']['faiss']}",
               "sets": []}
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # with --work, that folder instead: kept, and reused when run again
         for name, n, d in cfg["sets"]:
-            report["sets"].append(bench_set(name, n, d, cfg, Path(tmp) / name))
+            report["sets"].append(bench_set(name, n, d, cfg, Path(work or tmp) / f"{config}-{name}"))
     report["seconds"] = round(time.perf_counter() - started, 1)
     stem = stem_for("index", config, "1m")
     write_report(out, stem, report, markdown)

@@ -14,6 +14,8 @@ from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, 
                                       source_options, whole)
 from clip4cir.core.distributed import Dist, run_distributed
 from clip4cir.core.errors import CatalogIndexError
+from clip4cir.models.combiner import combining_function
+from clip4cir.retrieval.tuning import describe_tuning
 from clip4cir.retrieval.building import CHUNK, BuildOptions, build_index, unreadable_reason
 from clip4cir.retrieval.catalog import catalog_items
 from clip4cir.retrieval.index import DEFAULTS, KINDS, METRICS, CatalogIndex
@@ -33,6 +35,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "else IVF-PQ (approximate kinds re-rank exactly)")
     parser.add_argument("--target-recall", type=number(0, 1, low_open=True), default=0.95,
                         help="calibrate nprobe/efSearch to this Recall@10 against exact search (approximate kinds)")
+    parser.add_argument("--combiner", help="the stage-two checkpoint the index will serve with: calibration makes "
+                                           "its composed queries with it (default: the sum)")
     parser.add_argument("--memory-budget", type=number(0, 1e6, low_open=True),
                         help="GB the index's codes may use (default: half the RAM)")
     parser.add_argument("--metric", choices=METRICS, default="cosine")
@@ -67,9 +71,11 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     encoder = encoder_from_args(args)
     if args.pq_m is not None:
         check_pq_m(args.pq_m, encoder.dim)  # before the encoding, not after it
+    combine = combining_function(encoder, args.combiner, "combiner" if args.combiner else "sum")
     options = BuildOptions(args.kind, args.metric, args.target_recall,
                            int(args.memory_budget * 2 ** 30) if args.memory_budget else None, args.nlist, args.pq_m,
-                           args.M, args.batch_size, args.workers, args.chunk_size, not args.quiet and ddp.is_main)
+                           args.M, args.batch_size, args.workers, args.chunk_size, not args.quiet and ddp.is_main,
+                           combine)
     index, unreadable = build_index(encoder, source, items, args.output, options, {"splits": splits}, ddp)
     if index is None:
         return 0
@@ -77,9 +83,10 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
         print(f"skipped {item.path}: {unreadable_reason(source, item)}")
     if unreadable:
         print(f"skipped {len(unreadable):,} unreadable images of {len(items):,}")
-    tuned = f", calibrated {index.tuning['effort']} for Recall@10 {index.tuning['recall']}" if index.tuning else ""
-    print(f"indexed {len(index):,} images ({index.kind}, {index.metric}, {len(index.categories())} categories{tuned}) "
+    print(f"indexed {len(index):,} images ({index.kind}, {index.metric}, {len(index.categories())} categories) "
           f"with {encoder.describe()} in {time.perf_counter() - start:.1f}s -> {args.output}")
+    if index.tuning:
+        print(describe_tuning(index.tuning))
     return 0
 
 

@@ -16,11 +16,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from clip4cir.core.artifacts import atomic_write
 from clip4cir.core.distributed import Dist, barrier
+from clip4cir.data.captions import eval_caption
+from clip4cir.models.combiner import Combine, combine_sum
+from clip4cir.models.features import encode_texts
+from clip4cir.retrieval.vector_store import KINDS
 from clip4cir.core.errors import Clip4CirError, DataError
 from clip4cir.core.fingerprints import digest
 from clip4cir.data.sources import Source
@@ -28,7 +33,7 @@ from clip4cir.models.category_probe import train_probe
 from clip4cir.models.encoder import Encoder
 from clip4cir.retrieval.catalog import annotated_captions, encode_items, items_fingerprint
 from clip4cir.retrieval.index import CatalogIndex, Item
-from clip4cir.retrieval.tuning import choose_kind
+from clip4cir.retrieval.tuning import QUERIES, calibration_half, choose_kind
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ class BuildOptions:
     workers: int = 0
     chunk: int = CHUNK
     progress: bool = True
+    combine: Combine = combine_sum  # how the composed queries the index will serve are made (calibration)
 
     def knobs(self) -> dict:
         return {k: v for k, v in (("nlist", self.nlist), ("pq_m", self.pq_m), ("M", self.M)) if v is not None}
@@ -142,15 +148,57 @@ def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path
     kind = choose_kind(len(kept), encoder.dim, options.memory_budget) if options.kind == "auto" else options.kind
     sample = np.sort(np.random.default_rng(0).permutation(len(kept))[:PROBE_SAMPLE])
     probe = train_probe(np.asarray(features[sample]), [kept[i].categories for i in sample])
+    queries = serving_queries(encoder, source, kept, features, options.combine) \
+        if options.target_recall is not None and KINDS[kind].family != "flat" else {}
     index = CatalogIndex.create(output, kept, features, kind=kind, metric=options.metric, encoder=encoder.record(),
                                 source={"data": source.record(), **(record or {}), "items": len(kept),
                                         "fingerprint": items_fingerprint(kept)},
                                 probe=probe, captions=annotated_captions(source, {item.id for item in kept}),
-                                target_recall=options.target_recall,
+                                target_recall=options.target_recall, queries=queries,
                                 progress=message if options.progress else None, **options.knobs())
     del features
     shutil.rmtree(work.parent)  # the chunks this build made, now in the committed index
     return index, unreadable
+
+
+STAND_IN_WORDS = ("red", "blue", "green", "black", "white", "yellow", "pink", "grey", "brown", "striped", "floral",
+                  "plain", "checked", "dotted", "long", "short", "large", "small", "leather", "cotton")
+
+
+def serving_queries(encoder: Encoder, source: Source, items: Sequence[Item], features: np.ndarray,
+                    combine: Combine = combine_sum, limit: int = QUERIES) -> dict[str, np.ndarray]:
+    """The composed and text queries an index of ``items`` will serve, as unit-length features, for calibration:
+    the data set's captions of indexed references (the calibration half of its triplets, at most ``limit``), each
+    with its reference as a composed query and alone as a text query; without captions, a stand-in from the
+    catalog's category names and common attribute words ("a red dress", and "is red" on a catalog item). None
+    for an encoder without a text tower (image queries only)."""
+    if not encoder.has_text:
+        return {}
+    rows = {item.id: i for i, item in enumerate(items)}
+    pairs = set()
+    for split in source.splits():
+        try:
+            triplets = source.triplets(split)
+        except DataError:  # e.g. CIRR's train captions, not downloaded
+            continue
+        pairs.update((t.reference, eval_caption(t.captions)) for t in triplets
+                     if t.reference in rows and calibration_half(t.reference, eval_caption(t.captions)))
+    rng = np.random.default_rng(0)
+    if pairs:
+        chosen = sorted(pairs)
+        chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[:limit])]
+        references, captions, texts = [rows[r] for r, _ in chosen], [c for _, c in chosen], [c for _, c in chosen]
+    else:
+        names = sorted({c for item in items for c in item.categories}) or ["item"]
+        words = [(w, name) for w in STAND_IN_WORDS for name in names]
+        words = [words[i] for i in sorted(rng.permutation(len(words))[:limit])]
+        references = rng.integers(0, len(items), len(words)).tolist()
+        captions, texts = [f"is {w}" for w, _ in words], [f"a {w} {name}" for w, name in words]
+    with torch.inference_mode():
+        composed = combine(torch.from_numpy(np.asarray(features[references])).to(encoder.device),
+                           encode_texts(encoder, captions).to(encoder.device)).float().cpu()
+    return {"composed": F.normalize(composed, dim=-1).numpy(),
+            "text": F.normalize(encode_texts(encoder, texts), dim=-1).numpy()}
 
 
 def unreadable_reason(source: Source, item: Item) -> str:

@@ -284,12 +284,14 @@ class CatalogIndex:
     def create(cls, path: str | os.PathLike, items: Sequence[Item], features: np.ndarray, *, kind: str = "flat",
                metric: str = "cosine", encoder: dict | None = None, source: dict | None = None,
                probe: dict | None = None, captions: dict | None = None, target_recall: float | None = None,
-               progress=None,
+               queries: dict[str, np.ndarray] | None = None, progress=None,
                **knobs) -> "CatalogIndex":
         """Build an index of ``items`` and their raw ``features`` straight into the folder ``path`` (committed as
         one unit), streaming the vectors through a memory-mapped file so that a catalog larger than memory can
         be indexed; the approximate kinds are calibrated to ``target_recall`` (Recall@10 against exact search,
-        also within each category). Returns the index, loaded memory-mapped."""
+        also within each category) for held-out items as image queries and every kind of ``queries`` (unit-length
+        features of the composed and text queries the index will serve; see clip4cir.retrieval.tuning). Returns
+        the index, loaded memory-mapped."""
         if len(items) != len(features):
             raise CatalogIndexError(f"{len(items):,} items but {len(features):,} features")
         if not len(items):
@@ -319,8 +321,10 @@ class CatalogIndex:
             index.norms, index.source, index.probe, index.captions = norms, source or {}, probe, captions or {}
             if calibrating and len(held):
                 if progress:
-                    progress(f"calibrating for Recall@10 ≥ {target_recall} on {len(held)} held-out items")
-                index.tuning = calibrate(index, target_recall, np.arange(len(order) - len(held), len(order)))
+                    progress(f"calibrating for Recall@10 ≥ {target_recall} on {len(held)} held-out items and "
+                             f"{', '.join(f'{len(v)} {k}' for k, v in (queries or {}).items())} queries")
+                index.tuning = calibrate(index, target_recall, np.arange(len(order) - len(held), len(order)),
+                                         queries)
                 index.store.encode_held_back()
             index._write(tmp, vectors=False)
             del vectors

@@ -25,6 +25,7 @@ import gradio as gr  # noqa: E402
 from clip4cir.core.errors import SearchError  # noqa: E402
 from clip4cir.retrieval.search import MAX_K, SearchEngine, SearchResult  # noqa: E402
 from clip4cir.retrieval.threads import configure_serving_threads  # noqa: E402
+from clip4cir.retrieval.tuning import describe_tuning  # noqa: E402
 from clip4cir.serving.api import add_named_api  # noqa: E402
 from clip4cir.serving.catalog_routes import add_catalog_routes  # noqa: E402
 from clip4cir.serving.service import thumbnails_for  # noqa: E402
@@ -407,14 +408,16 @@ def about(engine: SearchEngine) -> str:
     """What the index is, in the words a researcher wants: model, Combiner, index kind and settings, sizes."""
     index = engine.index
     source = index.source.get("data", {})
-    tuning = index.tuning.get("effort", {})
-    return "\n".join([
+    lines = [
         f"- **Model**: {plain(engine.encoder.describe())}",
         f"- **Combiner**: {'loaded' if engine.combiner else 'none (simple sum only)'}",
         f"- **Index**: {plain(index.kind)}, metric {index.metric}, {len(index):,} items, "
-        f"{len(index.categories())} categories" + (f", search effort {tuning}" if tuning else ""),
+        f"{len(index.categories())} categories" + (", exact search" if not index.tuning else ""),
         f"- **Data**: {plain(str(source.get('kind', '?')))} ({plain(Path(str(source.get('data', '?'))).name)})",
-    ])
+    ]
+    if index.tuning:
+        lines.append(f"- **Search effort**: {plain(describe_tuning(index.tuning))}")
+    return "\n".join(lines)
 
 
 def build_app(engine: SearchEngine, thumbnails: Thumbnails) -> gr.Blocks:
