@@ -20,13 +20,14 @@ def test_pipeline_benchmark_measures_what_it_reports(tmp_path, real_annotations)
     results = report["results"]
     # the evaluation step ranks galleries of the real val sizes, read from the annotation files
     assert results["evaluation"]["galleries"] == [len(load_image_split(real_annotations, c, "val")) for c in CATEGORIES]
-    # stage two: the same data, batch and loss in both runs; the cached epoch is the one compared
+    # stage two: cached features and re-encoding every batch train the same model (same data, order, loss)
     stage_two = results["stage_two"][0]
-    assert stage_two["speedup"] == pytest.approx(stage_two["reencode_epoch_s"] / stage_two["cached_epoch_s"], rel=0.1)
+    assert stage_two["cached_val_R@10"] == stage_two["reencode_val_R@10"]
+    assert stage_two["reencode_epoch_s"] > stage_two["cached_epoch_s"]
     latency = results["latency"][0]
-    for api in ("python", "http"):
+    for api in ("python", "http"):  # every timed query was answered, with the 10 results it asked for
         assert set(latency[api]) >= {"composed_gallery_ref", "composed_upload", "image", "text"}
-        assert all(p["p50_ms"] <= p["p95_ms"] for p in latency[api].values())
+        assert all(p["results"] == 10 for p in latency[api].values()), latency[api]
     table = (out / "report-smoke.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| step")]
     assert len(rows) == len(results["extraction"]) + len(results["stage_one"]) + len(results["stage_two"]) + 1 + \
@@ -61,9 +62,12 @@ def test_labels_benchmark_reports_held_out_identities(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "labels-smoke.json").read_text())
-    assert set(report["losses"]) == {"triplet-random", "supcon"} and report["test_identities"] >= 2
-    for row in [report["zero_shot"]] + list(report["losses"].values()):
-        assert 0 < row["MAP@R"]["mean"] <= 100
+    easy = report["sets"]["easy"]
+    assert set(easy["losses"]) == {"triplet-random", "supcon"} and easy["test_identities"] >= 2
+    assert report["default_loss"] in easy["losses"]
+    for row in easy["losses"].values():
+        assert row["runs"] == 1 and list(row["validation"]) == ["lr 0.001"]  # chosen from what validation tried
+        assert row["MAP@R"]["values"] != easy["zero_shot"]["MAP@R"]["values"]  # training changed the encoder
     assert "| zero-shot |" in (tmp_path / "labels-smoke.md").read_text()
 
 

@@ -21,7 +21,7 @@ from clip4cir.evaluation.labels import retrieval_metrics
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.retrieval.search import SearchEngine, SearchError
 from clip4cir.training.checkpointing import RunDir, read_metrics
-from clip4cir.training.metric_losses import labelled_loss, make_loss
+from clip4cir.training.metric_losses import LOSSES, labelled_loss, make_loss
 from clip4cir.training.samplers import ClassBatchSampler
 
 BASE = ["--batch-size", "16", "--m-per-class", "4", "--lr", "1e-3", "--workers", "0", "--quiet", "--device", "cpu"]
@@ -162,3 +162,64 @@ def test_a_timm_encoder_learns_and_serves_image_search(identities, tmp_path):
     assert len(hits) == 5 and some not in [h.id for h in hits]
     with pytest.raises(SearchError, match="reads images only"):
         engine.text_search("a red shirt")
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_learns_at_its_own_rates(name, identities):
+    """A few steps at the loss's own rates (encoder and proxies) on batches of labelled images lower the loss on a
+    fixed batch and bring its same-label images closer than other labels' images."""
+    from clip4cir.data.datasets import LabelledImageDataset
+    from clip4cir.models.factory import load_model
+    spec = LOSSES[name]
+    torch.manual_seed(0)
+    encoder = load_model("cir-tiny", preprocess_kind="squarepad")
+    data = LabelledImageDataset(open_source(identities / "labels.csv"), "train", encoder.transform)
+    by_label: dict[int, list[int]] = {}
+    for i, label in enumerate(data.labels):
+        by_label.setdefault(label, []).append(i)
+    chosen = [i for members in list(by_label.values())[:8] for i in members[:4]]
+    images = torch.stack([data[i]["image"] for i in chosen])
+    labels = torch.tensor([data.labels[i] for i in chosen])
+    loss_fn, miner = make_loss(name, data.num_labels, encoder.dim)
+    groups = [{"params": list(encoder.model.visual.parameters())}]
+    if list(loss_fn.parameters()):
+        groups.append({"params": list(loss_fn.parameters()), "lr": spec.lr * spec.proxy_lr_factor})
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=0.0)
+
+    def margin() -> float:
+        with torch.no_grad():
+            x = F.normalize(encoder.encode_image(images), dim=-1)
+        similarity, same = x @ x.T, labels[:, None] == labels[None, :]
+        return float(similarity[same & ~torch.eye(len(x), dtype=torch.bool)].mean() - similarity[~same].mean())
+
+    def evaluated_loss() -> float:  # averaged over draws: some losses sample their triplets
+        encoder.model.eval()
+        with torch.no_grad():
+            return float(np.mean([float(labelled_loss(loss_fn, miner, encoder.encode_image(images), labels))
+                                  for _ in range(5)]))
+
+    before_loss, before_margin = evaluated_loss(), margin()
+    for _ in range(25):
+        encoder.model.train()
+        loss = labelled_loss(loss_fn, miner, encoder.encode_image(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert evaluated_loss() < 0.9 * before_loss, (before_loss, evaluated_loss())
+    assert margin() > before_margin, (before_margin, margin())
+
+
+def test_a_collapse_is_warned_about_then_stops_the_run(caplog):
+    from clip4cir.training.collapse import CollapseMonitor, TrainingCollapsed, spread
+    assert spread(torch.ones(8, 4)) == pytest.approx(0.0, abs=1e-6)
+    assert spread(torch.eye(8)) == pytest.approx(1.0)
+    monitor = CollapseMonitor(min_spread=0.02, patience=2, hint="try --loss supcon")
+    monitor.step(torch.eye(8))
+    assert monitor.end_epoch(0, 0.3) == {"embedding_spread": 1.0}
+    monitor.step(torch.ones(8, 4) + 1e-4 * torch.randn(8, 4))
+    with caplog.at_level("WARNING"):
+        monitor.end_epoch(1, 0.1)
+    assert "collapsed in epoch 2" in caplog.text and "try --loss supcon" in caplog.text
+    monitor.step(torch.ones(8, 4))
+    with pytest.raises(TrainingCollapsed, match="for 2 epochs in a row"):
+        monitor.end_epoch(2, 0.1)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
+from clip4cir.commands.train_clip import main as train_main
 from clip4cir.commands.train_combiner import main as combiner_main
 from clip4cir.data.captions import random_caption_variant
 from clip4cir.data.datasets import TripletDataset
@@ -64,21 +65,51 @@ def test_label_smoothing_and_a_learned_temperature():
     assert float(learned().detach()) == pytest.approx(1000.0)
 
 
-def test_hard_negative_batches_hold_one_category():
+def test_hard_negative_batches_hold_one_category_and_every_triplet_each_epoch():
     categories = ["dress"] * 40 + ["shirt"] * 25 + ["toptee"] * 35
     sampler = EpochSampler(100, 8, seed=3, groups=categories)
     order = list(sampler)
     batches = [order[i:i + 8] for i in range(0, len(order), 8)]
-    assert len(batches) == sampler.batches_per_epoch() == 40 // 8 + 25 // 8 + 35 // 8
-    assert all(len({categories[i] for i in b}) == 1 for b in batches)
-    assert {categories[b[0]] for b in batches} == {"dress", "shirt", "toptee"}
+    # as many steps as random batches: a category's leftovers are pooled into mixed batches, not dropped
+    assert len(batches) == sampler.batches_per_epoch() == EpochSampler(100, 8, seed=3).batches_per_epoch() == 12
+    assert len(set(order)) == len(order) == 96
+    single = [b for b in batches if len({categories[i] for i in b}) == 1]
+    assert len(single) == 40 // 8 + 25 // 8 + 35 // 8  # every full batch of one category is kept whole
+    assert {categories[b[0]] for b in single} == {"dress", "shirt", "toptee"}
     assert list(EpochSampler(100, 8, seed=3, groups=categories)) == order  # deterministic
     sampler.set_epoch(1)
     assert list(sampler) != order
-    # two processes at batch 4 take slices of the same single-category global batches
+    # two processes at batch 4 take slices of the same global batches
     ranks = [list(EpochSampler(100, 4, seed=3, rank=r, world_size=2, groups=categories)) for r in range(2)]
     for b in range(len(batches)):
         assert sorted(ranks[0][4 * b:4 * b + 4] + ranks[1][4 * b:4 * b + 4]) == sorted(batches[b])
+
+
+def test_the_learned_temperature_moves_at_its_own_rate_at_the_papers_learning_rate(tiny_root, tmp_path):
+    """At CLIP4Cir's lr 2e-6 the scale's own rate (1e-3) moves it; at the base rate it would not have moved."""
+    out = tmp_path / "run"
+    assert train_main(["--data", str(tiny_root), "--output", str(out), "--model", "cir-tiny", "--batch-size", "8",
+                       "--lr", "2e-6", "--learn-temperature", "--epochs", "2", "--workers", "0", "--quiet"]) == 0
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = log[-1]["step"]
+    assert abs(np.log(log[-1]["logit_scale"]) - np.log(LOGIT_SCALE)) > 0.5 * 1e-3 * steps  # Adam: ~rate a step
+    assert abs(np.log(log[-1]["logit_scale"]) - np.log(LOGIT_SCALE)) > 100 * 2e-6 * steps  # the base rate: no
+    params = json.loads((out / "params.json").read_text())
+    assert params["temperature_lr"] == 1e-3 and params["learn_temperature"] is True
+
+
+def test_stage_one_plus_trains_every_component_end_to_end(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_root), "--output", str(out), "--model", "cir-tiny", "--batch-size", "8", "--lr",
+            "1e-3", "--recipe", "plus", "--workers", "0", "--quiet", "--save-best"]
+    assert train_main(args + ["--epochs", "1"]) == 0
+    params = json.loads((out / "params.json").read_text())
+    assert {k: params[k] for k in asdict(RECIPES["plus"]) if k not in ("gallery_negatives", "blend")} == \
+        {k: v for k, v in asdict(RECIPES["plus"]).items() if k not in ("gallery_negatives", "blend")}
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["logit_scale"] != pytest.approx(LOGIT_SCALE) and np.isfinite(log[0]["loss"])
+    assert train_main(args + ["--epochs", "2", "--resume"]) == 0  # and it resumes with the same components
+    assert len([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]) == 2
 
 
 def test_blending_ranks_by_the_blend_of_the_two_scores():

@@ -182,7 +182,8 @@ def test_own_triplets_train_evaluate_and_index(tiny_root, tmp_path, fmt):
     assert len(hits) == 5 and triplet.reference not in [h.id for h in hits]
 
 
-def test_own_triplets_without_splits_hold_one_in_ten_out(tiny_root, tmp_path):
+def test_own_triplets_without_splits_hold_out_whole_groups_of_images(tiny_root, tmp_path):
+    """About one group of connected images in ten is val, and no val reference or target is a training image."""
     file = tmp_path / "t.jsonl"
     write_own_triplets(tiny_root, file, "jsonl")
     rows = [{k: v for k, v in json.loads(line).items() if k != "split"} for line in file.read_text().splitlines()]
@@ -190,7 +191,9 @@ def test_own_triplets_without_splits_hold_one_in_ten_out(tiny_root, tmp_path):
     first, again = (open_source(file, images=str(tiny_root / "images")) for _ in range(2))
     assert first.splits() == ("train", "val")
     assert [t.reference for t in first.triplets("val")] == [t.reference for t in again.triplets("val")]
-    assert 0 < len(first.triplets("val")) < len(rows) // 4
+    assert 0 < len(first.triplets("val")) < len(rows) // 3
+    trained = {i for t in first.triplets("train") for i in (t.reference, t.target)}
+    assert not trained & {i for t in first.triplets("val") for i in (t.reference, t.target)}
 
 
 def test_bad_triplet_files_name_the_line_and_field(tiny_root, tmp_path):

@@ -164,11 +164,13 @@ def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http:
     out = {"model": model, "gallery": gallery_size, "python": {}}
     for name, query in queries.items():
         counter = iter(range(10 ** 9))
-        out["python"][name] = percentiles_ms(timed(lambda: query(next(counter) % repeats), repeats))
+        out["python"][name] = {**percentiles_ms(timed(lambda: query(next(counter) % repeats), repeats)),
+                               "results": len(query(0).hits)}  # what one call returned: it was answered
     encoder.trim_context = False  # before: the full 77-token context
     counter = iter(range(10 ** 9))
-    out["python"]["composed_gallery_ref_full_context"] = percentiles_ms(
-        timed(lambda: queries["composed_gallery_ref"](next(counter) % repeats), repeats))
+    out["python"]["composed_gallery_ref_full_context"] = {
+        **percentiles_ms(timed(lambda: queries["composed_gallery_ref"](next(counter) % repeats), repeats)),
+        "results": len(queries["composed_gallery_ref"](0).hits)}
     encoder.trim_context = True
     if http:
         out["http"] = _bench_http(engine, root / "app-cache", ids, paths, captions, repeats)
@@ -197,7 +199,8 @@ def _bench_http(engine: SearchEngine, cache: Path, ids, paths, captions, repeats
         out = {}
         for name, call in calls.items():
             counter = iter(range(10 ** 9))
-            out[name] = percentiles_ms(timed(lambda: call(next(counter) % repeats), repeats))
+            out[name] = {**percentiles_ms(timed(lambda: call(next(counter) % repeats), repeats)),
+                         "results": len(call(0)["results"])}
         return out
     finally:
         ui.close()

@@ -149,13 +149,14 @@ def training_parser(prog: str, doc: str | None, config: type[RunConfig]) -> argp
     return parser
 
 
-def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
+def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float | None) -> None:
     """The arguments every trainer takes (their defaults differ)."""
     add_source_args(parser)
     parser.add_argument("--output", required=True, help="run folder: params.json, metrics.jsonl, checkpoints")
     parser.add_argument("--epochs", type=whole(1), default=epochs)
     parser.add_argument("--batch-size", type=whole(1), default=batch_size, help="per process (× world size in all)")
-    parser.add_argument("--lr", type=POSITIVE, default=lr)
+    parser.add_argument("--lr", type=POSITIVE, default=lr,
+                        help="the learning rate" + ("" if lr is not None else " (default: the loss's own)"))
     parser.add_argument("--val-every", type=whole(1), default=1, help="validate every N epochs (and after the last)")
     parser.add_argument("--save-best", action="store_true",
                         help="keep best.safetensors (the data set's headline score: FashionIQ the mean of avg R@10 "

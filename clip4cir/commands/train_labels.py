@@ -11,19 +11,19 @@ from clip4cir.data.sources.base import check_images_readable
 from clip4cir.data.sources.labels import LabelledImages
 from clip4cir.training import labels
 from clip4cir.training.labels import LabelConfig, LabelTask
-from clip4cir.training.metric_losses import LOSSES
+from clip4cir.training.metric_losses import DEFAULT_LOSS, LOSSES
 
 
 def parse_args(argv: Sequence[str] | None) -> LabelConfig:
     parser = training_parser("train_labels.py", labels.__doc__, LabelConfig)
-    parser.add_argument("--loss", choices=LOSSES.names(), default="triplet",
+    parser.add_argument("--loss", choices=LOSSES.names(), default=DEFAULT_LOSS,
                         help="the metric-learning loss (the default measured best: see the README's table)")
     parser.add_argument("--m-per-class", type=whole(2), default=4, help="images of each label in a batch")
     parser.add_argument("--embed-dim", type=whole(1, MAX_WIDTH), default=128,
                         help="timm encoders: the projection's size")
     parser.add_argument("--weight-decay", type=number(0, 1e3), default=1e-4)
-    parser.add_argument("--proxy-lr-factor", type=POSITIVE, default=100.0,
-                        help="proxy-based losses: the proxies' learning rate is this times --lr")
+    parser.add_argument("--proxy-lr-factor", type=POSITIVE, default=None,
+                        help="proxy-based losses: the proxies' learning rate is this times --lr (default: the loss's)")
     args = parser.parse_args(argv)
     if args.dataset == "auto":
         args.dataset = "labels"

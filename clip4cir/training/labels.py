@@ -22,8 +22,9 @@ from clip4cir.models.encoder import Encoder
 from clip4cir.models.encoder_file import load_encoder, save_encoder
 from clip4cir.models.factory import load_model
 from clip4cir.models.features import loader_options
+from clip4cir.training.collapse import CollapseMonitor
 from clip4cir.training.config import RunConfig
-from clip4cir.training.metric_losses import labelled_loss, make_loss
+from clip4cir.training.metric_losses import DEFAULT_LOSS, LOSSES, labelled_loss, make_loss
 from clip4cir.training.samplers import ClassBatchSampler
 from clip4cir.training.stage_one import set_train_mode, set_trainable
 from clip4cir.training.trainer import TrainingTask
@@ -35,12 +36,17 @@ class LabelConfig(RunConfig):
 
     epochs: int = 30
     batch_size: int = 64  # m_per_class images of each of batch_size / m_per_class labels
-    lr: float = 1e-4
-    loss: str = "triplet"  # a name of clip4cir.training.metric_losses.LOSSES
+    lr: float | None = None  # None: the loss's own (LOSSES)
+    loss: str = DEFAULT_LOSS  # a name of clip4cir.training.metric_losses.LOSSES
     m_per_class: int = 4
     embed_dim: int = 128  # a timm backbone's projection
     weight_decay: float = 1e-4
-    proxy_lr_factor: float = 100.0  # the proxies' rate (proxy losses) is this times lr
+    proxy_lr_factor: float | None = None  # the proxies' rate (proxy losses) over lr; None: the loss's own
+
+    def __post_init__(self) -> None:
+        spec = LOSSES[self.loss]
+        self.lr = spec.lr if self.lr is None else self.lr
+        self.proxy_lr_factor = spec.proxy_lr_factor if self.proxy_lr_factor is None else self.proxy_lr_factor
 
 
 class ImageFeatures(nn.Module):
@@ -71,6 +77,7 @@ class LabelTask(TrainingTask):
             p.requires_grad_(True)
         loss_fn, self.miner = make_loss(c.loss, self.train_set.num_labels, self.encoder.dim)
         self.loss_fn = loss_fn.to(self.device)
+        self.collapse = CollapseMonitor(hint="try another loss (--loss supcon) or a lower --lr")
 
     def training_data(self) -> dict:
         parts = self.source.fingerprint_parts("train")
@@ -89,7 +96,7 @@ class LabelTask(TrainingTask):
         return groups
 
     def state_modules(self) -> dict[str, nn.Module]:
-        return {"loss": self.loss_fn}
+        return {"loss": self.loss_fn, "collapse": self.collapse}
 
     def batches(self) -> tuple[ClassBatchSampler, Iterable]:
         c = self.config
@@ -109,7 +116,11 @@ class LabelTask(TrainingTask):
         images, labels = batch["image"].to(self.device, non_blocking=True), batch["label"].to(self.device)
         with autocast(self.device, self.amp_dtype):
             embeddings = self.forward(images)
+        self.collapse.step(embeddings)
         return labelled_loss(self.loss_fn, self.miner, embeddings, labels), len(labels)
+
+    def end_epoch(self, epoch: int, loss: float) -> dict:
+        return self.collapse.end_epoch(epoch, loss)
 
     def after_step(self) -> None:
         self.encoder.invalidate_fingerprint()

@@ -107,7 +107,8 @@ class TrainingTask(ABC):
                                  weight_decay=getattr(self.config, "weight_decay", 0.0))
 
     def state_modules(self) -> dict[str, nn.Module]:
-        """Modules outside the model whose state a checkpoint keeps (a loss's proxies, the temperature)."""
+        """Modules (or anything with ``state_dict``/``load_state_dict``) outside the model whose state a
+        checkpoint keeps: a loss's proxies, the temperature, a monitor."""
         return {"temperature": self.temperature} if self.temperature is not None else {}
 
     @abstractmethod
@@ -123,6 +124,11 @@ class TrainingTask(ABC):
 
     def after_step(self) -> None:
         """After an optimizer step: e.g. forget a cached fingerprint of the weights."""
+
+    def end_epoch(self, epoch: int, loss: float) -> dict:
+        """After an epoch's steps, before validation: what the task adds to the epoch's log record (and a place
+        to stop a run that cannot go on)."""
+        return {}
 
     @abstractmethod
     def validate(self) -> dict:
@@ -258,6 +264,7 @@ class Trainer:
                   "samples_per_s": seen / seconds, "data_wait_share": waited / seconds}
         if self.task.temperature is not None:
             record["logit_scale"] = float(self.task.temperature())
+        record.update(self.task.end_epoch(epoch, record["loss"]))
         if is_main and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
             try:
                 record.update(self.task.validate())

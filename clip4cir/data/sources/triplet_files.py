@@ -2,8 +2,10 @@
 
 Fields: ``reference`` and ``target`` (image files relative to the image folder, with or without extension),
 ``caption`` (JSONL: a string or a list; CSV: ``caption``, ``caption2``, ... columns), optional ``category`` and
-optional ``split``. Without a split field, one triplet in ten (chosen by a hash of its image ids, so the same
-every time) is held out as ``val``. The gallery of a split is every image its triplets name.
+optional ``split``. Without a split field, about one group of images in ten is held out as ``val``, where a
+group is the images that triplets connect (a reference and its targets, their other references, ...), chosen by a
+hash of the group, so the same every time: no val reference or target is ever a training image. The gallery of a
+split is every image its triplets name.
 """
 from __future__ import annotations
 
@@ -20,8 +22,27 @@ OWN_PROTOCOL = Protocol("recall", (1, 5, 10, 50), per_category=False, remove_ref
 FIELDS = ("reference", "caption", "target", "category", "split")
 
 
-def held_out(reference: str, target: str) -> bool:
-    return zlib.crc32(f"{reference}|{target}".encode()) % 10 == 0
+def held_out_groups(pairs: list[tuple[str, str]]) -> set[str]:
+    """The images of the held-out groups: images connected by (reference, target) pairs form a group (union-find),
+    and a group is held out when a hash of its first image id falls in one tenth."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for reference, target in pairs:
+        a, b = root(reference), root(target)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[str, list[str]] = {}
+    for image in parent:
+        groups.setdefault(root(image), []).append(image)
+    return {image for first, members in groups.items() if zlib.crc32(min(members).encode()) % 10 == 0
+            for image in members}
 
 
 def _rows(path: Path) -> list[tuple[int, dict]]:
@@ -67,7 +88,8 @@ class TripletFile(FileSource):
         self.file = Path(file)
         self.images = ImageFolder(Path(images) if images else self.file.parent)
         self._triplets: dict[str, list[Triplet]] = {}
-        for number, row in _rows(self.file):
+        rows = _rows(self.file)
+        for number, row in rows:
             where = f"{self.file}: line {number}"
             captions = row.get("caption", row.get("captions"))
             captions = [captions] if isinstance(captions, str) else captions
@@ -79,9 +101,13 @@ class TripletFile(FileSource):
                     raise DataError(f"{where}: field {field!r} is missing")
                 if value not in self.images:
                     raise DataError(f"{where}: {field} {value!r} is not an image in {self.images.root}")
-            split = row.get("split") or ("val" if held_out(row["reference"], row["target"]) else "train")
+        val = held_out_groups([(row["reference"], row["target"]) for _, row in rows if not row.get("split")])
+        for _, row in rows:
+            split = row.get("split") or ("val" if row["reference"] in val else "train")
+            captions = row.get("caption", row.get("captions"))
             self._triplets.setdefault(str(split), []).append(
-                Triplet(row["reference"], row["target"], tuple(captions), row.get("category") or None))
+                Triplet(row["reference"], row["target"], tuple([captions] if isinstance(captions, str) else captions),
+                        row.get("category") or None))
         if not self._triplets:
             raise DataError(f"{self.file} holds no triplets")
         self.protocol = Protocol(OWN_PROTOCOL.name, OWN_PROTOCOL.ks, per_category=bool(self.categories()),
