@@ -81,3 +81,22 @@ def test_ablation_reports_every_variant_on_the_held_out_catalog(tmp_path):
     assert report["test_seed"] != 0  # reported on a catalog generated with another seed than the training one
     for rows in (report["stage_one"], report["stage_two"], report["pipelines"]):
         assert all(0 <= r["average/R@10"]["mean"] <= 100 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_serving_benchmark_measures_every_runtime_api_and_load(tmp_path):
+    """Every cell (runtime × API × query kind × clients) was answered with its k results (the benchmark checks
+    each answer and stops otherwise)."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "serving", "--config", "smoke",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "serving-smoke.json").read_text())
+    cells = {(r["runtime"], r["api"], r["query"], r["clients"]) for r in report["results"]}
+    assert cells == {(rt, api, q, c) for rt in ("torch", "onnx") for api in ("engine", "json")
+                     for q in ("composed_reference", "composed_upload", "text") for c in (1, 4)}
+    # four clients at once get more answers a second than one (queries are batched, the cores shared)
+    for runtime in ("torch", "onnx"):
+        one, four = (next(r["qps"] for r in report["results"] if (r["runtime"], r["api"], r["query"],
+                                                                  r["clients"]) == (runtime, "engine", "text", c))
+                     for c in (1, 4))
+        assert four > one, (runtime, one, four)

@@ -17,7 +17,8 @@ from typing import Sequence
 
 from clip4cir.commands.common import whole
 from clip4cir.data.sources import SourceOptions
-from clip4cir.serving.service import Options, cache_root, load_engine
+from clip4cir.models.runtime import RUNTIMES
+from clip4cir.serving.service import Options, cache_root, serving_engine
 from clip4cir.serving.ui import serve
 
 
@@ -35,6 +36,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=env("CLIP4CIR_DATASET", "auto"), help="what --data is (default: "
                         "recognised)")
     parser.add_argument("--device", default=env("CLIP4CIR_DEVICE", "auto"))
+    parser.add_argument("--runtime", choices=RUNTIMES, default=env("CLIP4CIR_RUNTIME", "auto"),
+                        help="how queries are encoded: torch, ONNX Runtime fp32 (onnx) or int8 (onnx-int8, kept "
+                             "only when its top-10 lists agree with fp32's); auto: onnx on a CPU")
     parser.add_argument("--share", action="store_true", default=env("CLIP4CIR_SHARE", "") in ("1", "true", "True"),
                         help="also serve through a Gradio share link")
     parser.add_argument("--host", default=env("CLIP4CIR_HOST"), help="e.g. 0.0.0.0 to serve the network")
@@ -46,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     options = Options(index=args.index, source=SourceOptions(args.data, args.dataset) if args.data else None,
                       model=args.model, pretrained=args.pretrained, clip_checkpoint=args.clip_checkpoint,
-                      combiner=args.combiner, device=args.device)
+                      combiner=args.combiner, device=args.device, runtime=args.runtime)
     try:
-        engine = load_engine(options)
+        engine = serving_engine(options)
     except ValueError as e:  # bad paths, models, indexes: one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into 
     python scripts/benchmark.py [--quick | --config smoke|quick|full]   the pipeline
     python scripts/benchmark.py index [--config smoke|1m|10m]           index kinds against exact search
     python scripts/benchmark.py labels [--config smoke|full]            metric-learning losses, held-out identities
+    python scripts/benchmark.py serving [--config smoke|full]           runtimes × APIs × concurrent clients
     python scripts/ablation.py [--config smoke|full]                    the training recipes
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from clip4cir.benchmarks import ablation, index, labels, pipeline
+from clip4cir.benchmarks import ablation, index, labels, pipeline, serving
 from clip4cir.commands.common import WORKERS, run
 
 ANNOTATIONS = Path(__file__).resolve().parents[3] / "shared" / "fashioniq"  # beside the checkout
@@ -72,6 +73,13 @@ def labels_main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+def serving_main(argv: Sequence[str] | None) -> int:
+    args = benchmark_args(argv, "benchmark.py serving", serving.__doc__, serving.CONFIGS, "full",
+                          "serving.json and serving.md")
+    serving.run_serving(args.config, args.out, args.work)
+    return 0
+
+
 def ablation_main(argv: Sequence[str] | None = None) -> int:
     args = benchmark_args(argv, "ablation.py", ablation.__doc__, ablation.CONFIGS, "full",
                           "ablation.json and ablation.md",
@@ -80,7 +88,7 @@ def ablation_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SUBCOMMANDS = {"index": index_main, "labels": labels_main}
+SUBCOMMANDS = {"index": index_main, "labels": labels_main, "serving": serving_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,3 +29,11 @@ class CatalogIndexError(Clip4CirError):
 
 class SearchError(Clip4CirError):
     """A query the engine cannot answer."""
+
+
+class UnknownItemError(SearchError):
+    """A query names an item or category the catalog does not have."""
+
+
+class BusyError(Clip4CirError):
+    """The server holds as many queries as it may: try again shortly (HTTP 503)."""

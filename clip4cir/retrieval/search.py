@@ -10,15 +10,17 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
 from clip4cir.core.device import resolve_device
-from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError
+from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError, UnknownItemError
 from clip4cir.data.images import load_image
 from clip4cir.models.category_probe import predict_category
 from clip4cir.models.combiner import Combiner, combine_sum, load_combiner
 from clip4cir.models.encoder import Encoder
+from clip4cir.models.runtime import Towers
 from clip4cir.models.factory import check_same_encoder, encoder_from_record
 from clip4cir.models.features import check_finite
 from clip4cir.retrieval.index import CatalogIndex
@@ -47,7 +49,8 @@ class SearchResult:
 class SearchEngine:
     """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
 
-    def __init__(self, index: CatalogIndex, encoder: Encoder, combiner: Combiner | None = None):
+    def __init__(self, index: CatalogIndex, encoder: Encoder, combiner: Combiner | None = None,
+                 towers: Towers | None = None):
         try:
             check_same_encoder(index.encoder, encoder, "the index")
             if combiner is not None:
@@ -55,6 +58,8 @@ class SearchEngine:
         except ValueError as e:
             raise SearchError(str(e)) from e
         self.index, self.encoder, self.combiner = index, encoder, combiner
+        self.towers = towers or Towers(encoder)  # what encodes queries (clip4cir.models.runtime)
+        self.runtime_note = self.towers.describe()
         self.encoder.model.eval()  # for good: serving never switches modes (other threads may be encoding)
         if combiner is not None:
             combiner.eval()
@@ -85,8 +90,7 @@ class SearchEngine:
         if image.width < 1 or image.height < 1:
             raise SearchError("the image is empty")
         x = self.encoder.transform(image)[None]  # the transform converts any mode to RGB and bounds the size
-        with torch.inference_mode():
-            return check_finite(self.encoder.encode_image(x)[0].float().cpu(), "image features")
+        return check_finite(self.towers.image(x)[0].float(), "image features")
 
     def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
         if not self.encoder.has_text:
@@ -97,8 +101,7 @@ class SearchEngine:
         n_tokens = self.encoder.count_tokens(caption)
         if n_tokens > self.encoder.context_length:
             notes.append(f"the caption has {n_tokens} tokens; only the first {self.encoder.context_length} were used")
-        with torch.inference_mode():
-            return check_finite(self.encoder.encode_text([caption])[0].float().cpu(), "caption features")
+        return check_finite(self.towers.text([caption])[0].float(), "caption features")
 
     def _category(self, category: str | None, query: torch.Tensor, notes: list[str]) -> str | None:
         """The category to search within: none for "all", the given one, or for "auto" the one the index's
@@ -113,17 +116,16 @@ class SearchEngine:
             notes.append(f"predicted category: {predicted}")
             return predicted
         if category not in self.index.categories():
-            raise SearchError(f"unknown category {category!r}; this catalog has "
-                              f"{', '.join(self.index.categories()) or 'none'}")
+            raise UnknownItemError(f"unknown category {category!r}; this catalog has "
+                                   f"{', '.join(self.index.categories()) or 'none'}")
         return category
 
     def _reference(self, image, reference_id: str | None) -> torch.Tensor:
         """The reference feature: a catalog item's stored one (no re-encoding), or the image's."""
         if reference_id:
-            try:
-                return torch.from_numpy(self.index.feature(reference_id))
-            except ValueError as e:
-                raise SearchError(str(e)) from e
+            if reference_id not in self.index:
+                raise UnknownItemError(f"unknown item id {reference_id!r} (not in this catalog)")
+            return torch.from_numpy(self.index.feature(reference_id))
         if image is not None:
             return self._image_feature(image)
         raise SearchError("no reference: give an image or the id of a catalog item")
@@ -192,3 +194,33 @@ class SearchEngine:
         self._check_k(k)
         feature = self._text_feature(caption, notes)
         return self._search(feature, k, self._category(category, feature, notes), notes, started)
+
+
+def top10_agreement(engine: SearchEngine, candidate: Towers, queries: int = 100) -> dict[str, float]:
+    """How far another runtime's towers (``candidate``) give the engine's own top-10 lists, on the catalog's own
+    queries: its captions as text queries and, with their references, as composed queries, and its items' images
+    as image queries. The mean share of each query's top 10 in common, per kind of query."""
+    index = engine.index
+    pairs = [(reference, caption) for reference, entries in sorted(index.captions.items())
+             for caption, _ in entries[:1]][:queries]
+    files = [index.item(i).path for i in index.ids(queries * 4) if os.path.isfile(index.item(i).path)][:queries]
+    reference_towers, kinds = engine.towers, {}
+
+    def overlap(run) -> float:
+        shares = []
+        for query in run:
+            engine.towers = reference_towers
+            expected = {h.id for h in query().hits}
+            engine.towers = candidate
+            shares.append(len(expected & {h.id for h in query().hits}) / max(len(expected), 1))
+        engine.towers = reference_towers
+        return round(float(np.mean(shares)), 4) if shares else 1.0
+
+    if engine.encoder.has_text and pairs:
+        kinds["text"] = overlap([lambda c=c: engine.text_search(c, k=10) for _, c in pairs])
+        kinds["composed"] = overlap([lambda r=r, c=c: engine.composed_search(c, reference_id=r, k=10, mode="sum")
+                                     for r, c in pairs])
+    if files:
+        images = [load_image(path) for path in files]
+        kinds["image"] = overlap([lambda im=im: engine.image_search(im, k=10) for im in images])
+    return kinds

@@ -22,6 +22,10 @@ from clip4cir.retrieval.catalog import catalog_items, items_fingerprint
 from clip4cir.retrieval.index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
 from clip4cir.retrieval.search import SearchEngine
 from clip4cir.serving.demo import DEMO_DIR, ensure_demo_catalog
+from clip4cir.models.runtime import Towers, load_towers, resolve_runtime
+from clip4cir.retrieval.search import top10_agreement
+from clip4cir.retrieval.threads import configure_serving_threads
+from clip4cir.serving.batching import BatchedTowers
 from clip4cir.serving.hub import resolve_path
 from clip4cir.serving.thumbnails import Thumbnails
 
@@ -40,6 +44,7 @@ class Options:
     clip_checkpoint: str | None = None
     combiner: str | None = None
     device: str = "auto"
+    runtime: str = "torch"  # clip4cir.models.runtime: torch, onnx, onnx-int8 or auto
     cache_dir: str | None = None
 
 
@@ -82,6 +87,40 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
         if unreadable:
             progress(f"skipped {len(unreadable):,} unreadable images")
     return SearchEngine(index, encoder, combiner_model)
+
+
+def serving_engine(options: Options, progress: Callable[[str], None] = log.info) -> SearchEngine:
+    """The engine of :func:`load_engine` with the towers of ``options.runtime``, queries batched."""
+    engine = load_engine(options, progress)
+    towers, note = choose_towers(engine, options.runtime, cache_root(options))
+    engine.towers, engine.runtime_note = BatchedTowers(towers), note
+    progress(f"queries are encoded with {note}")
+    return engine
+
+
+MIN_AGREEMENT = 0.95  # int8 towers must give 95% of fp32's top-10 lists on the catalog's own queries
+
+
+def choose_towers(engine: SearchEngine, runtime: str, cache: Path) -> tuple[Towers, str]:
+    """The towers the engine serves with, and what was chosen and why: the runtime asked for (``auto``: ONNX
+    Runtime on a CPU), int8 only when its top-10 lists agree with fp32's on the catalog's queries, else fp32."""
+    resolved = resolve_runtime(runtime, engine.encoder.device)
+    threads = configure_serving_threads()["torch"]
+    if resolved == "torch":
+        return Towers(engine.encoder), "torch (eager)"
+    fp32 = load_towers(engine.encoder, "onnx", cache, threads)
+    if resolved == "onnx":
+        return fp32, fp32.describe()
+    int8 = load_towers(engine.encoder, "onnx-int8", cache, threads)
+    engine.towers = fp32
+    agreement = top10_agreement(engine, int8)
+    worst = min(agreement.values()) if agreement else 0.0
+    shown = ", ".join(f"{kind} {share:.3f}" for kind, share in agreement.items())
+    if worst < MIN_AGREEMENT:
+        log.warning("int8 towers refused: their top-10 lists share %s with fp32's (below %s); serving fp32", shown,
+                    MIN_AGREEMENT)
+        return fp32, f"{fp32.describe()} (int8 refused: top-10 agreement {shown} < {MIN_AGREEMENT})"
+    return int8, f"{int8.describe()}, top-10 agreement with fp32 {shown}"
 
 
 def thumbnails_for(index: CatalogIndex, cache: Path) -> Thumbnails:

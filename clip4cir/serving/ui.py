@@ -28,6 +28,7 @@ from clip4cir.retrieval.threads import configure_serving_threads  # noqa: E402
 from clip4cir.retrieval.tuning import describe_tuning  # noqa: E402
 from clip4cir.serving.api import add_named_api  # noqa: E402
 from clip4cir.serving.catalog_routes import add_catalog_routes  # noqa: E402
+from clip4cir.serving.http_api import add_http_api  # noqa: E402
 from clip4cir.serving.service import thumbnails_for  # noqa: E402
 from clip4cir.serving.thumbnails import Thumbnails  # noqa: E402
 from clip4cir.serving.uploads import read_upload  # noqa: E402
@@ -417,6 +418,7 @@ def about(engine: SearchEngine) -> str:
     ]
     if index.tuning:
         lines.append(f"- **Search effort**: {plain(describe_tuning(index.tuning))}")
+    lines.append(f"- **Queries encoded with**: {plain(engine.runtime_note)}")
     return "\n".join(lines)
 
 
@@ -436,8 +438,10 @@ def serve(engine: SearchEngine, cache: str | os.PathLike, host: str | None = Non
     app.queue(default_concurrency_limit=4)
     configure_serving_threads()
     app.launch(server_name=host, server_port=port, share=share, show_error=True, prevent_thread_lock=True,
-               allowed_paths=[str(thumbnails.folder)], max_file_size=MAX_UPLOAD, quiet=quiet, css=CSS, head=HEAD)
+               allowed_paths=[str(thumbnails.folder)], max_file_size=MAX_UPLOAD, quiet=quiet, css=CSS, head=HEAD,
+               app_kwargs={"docs_url": "/api/docs", "openapi_url": "/api/openapi.json"})
     add_catalog_routes(app.app, engine.index, thumbnails)
+    add_http_api(app.app, engine)
     return app
 
 
