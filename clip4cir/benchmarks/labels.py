@@ -31,7 +31,8 @@ from clip4cir.training.metric_losses import LOSSES
 from clip4cir.training.trainer import train_here
 
 CONFIGS = {
-    "smoke": {"sets": {"easy": {"identities": 24, "views": 4, "hard": False, "epochs": 1}},
+    "smoke": {"sets": {"easy": {"identities": 24, "views": 4, "hard": False, "epochs": 1},
+                       "hard": {"identities": 16, "views": 6, "hard": True, "epochs": 1}},
               "seeds": [0], "lrs": [1e-3], "proxy_factors": [10.0], "batch": 16,
               "losses": ["triplet-random", "supcon"]},
     "full": {"sets": {"easy": {"identities": 240, "views": 6, "hard": False, "epochs": 8},
@@ -91,17 +92,17 @@ def choose_rates(data: Path, work: Path, loss: str, cfg: dict, epochs: int) -> t
 def bench_set(name: str, spec: dict, cfg: dict, work: Path) -> dict:
     """One identity set: rates chosen on its validation identities, then every loss over the seeds on its test
     identities."""
-    data = work / name
+    data, runs_dir = work / name, work / f"{name}-runs"
     make_synthetic_identities(data, spec["identities"], spec["views"], seed=0, hard=spec["hard"])
     out = {"identities": spec["identities"], "views": spec["views"], "hard": spec["hard"], "epochs": spec["epochs"],
            "losses": {}}
     zero_shot = []
     for loss in cfg["losses"]:
-        lr, factor, tried = choose_rates(data, work, loss, cfg, spec["epochs"])
+        lr, factor, tried = choose_rates(data, runs_dir, loss, cfg, spec["epochs"])
         print(f"labels: {name}: {loss}: validation MAP@R {tried}; chosen lr {lr:g}, proxies ×{factor:g}", flush=True)
         runs = []
         for seed in cfg["seeds"]:
-            run = work / f"{loss}-{lr:g}-{factor:g}-{seed}"
+            run = runs_dir / f"{loss}-{lr:g}-{factor:g}-{seed}"
             trained = train(data, run, loss, lr, factor, seed, spec["epochs"], cfg["batch"]) if not run.exists() \
                 else {"images_per_s": statistics.median(r["samples_per_s"] for r in read_metrics(
                     run / "metrics.jsonl"))}
