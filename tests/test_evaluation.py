@@ -11,6 +11,7 @@ from clip4cir.commands.evaluate import main as evaluate_main
 from clip4cir.core.errors import DataError, ModelError
 from clip4cir.data.sources import open_source
 from clip4cir.data.sources.fashioniq import load_image_split, load_triplets
+from clip4cir.evaluation.category_choice import ranks_within
 from clip4cir.evaluation.image_search import image_retrieval_metrics
 from clip4cir.evaluation.ranking import recall_at_k, target_ranks, top_k
 
@@ -191,7 +192,32 @@ def test_category_task_scores_the_probe_on_held_out_images(tiny_root, tmp_path):
         metrics = json.loads(out.read_text())
         assert metrics["images"] == 72 and metrics["train_images"] == 90
         accuracy[name] = metrics["accuracy"]
+        composed = metrics["composed"]
+        assert composed["queries"] == len(json.loads((tiny_root / "captions" / "cap.dress.val.json").read_text())) * 3
+        assert composed["reference"]["right_category"] == composed["all"]["right_category"] == 100.0  # FashionIQ
     assert accuracy["random"] < 100 / 3 + 5 < 45 < accuracy["demo"]
+
+
+def test_ranks_within_a_chosen_category_match_brute_force():
+    """Each query ranks its target among its chosen category's items only (all for None), the reference left
+    out; a target outside the chosen category is a miss."""
+    generator = torch.Generator().manual_seed(3)
+    queries, gallery = torch.randn(40, 8, generator=generator), torch.randn(30, 8, generator=generator)
+    cats = [["a"] if j % 3 == 0 else ["b"] if j % 3 == 1 else ["a", "b"] for j in range(30)]
+    targets = torch.randint(0, 30, (40,), generator=generator).tolist()
+    exclude = torch.randint(0, 30, (40,), generator=generator).tolist()
+    chosen = [[None, "a", "b"][i % 3] for i in range(40)]
+    ranks = ranks_within(queries, gallery, targets, exclude, cats, chosen)
+    scores = (queries @ gallery.T).numpy()
+    for i in range(40):
+        allowed = [j for j in range(30) if (chosen[i] is None or chosen[i] in cats[j])
+                   and (j != exclude[i] or j == targets[i])]
+        if targets[i] not in allowed:
+            assert ranks[i] == 30
+            continue
+        order = sorted(allowed, key=lambda j: (-scores[i, j], j))
+        assert ranks[i] == order.index(targets[i])
+    assert (ranks == 30).any() and (ranks < 30).any()
 
 
 def test_test_split_without_predictions_is_refused_before_loading_models(tiny_root, tmp_path):

@@ -60,14 +60,20 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-def print_metrics(metrics: dict) -> None:
+COMPOSING = ("composed", "category")  # the tasks that compose queries (and so use --combiner)
+
+
+def print_metrics(metrics: dict, indent: str = "") -> None:
     for name, m in metrics.items():
-        if isinstance(m, dict):
-            print(f"{name:>10}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items() if isinstance(v, float)))
+        if isinstance(m, dict) and any(isinstance(v, dict) for v in m.values()):
+            print(f"{indent}{name}:")
+            print_metrics(m, indent + "  ")
+        elif isinstance(m, dict):
+            print(f"{indent}{name:>10}: " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items() if isinstance(v, float)))
         elif isinstance(m, float):
-            print(f"{name:>10}: {m:.2f}")
+            print(f"{indent}{name:>10}: {m:.2f}")
         else:
-            print(f"{name:>10}: {m}")
+            print(f"{indent}{name:>10}: {m}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,7 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", help="default: the data set's validation split (val)")
     parser.add_argument("--task", choices=TASKS.names(), default="composed",
                         help="composed: Recall@K; image: image-search mAP@K/P@K; category: accuracy of "
-                             "category=auto; labels: retrieval on held-out labels (zero-shot and fine-tuned)")
+                             "category=auto and composed recall within each choice of category; labels: retrieval on "
+                             "held-out labels (zero-shot and fine-tuned)")
     parser.add_argument("--json", help="write the metrics here")
     parser.add_argument("--dump", help="write per-query JSON lines here (reference, captions, target, rank, top-10)")
     parser.add_argument("--predictions", help="a test split: write the test server's files into this folder "
@@ -135,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     encoder = encoder_from_args(args)
     mode = args.mode or ("combiner" if args.combiner else "sum")
-    if args.task == "composed":
+    if args.task in COMPOSING:
         request.combine = combining_function(encoder, args.combiner, mode)
     result = TASKS[args.task](encoder, source, request)
     if args.dump:
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json(args.json, {"written_by": WRITTEN_BY, **result.metrics, "task": args.task, "split": args.split,
                                "data": source.record(), "protocol": protocol.name, "model": encoder.describe(),
-                               "combiner": args.combiner if mode == "combiner" and args.task == "composed" else None,
+                               "combiner": args.combiner if mode == "combiner" and args.task in COMPOSING else None,
                                "seconds": time.perf_counter() - start})
     return 0
 

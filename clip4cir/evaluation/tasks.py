@@ -9,20 +9,24 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from clip4cir.core.errors import DataError
 from clip4cir.core.registry import Registry
 from clip4cir.data.datasets import GalleryDataset
 from clip4cir.data.sources import Source
 from clip4cir.data.sources.labels import LabelledImages
+from clip4cir.data.captions import eval_caption
+from clip4cir.evaluation.category_choice import ranks_within
 from clip4cir.evaluation.composed import Ranking, rankings_of, summarize
 from clip4cir.evaluation.image_search import image_retrieval_metrics
 from clip4cir.evaluation.labels import label_metrics
+from clip4cir.evaluation.ranking import recall_at_k
 from clip4cir.models.category_probe import predict_category, train_probe
 from clip4cir.models.combiner import Combine, combine_sum
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.factory import load_model
-from clip4cir.models.features import extract_image_features
+from clip4cir.models.features import encode_texts, extract_image_features
 
 
 @dataclass
@@ -71,23 +75,51 @@ def image_task(encoder: Encoder, source: Source, request: EvalRequest) -> TaskRe
 
 @TASKS.register("category")
 def category_task(encoder: Encoder, source: Source, request: EvalRequest) -> TaskResult:
-    """How often ``category="auto"`` is right: the probe trained on train-split images, scored on the split's."""
+    """How often ``category="auto"`` is right (the probe trained on train-split images, scored on the split's),
+    and, for the split's composed queries, Recall@K over the whole gallery when each searches all items, the
+    reference's own category, or the category the probe predicts from the reference image or the composed query."""
     features = {}
     train = source.splits()[0]
     for split in (train, request.split):
         dataset = GalleryDataset(source, split, transform=encoder.transform)
         ids, feats = extract_image_features(encoder, dataset, request.batch_size, request.workers, request.progress)
-        features[split] = (ids, feats.numpy(), dataset.categories_of)
+        features[split] = (ids, feats, dataset.categories_of)
     ids, feats, categories_of = features[train]
-    probe = train_probe(feats, [categories_of[i] for i in ids])
+    probe = train_probe(feats.numpy(), [categories_of[i] for i in ids])
     if probe is None:
         raise DataError(f"--task category needs at least two categories; {source.describe()} has "
                         f"{len(source.categories())}")
     ids, feats, categories_of = features[request.split]
-    predicted = predict_category(probe, feats)
+    predicted = predict_category(probe, feats.numpy())
     right = sum(p in categories_of[i] for p, i in zip(predicted, ids))
-    return TaskResult({"accuracy": 100.0 * right / len(ids), "images": len(ids),
-                       "train_images": len(features[train][0])})
+    metrics = {"accuracy": 100.0 * right / len(ids), "images": len(ids), "train_images": len(features[train][0])}
+    triplets = [t for t in source.triplets(request.split) if t.target is not None]
+    if triplets:
+        metrics["composed"] = composed_category_choices(encoder, request, probe, triplets, ids, feats, categories_of)
+    return TaskResult(metrics)
+
+
+def composed_category_choices(encoder: Encoder, request: EvalRequest, probe: dict, triplets: list, ids: list[str],
+                              feats: torch.Tensor, categories_of: dict) -> dict:
+    """Recall@10/50 of the composed queries over the whole gallery for each way the app can choose a category,
+    and how often the chosen category is the target's."""
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    reference = feats[[position[t.reference] for t in triplets]]
+    text = encode_texts(encoder, [eval_caption(t.captions) for t in triplets])
+    with torch.inference_mode():
+        queries = request.combine(reference.to(encoder.device), text.to(encoder.device)).float().cpu()
+    gallery = F.normalize(feats, dim=-1)
+    choices = {"all": [None] * len(triplets),
+               "reference": [(categories_of[t.reference] or [None])[0] for t in triplets],
+               "reference image (probe)": predict_category(probe, reference.numpy()),
+               "auto (probe on the query)": predict_category(probe, queries.numpy())}
+    targets, exclude = [position[t.target] for t in triplets], [position[t.reference] for t in triplets]
+    out = {"queries": len(triplets)}
+    for name, chosen in choices.items():
+        ranks = ranks_within(queries, gallery, targets, exclude, [categories_of[i] for i in ids], chosen)
+        out[name] = {**recall_at_k(ranks), "right_category": 100.0 * sum(
+            c is None or c in categories_of[t.target] for c, t in zip(chosen, triplets)) / len(triplets)}
+    return out
 
 
 @TASKS.register("labels")

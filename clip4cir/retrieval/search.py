@@ -103,12 +103,23 @@ class SearchEngine:
             notes.append(f"the caption has {n_tokens} tokens; only the first {self.encoder.context_length} were used")
         return check_finite(self.towers.text([caption])[0].float(), "caption features")
 
-    def _category(self, category: str | None, query: torch.Tensor, notes: list[str]) -> str | None:
-        """The category to search within: none for "all", the given one, or for "auto" the one the index's
-        probe predicts from the query feature (the composed query, the image, or the description)."""
+    def _category(self, category: str | None, query: torch.Tensor, notes: list[str],
+                  reference: torch.Tensor | None = None, reference_id: str | None = None) -> str | None:
+        """The category to search within: none for "all", the given one; for "reference", the reference's own (a
+        catalog item's first category, or what the probe predicts from an uploaded reference image: a caption
+        rarely names the category); for "auto", what the index's probe predicts from the query feature (the
+        composed query, the image, or the description)."""
         if category in (None, "", "all"):
             return None
-        if category == "auto":
+        if category == "reference" and reference_id:
+            own = self.index.item(reference_id).categories
+            notes.append("the reference's own category" if own else "the reference has no category: searched all")
+            return own[0] if own else None
+        if category == "reference" and reference is not None and self.index.probe is not None:
+            predicted = predict_category(self.index.probe, reference.numpy())[0]
+            notes.append(f"the reference looks like a {predicted}")
+            return predicted
+        if category in ("auto", "reference"):
             if self.index.probe is None:
                 notes.append("this catalog has no categories to predict; searched all")
                 return None
@@ -120,11 +131,14 @@ class SearchEngine:
                                    f"{', '.join(self.index.categories()) or 'none'}")
         return category
 
-    def _reference(self, image, reference_id: str | None) -> torch.Tensor:
-        """The reference feature: a catalog item's stored one (no re-encoding), or the image's."""
+    def _reference(self, image, reference_id: str | None, notes: list[str]) -> torch.Tensor:
+        """The reference feature: a catalog item's stored one (no re-encoding; it wins over an image given too,
+        and a note says so), or the image's."""
         if reference_id:
             if reference_id not in self.index:
                 raise UnknownItemError(f"unknown item id {reference_id!r} (not in this catalog)")
+            if image is not None:
+                notes.append(f"both an image and a catalog id were given: searched with the item {reference_id}")
             return torch.from_numpy(self.index.feature(reference_id))
         if image is not None:
             return self._image_feature(image)
@@ -169,13 +183,14 @@ class SearchEngine:
         if (caption or "").strip() == "":
             raise SearchError("the caption is empty: say how the wanted item differs "
                               "(for similar items without a change, use image search)")
-        reference = self._reference(image, reference_id)
+        reference = self._reference(image, reference_id, notes)
         text = self._text_feature(caption, notes)
         combine = self.combiner.combine if mode == "combiner" else combine_sum
         with torch.inference_mode():
             query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
         query = query.float().cpu()
-        return self._search(query, k, self._category(category, query, notes), notes, started, exclude=reference_id)
+        return self._search(query, k, self._category(category, query, notes, reference, reference_id), notes, started,
+                            exclude=reference_id)
 
     def image_search(self, image: Image.Image | str | os.PathLike | None = None, k: int = 10,
                      category: str | None = None, reference_id: str | None = None) -> SearchResult:
@@ -183,8 +198,8 @@ class SearchEngine:
         started, notes = time.perf_counter(), []
         self._check_types(reference_id=reference_id, category=category)
         self._check_k(k)
-        feature = self._reference(image, reference_id)
-        return self._search(feature, k, self._category(category, feature, notes), notes, started,
+        feature = self._reference(image, reference_id, notes)
+        return self._search(feature, k, self._category(category, feature, notes, feature, reference_id), notes, started,
                             exclude=reference_id)
 
     def text_search(self, caption: str, k: int = 10, category: str | None = None) -> SearchResult:

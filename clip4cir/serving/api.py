@@ -39,7 +39,8 @@ def add_named_api(engine: SearchEngine) -> None:
                         category: str = "all", k: int = 10, mode: str = "combiner",
                         request: gr.Request = None) -> dict:
         """Items like the reference (an uploaded image, or a catalog item by id) changed as the caption says.
-        category: a category of the catalog, "all" or "auto"; mode: "combiner" or "sum"."""
+        category: a category of the catalog, "all", "reference" (the reference's own) or "auto" (predicted from
+        the query); mode: "combiner" or "sum"."""
         return answer(lambda: engine.composed_search(caption, read_upload(image), reference_id or None, k, category,
                                                      mode), request)
 

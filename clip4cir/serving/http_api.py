@@ -28,7 +28,8 @@ class SearchRequest(BaseModel):
     caption: str | None = Field(None, description="how the wanted item differs (composed), or what it is (text)")
     reference_id: str | None = Field(None, description="a catalog item as the reference (its stored feature)")
     image_base64: str | None = Field(None, description="the query image's file (JPEG, PNG, ...), base64-encoded")
-    category: str = Field("all", description="a category of the catalog, all, or auto")
+    category: str = Field("all", description="a category of the catalog, all, reference (the reference's own) or "
+                                              "auto (predicted from the query)")
     k: int = Field(10, ge=1, le=MAX_K, description="how many results")
     mode: Literal["combiner", "sum"] = Field("combiner", description="composed: how image and words combine")
 
