@@ -24,7 +24,7 @@ from clip4cir.retrieval.building import BuildOptions, build_index  # noqa: E402
 from clip4cir.retrieval.catalog import catalog_items  # noqa: E402
 from clip4cir.retrieval.search import SearchEngine  # noqa: E402
 from clip4cir.serving.service import thumbnails_for  # noqa: E402
-from clip4cir.serving.ui import ALL, App, plain, serve  # noqa: E402
+from clip4cir.serving.ui import App, plain, serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -158,11 +158,35 @@ def test_bad_queries_are_errors_with_their_reason(served, client, tmp_path):
 def test_user_text_is_shown_as_typed_not_rendered(served, outside_catalog):
     engine, _ = served
     app = App(engine, thumbnails_for(engine.index, outside_catalog.parent / "cache"))
-    _, info, *_ = app.composed(None, "is red", ALL, 2, "Simple sum", "<img src=x onerror=alert(1)>", "", [])
-    assert "<img" not in info and "&lt;img src=x onerror=alert(1)&gt;" in info
-    _, info, *_ = app.composed(None, "# big", "hats", 2, "Simple sum", engine.index.ids(1)[0], "", [])
-    assert "'hats'" in info
+    app.build("about")
+    info = app.c["composed_panel"].info
+    shown = app.composed(None, "is red", "all", 2, "sum", "<img src=x onerror=alert(1)>", "", [])
+    assert "<img" not in shown[info] and "&lt;img src=x onerror=alert(1)&gt;" in shown[info]
+    shown = app.composed(None, "# big", "hats", 2, "sum", engine.index.ids(1)[0], "", [])
+    assert "'hats'" in shown[info]
     assert plain("# big *bold* <b>") == "\\# big \\*bold\\* &lt;b&gt;"
+
+
+def test_steps_sent_back_by_the_browser_are_checked(served, outside_catalog):
+    """The steps come back from the browser's session storage, so they are anything: only steps that can be
+    searched again are kept, and a photo only while it is one of this app's uploads."""
+    engine, _ = served
+    app = App(engine, thumbnails_for(engine.index, outside_catalog.parent / "cache"))
+    app.build("about")
+    item = engine.index.ids(1)[0]
+    good = {"ref": item, "caption": "is red", "category": "all", "k": 5, "mode": "sum"}
+    kept = app.clean_steps([good, {**good, "ref": "nope"}, {**good, "category": "hats"}, {**good, "k": "x"},
+                            {**good, "mode": "eval"}, "junk", {**good, "caption": 3},
+                            {**good, "ref": "", "image": {"path": "/etc/passwd",
+                                                          "meta": {"_type": "gradio.FileData"}}}])
+    assert kept[0] == {**good, "image": None} and kept[1]["k"] == 12 and len(kept) == 3
+    assert app.clean_steps("not a list") == []
+    shown = app.show_step(kept)  # the photo step: refused as not an upload, the page keeps working
+    assert "must be a file uploaded" in shown[app.c["composed_panel"].info]
+    back = app.step_back([good, {**good, "caption": "is blue"}])
+    assert back[app.c["caption"]] == "is red" and back[app.c["steps"]] == [{**good, "image": None}]
+    assert back[app.c["composed_panel"].hits] == [h.id for h in engine.composed_search(
+        "is red", reference_id=item, k=5, category="all", mode="sum").hits]
 
 
 def test_about_names_the_encoder_file_not_its_path(served):
@@ -172,12 +196,15 @@ def test_about_names_the_encoder_file_not_its_path(served):
 
 
 VIEWPORTS = {"wide": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Chromium is not installed at {CHROMIUM} "
+                                    "(apt-get install -y chromium; .ci/run installs it)")
 
 
-def open_page(browser, url: str, viewport: dict):
+def open_page(browser, url: str, viewport: dict, ready: str = "#browse img"):
     page = browser.new_page(viewport=viewport)
     page.goto(url)
-    page.wait_for_selector("#browse img", timeout=60_000)
+    page.wait_for_selector(ready, timeout=60_000)
     return page
 
 
@@ -191,92 +218,175 @@ def wait_for_value(page, elem_id: str, test: str) -> None:
                            f"'#{elem_id} textarea, #{elem_id} input'))", timeout=60_000)
 
 
-def results_check(page, gallery: str, viewport: dict) -> None:
-    """Results come into view without the user scrolling, and their thumbnails keep the items' proportions."""
+def in_view(page, selector: str) -> bool:
+    """The element's top and bottom are both within the window."""
+    return page.evaluate(f"""(() => {{ const r = document.querySelector({json.dumps(selector)})
+        .getBoundingClientRect(); return r.top >= -2 && r.bottom <= window.innerHeight + 2; }})()""")
+
+
+def result_ids(page, gallery: str) -> list[str]:
+    """The ids shown in a results gallery, in rank order (each caption starts "RANK. ID")."""
+    return page.evaluate(f"""Array.from(document.querySelectorAll('#{gallery} .caption-label'))
+        .map(e => e.innerText.split("\\n")[0].split(" ")[1])""")
+
+
+def results_check(page, gallery: str, viewport: dict, count: int | None = None,
+                  scrolled: bool = True) -> list[str]:
+    """Results come into view without the user scrolling (``scrolled``), their thumbnails keep the items'
+    proportions, every caption (rank, id, categories, score) is shown whole, the grid has no scroll box of its own,
+    and a phone shows two a row. Returns the ids shown."""
     try:
         page.wait_for_selector(f"#{gallery} .grid-container img", timeout=30_000)
-        page.wait_for_function(f"(t => t >= 0 && t < {viewport['height']})(document.querySelector("
-                               f"'#{gallery} .grid-container').getBoundingClientRect().top)", timeout=5_000)
+        if count:
+            page.wait_for_function(f"document.querySelectorAll('#{gallery} .caption-label').length === {count}",
+                                   timeout=30_000)
+        if scrolled:
+            page.wait_for_function(f"(t => t >= 0 && t < {viewport['height']})(document.querySelector("
+                                   f"'#{gallery} .grid-container').getBoundingClientRect().top)", timeout=5_000)
     except Exception:
         page.screenshot(path=str(ARTIFACTS / f"failed-{gallery}-{viewport['width']}.png"))
         raise
     shapes = page.evaluate(f"""Array.from(document.querySelectorAll('#{gallery} .grid-container img')).map(i => [
         i.naturalWidth / i.naturalHeight, getComputedStyle(i).objectFit, i.clientWidth / i.clientHeight])""")
     assert shapes and all(fit == "contain" or abs(natural - shown) < 0.02 for natural, fit, shown in shapes)
+    captions = page.evaluate(f"""Array.from(document.querySelectorAll('#{gallery} .caption-label')).map(e => {{
+        const r = e.getBoundingClientRect(), tile = e.closest('.thumbnail-item').getBoundingClientRect();
+        return [e.innerText, e.scrollWidth <= e.clientWidth + 1 && e.scrollHeight <= e.clientHeight + 1,
+                r.left >= tile.left - 1 && r.right <= tile.right + 1 && r.bottom <= tile.bottom + 1]; }})""")
+    for rank, (text, whole, inside) in enumerate(captions, 1):
+        assert whole and inside and text.startswith(f"{rank}. ") and " · score " in text, (text, whole, inside)
+    boxes = page.evaluate(f"""Array.from(document.querySelectorAll('#{gallery} *')).filter(e => {{
+        const s = getComputedStyle(e); return ['auto', 'scroll'].includes(s.overflowY)
+        && e.scrollHeight > e.clientHeight + 1; }}).map(e => e.className)""")
+    assert not boxes, boxes  # the grid grows with the page
+    if viewport["width"] < 500 and len(captions) > 2:
+        tops = page.evaluate(f"""Array.from(document.querySelectorAll('#{gallery} .thumbnail-item')).slice(0, 3)
+            .map(e => Math.round(e.getBoundingClientRect().top))""")
+        assert tops[0] == tops[1] < tops[2], tops  # two a row
+    return [text.split("\n")[0].split(" ")[1] for text, _, _ in captions]
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Chromium is not installed at {CHROMIUM} "
-                    "(apt-get install -y chromium; .ci/run installs it)")
+@needs_chromium
 @pytest.mark.parametrize("screen", list(VIEWPORTS))
-def test_browser_browse_search_refine_and_go_back(served, screen):
+def test_browser_example_search_refine_back_and_links(served, screen, tmp_path):
     from playwright.sync_api import sync_playwright
     engine, url = served
     viewport = VIEWPORTS[screen]
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         page = open_page(browser, url, viewport)
-        page.locator("#browse .grid-container button").first.click()  # a reference from the catalog browser
-        wait_for_value(page, "reference-id", "!== ''")
-        first_reference = input_value(page, "reference-id")
-        suggestion = page.locator("#suggestions label").first
-        if suggestion.count():
-            suggestion.click()  # the data set's own caption for this item
-            wait_for_value(page, "caption", "!== ''")
-        else:
-            page.fill("#caption textarea", "is red with short sleeves")
+        # the first screen: an annotated example, one click from its results, and what the score means
+        wait_for_value(page, "caption", "!== ''")
+        first_reference, first_caption = input_value(page, "reference-id"), input_value(page, "caption")
+        assert first_caption in [c for c, _ in engine.index.captions[first_reference]]
+        page.screenshot(path=str(ARTIFACTS / f"first-screen-{screen}.png"))
+        assert in_view(page, "#composed-search") and page.locator(".score-help").first.is_visible()
         page.click("#composed-search")
-        results_check(page, "results", viewport)
-        first_caption = input_value(page, "caption")
+        first_ids = results_check(page, "composed-results", viewport, 12)
+        target = dict(engine.index.captions[first_reference])[first_caption]
+        marked = page.locator("#composed-results .caption-label", has_text="★ target")
+        assert marked.count() == (target in first_ids) and (not marked.count() or marked.first.is_visible())
         page.screenshot(path=str(ARTIFACTS / f"composed-{screen}.png"))
         assert f"ref={first_reference}" in page.url
-        clicked = page.locator("#results .grid-container button").nth(1)
-        clicked_id = clicked.inner_text().split(". ", 1)[1].split(" · ")[0]
-        clicked.click()  # a result becomes the next reference
+        expected = [h.id for h in engine.composed_search(first_caption, reference_id=first_reference, k=36,
+                                                         category="reference").hits]
+        assert first_ids == expected[:12] and len(expected) > 12
+        page.click("#composed-more")  # past the slider: up to 24 more
+        assert results_check(page, "composed-results", viewport, len(expected), scrolled=False) == expected
+        # a result becomes the next reference: it and the caption box in view, the caption focused
+        clicked_id = first_ids[1]
+        page.locator("#composed-results .grid-container button").nth(1).click()
         wait_for_value(page, "reference-id", f"=== '{clicked_id}'")
-        page.fill("#caption textarea", "is darker")
-        page.press("#caption textarea", "Enter")
+        page.wait_for_function("document.activeElement && document.activeElement.closest('#caption') !== null")
+        assert in_view(page, "#reference") and in_view(page, "#caption"), page.evaluate(
+            "['reference', 'caption'].map(i => document.getElementById(i).getBoundingClientRect().toJSON())")
+        page.keyboard.type("is darker")
+        page.keyboard.press("Enter")
         page.wait_for_function("window.location.search.includes('darker')")
-        # the new results: the new reference is left out of them, and it was among the old ones
-        page.wait_for_function(f"!document.querySelector('#results .grid-container').innerText.includes("
-                               f"'{clicked_id}')")
-        results_check(page, "results", viewport)
+        page.wait_for_function(f"!document.querySelector('#composed-results .grid-container').innerText.includes("
+                               f"'{clicked_id}')")  # the new reference is left out of its results
+        second_ids = results_check(page, "composed-results", viewport, 12)
         page.screenshot(path=str(ARTIFACTS / f"composed-refined-{screen}.png"))
-        page.go_back()  # the previous search, as it was
-        wait_for_value(page, "reference-id", f"=== '{first_reference}'")  # after the page reloads
-        results_check(page, "results", viewport)
+        # the browser's Back and Forward reload the page at each address: the search and the steps up to it
+        page.go_back()
+        wait_for_value(page, "reference-id", f"=== '{first_reference}'")
+        assert results_check(page, "composed-results", viewport, 12) == first_ids
+        assert input_value(page, "caption") == first_caption and not page.locator("#back").is_enabled()
+        page.go_forward()
+        wait_for_value(page, "reference-id", f"=== '{clicked_id}'")
+        assert results_check(page, "composed-results", viewport, 12) == second_ids
+        assert first_reference in page.locator("#steps").inner_text()  # the steps survived the reloads
+        # the app's Back: the previous step's results at once, and its address
+        page.click("#back")
+        wait_for_value(page, "reference-id", f"=== '{first_reference}'")
+        page.wait_for_function("!window.location.search.includes('darker')")
+        assert results_check(page, "composed-results", viewport, 12) == first_ids
         assert input_value(page, "caption") == first_caption
-        page.click("#tab-image-button") if page.locator("#tab-image-button").count() else \
-            page.get_by_role("tab", name="Find similar").click()
-        page.fill("#image-id textarea, #image-id input", first_reference)
-        page.press("#image-id textarea, #image-id input", "Enter")
-        results_check(page, "image-results", viewport)
+        # more like the reference: the Find similar tab, with an address
+        page.click("#similar")
+        page.wait_for_function("window.location.search.includes('tab=image')")
+        assert f"ref={first_reference}" in page.url
+        similar_ids = results_check(page, "image-results", viewport)
+        assert f"catalog item {first_reference}" in page.locator("#image-info").inner_text()
+        # a photo instead of the id: the id is cleared, and the message says the photo was used
+        photo = tmp_path / "photo.png"
+        Image.open(engine.index.item(similar_ids[0]).path).save(photo)
+        page.set_input_files("#query-image input[type=file]", str(photo))
+        wait_for_value(page, "image-id", "=== ''")
+        page.click("#image-search")
+        page.wait_for_function("document.querySelector('#image-info').innerText.includes('your photo')")
+        assert results_check(page, "image-results", viewport)[0] == similar_ids[0]
         page.get_by_role("tab", name="Describe it").click()
         page.fill("#text textarea", "a red dress")
         page.press("#text textarea", "Enter")
         results_check(page, "text-results", viewport)
+        page.wait_for_function("window.location.search.includes('tab=text')")
         page.screenshot(path=str(ARTIFACTS / f"text-{screen}.png"))
+        # a shared link of an image search opens at its results
+        shared = browser.new_page(viewport=viewport)
+        shared.goto(f"{url}?tab=image&ref={first_reference}&k=7")
+        assert results_check(shared, "image-results", viewport, 7) == similar_ids[:7]
         browser.close()
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Chromium is not installed at {CHROMIUM}")
-def test_every_control_is_labelled_and_axe_finds_nothing_critical(served):
+@needs_chromium
+@pytest.mark.parametrize("screen", list(VIEWPORTS))
+def test_axe_finds_nothing_serious_and_every_stop_shows_focus(served, screen):
+    """axe-core on the first screen and with results; every control labelled; Tab reaches the controls with a
+    visible focus ring, and no download button is among them."""
     from playwright.sync_api import sync_playwright
     axe = Path(axe_playwright_python.__file__).parent / "axe.min.js"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = open_page(browser, served[1], VIEWPORTS["wide"])
-        page.add_script_tag(path=str(axe))
-        report = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
-        critical = [(v["id"], v["help"], len(v["nodes"])) for v in report["violations"] if v["impact"] == "critical"]
-        assert not critical, critical
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = open_page(browser, served[1], VIEWPORTS[screen])
+        for moment in ("first screen", "results"):
+            if moment == "results":
+                page.click("#composed-search")
+                page.wait_for_selector("#composed-results .grid-container img")
+            page.add_script_tag(path=str(axe))
+            report = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+            bad = [(v["id"], v["help"], [n["target"] for n in v["nodes"][:3]]) for v in report["violations"]
+                   if v["impact"] in ("serious", "critical")]
+            assert not bad, (moment, bad)
         unlabelled = page.evaluate("""Array.from(document.querySelectorAll(
             'input:not([type=hidden]), textarea, select')).filter(e => e.offsetParent !== null
             && !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby'))
             .map(e => e.outerHTML.slice(0, 80))""")
         assert not unlabelled, unlabelled
+        stops = []
+        for _ in range(60):
+            page.keyboard.press("Tab")
+            stops.append(page.evaluate("""(() => { const e = document.activeElement, s = getComputedStyle(e);
+                const ring = x => x && (getComputedStyle(x).outlineStyle !== 'none'
+                    || getComputedStyle(x).boxShadow !== 'none');
+                return {name: e.getAttribute('aria-label') || e.title || e.innerText.slice(0, 30), type: e.type,
+                        within: (e.closest('[id]') || {}).id || '',
+                        ring: ring(e) || ring(e.closest('.wrap')) || ring(e.parentElement)}; })()"""))
+        ours = [s for s in stops if s["within"] not in ("", "root")]
+        assert {"radio", "range"} <= {s["type"] for s in ours}  # the mode and the slider are reached
+        assert all(s["ring"] for s in ours), [s for s in ours if not s["ring"]]
+        assert not [s for s in stops if "download" in s["name"].lower()]
         browser.close()
 
 
@@ -325,25 +435,24 @@ def search_each_kind(client: Client) -> None:
 
 def test_a_new_machine_runs_the_readme_start_command(outside):
     """`python app.py` with no arguments, HOME a fresh folder outside the working and temp folders (as on a new
-    machine or a Space): every kind of search works and result images are served; a second start reuses the
-    catalog and index; an offline --share link fails with one clear line and the app keeps running."""
+    machine or a Space): every kind of search works and result images are served from the shipped catalog and
+    index (nothing is drawn or encoded at start); an offline --share link fails with one clear line and the app
+    keeps running."""
     port = free_port()
     env = user_env(outside, port)
     process, client = start_app([], env, port)
     try:
         search_each_kind(client)
         cache = outside / ".cache" / "clip4cir"
-        assert (cache / "fiq-demo-seed0" / "manifest.json").is_file()
-        index_dirs = list((cache / "indexes").iterdir())
-        assert len(index_dirs) == 1
-        assert http_status(f"http://127.0.0.1:{port}/gradio_api/file={cache / 'fiq-demo-seed0' / 'manifest.json'}") \
+        assert "indexes" not in {p.name for p in cache.iterdir()}  # the demo's own index, not one built here
+        assert http_status(f"http://127.0.0.1:{port}/gradio_api/file={REPO / 'demo' / 'catalog' / 'manifest.json'}") \
             == 403
     finally:
         stop(process)
     process, client = start_app(["--share"], env, port)
     try:
         found = client.predict(caption="a red shirt", category="shirt", k=3, api_name="/text_search")
-        assert len(found["results"]) == 3 and list((cache / "indexes").iterdir()) == index_dirs
+        assert len(found["results"]) == 3
     finally:
         output = stop(process)
     assert "could not create a Gradio share link" in output and "Traceback" not in output

@@ -330,6 +330,19 @@ def test_auto_category_uses_the_probe(engine):
         assert result.category and all(result.category in h.categories for h in result.hits)
 
 
+def test_reference_category_is_the_reference_items_own(engine):
+    """category="reference": a catalog reference's own category; an uploaded reference's as the probe sees the
+    image (not the composed query); both an image and an id: the id is used, and a note says so."""
+    item = engine.index.item(engine.index.ids(1)[0])
+    by_id = engine.composed_search("is red", reference_id=item.id, k=5, category="reference", mode="sum")
+    assert by_id.category == item.categories[0] and all(item.categories[0] in h.categories for h in by_id.hits)
+    by_image = engine.image_search(item.path, k=3, category="reference")
+    assert by_image.category in engine.index.categories() and "looks like" in by_image.notes[0]
+    both = engine.image_search(item.path, k=3, reference_id=item.id)
+    assert any(f"searched with the item {item.id}" in n for n in both.notes) and item.id not in \
+        [h.id for h in both.hits]
+
+
 def test_bad_queries(engine, tmp_path):
     some_id = next(iter(engine.index.ids()))
     cases = [
@@ -487,6 +500,28 @@ def test_image_folder_catalog_skips_unreadable(tmp_path, tiny_root):
     with pytest.raises(ValueError, match="no images"):
         open_source(tmp_path / "empty")
     assert len(catalog_items(open_source(tiny_root, categories="dress"), ["val", "test"])) == 24 + 12
+
+
+def test_an_index_with_relative_paths_moves_with_its_images(tiny_root, tmp_path):
+    """--relative-paths: the index and the catalog moved together (as the demo's ship) still find every image;
+    a default index keeps the absolute paths it was built with."""
+    shop = tmp_path / "shop"
+    shutil.copytree(tiny_root, shop / "catalog")
+    encoder = tmp_path / "enc.safetensors"
+    save_encoder(create_model("cir-tiny"), encoder)
+    assert build_main(["--data", str(shop / "catalog"), "--clip-checkpoint", str(encoder), "--output",
+                       str(shop / "index"), "--relative-paths", "--quiet", "--workers", "0"]) == 0
+    assert not os.path.isabs(CatalogIndex.load(shop / "index").table.paths[0])
+    moved = tmp_path / "elsewhere"
+    shutil.move(shop, moved)
+    index = CatalogIndex.load(moved / "index")
+    paths = [index.item_at(row).path for row in range(len(index))]
+    assert all(p.startswith(str(moved / "catalog")) and os.path.isfile(p) for p in paths)
+    engine = SearchEngine.load(moved / "index", device="cpu")
+    assert engine.image_search(paths[0], k=1).hits[0].id == index.item_at(0).id
+    assert build_main(["--data", str(moved / "catalog"), "--clip-checkpoint", str(encoder), "--output",
+                       str(tmp_path / "plain"), "--quiet", "--workers", "0"]) == 0
+    assert CatalogIndex.load(tmp_path / "plain").item_at(0).path.startswith(str(moved / "catalog"))
 
 
 def test_an_interrupted_build_resumes_without_encoding_again(tiny_root, tmp_path):

@@ -41,6 +41,25 @@ def test_deterministic_for_a_seed(tiny_root, tmp_path):
     assert digest(tmp_path / "other") != digest(tiny_root)
 
 
+def test_one_split_drawn_larger_is_the_same_split(tiny_root, tmp_path):
+    """The demo's catalog: the val split alone, drawn at 192 px, holds the same items and triplets as the val
+    split of the whole catalog, and the same garments (the small images match the large ones shrunk)."""
+    make_synthetic_fashioniq(tmp_path, "tiny", seed=0, workers=1, width=192, splits=("val",))
+    assert sorted(p.name for p in (tmp_path / "captions").iterdir()) == [f"cap.{c}.val.json" for c in CATEGORIES]
+    for category in CATEGORIES:
+        for folder, name in (("captions", "cap"), ("image_splits", "split")):
+            file = f"{folder}/{name}.{category}.val.json"
+            assert (tmp_path / file).read_text() == (tiny_root / file).read_text()
+    ids = json.loads((tmp_path / "image_splits" / "split.dress.val.json").read_text())[:8]
+    large = [Image.open(tmp_path / "images" / f"{i}.jpg").convert("RGB") for i in ids]
+    small = [Image.open(tiny_root / "images" / f"{i}.jpg").convert("RGB") for i in ids]
+    assert all(image.width == 192 for image in large) and all(image.width < 192 for image in small)
+    for one, shown in enumerate(large):  # each large photo, shrunk, is closest to its own small one
+        gaps = [np.abs(np.asarray(shown.resize(s.size), dtype=float) - np.asarray(s, dtype=float)).mean()
+                for s in small]
+        assert int(np.argmin(gaps)) == one, gaps
+
+
 def test_targets_differ_in_one_to_three_attributes_and_galleries_hold_them(tiny_root):
     attributes = json.loads((tiny_root / "synthetic_attributes.json").read_text())
     for category in CATEGORIES:

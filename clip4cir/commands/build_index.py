@@ -47,6 +47,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=whole(1), default=CHUNK,
                         help="images per saved chunk: what an interruption can lose, and the unit shared out to GPUs")
     parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--relative-paths", action="store_true",
+                        help="store image paths relative to the index folder, to move or ship the index and the "
+                             "images together")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if not args.model and not args.clip_checkpoint:
@@ -75,7 +78,7 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     options = BuildOptions(args.kind, args.metric, args.target_recall,
                            int(args.memory_budget * 2 ** 30) if args.memory_budget else None, args.nlist, args.pq_m,
                            args.M, args.batch_size, args.workers, args.chunk_size, not args.quiet and ddp.is_main,
-                           combine)
+                           combine, args.relative_paths)
     index, unreadable = build_index(encoder, source, items, args.output, options, {"splits": splits}, ddp)
     if index is None:
         return 0

@@ -1,6 +1,7 @@
 """Make the offline demo's model (``scripts/make_demo_model.py``): generate the `demo` synthetic catalog, fine-tune
 cir-tiny (stage one), train a Combiner (stage two), and write ``demo/encoder.safetensors``,
-``demo/combiner.safetensors`` and ``demo/metrics.json``.
+``demo/combiner.safetensors``, ``demo/metrics.json``, and the app's catalog ``demo/catalog`` (the validation split,
+drawn larger) with its index ``demo/index``.
 
     python scripts/make_demo_model.py --work ~/demo-work --out demo
 """
@@ -19,7 +20,7 @@ from clip4cir.data.synthetic import SYNTHETIC_FORMAT, make_synthetic_fashioniq
 from clip4cir.evaluation.composed import evaluate
 from clip4cir.models.combiner import combine_sum, load_combiner
 from clip4cir.models.encoder_file import load_encoder
-from clip4cir.serving.demo import DEMO_SEED
+from clip4cir.serving.demo import DEMO_SEED, write_demo_catalog
 from clip4cir.training.stage_one import StageOneConfig, StageOneTask
 from clip4cir.training.trainer import train_here
 from combiner.stage_two import StageTwoConfig, StageTwoTask
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {name: evaluate(encoder, open_source(data), combine=combine, progress=False)
                for name, combine in (("sum", combine_sum), ("combiner", combiner.combine))}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_demo_catalog(out, encoder, combiner.combine)
     print(json.dumps({k: v["average"] for k, v in metrics.items()}))
     return 0
 

@@ -7,6 +7,7 @@ too) and the first assembles the index. Progress is shown with an ETA.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -46,7 +47,8 @@ PROBE_SAMPLE = 50_000  # the category probe learns from at most this many items
 class BuildOptions:
     """How to index: the kind (``auto`` chooses by size and ``memory_budget`` bytes), the metric, the Recall@10
     the approximate kinds are calibrated to, their knobs (None: defaults), and the encoding's batch, workers,
-    chunk (what an interruption can lose, and the unit shared out to GPUs) and progress bar."""
+    chunk (what an interruption can lose, and the unit shared out to GPUs) and progress bar; ``relative_paths``:
+    image paths stored relative to the index folder, so the index and the images move together (the demo's)."""
 
     kind: str = "flat"
     metric: str = "cosine"
@@ -60,6 +62,7 @@ class BuildOptions:
     chunk: int = CHUNK
     progress: bool = True
     combine: Combine = combine_sum  # how the composed queries the index will serve are made (calibration)
+    relative_paths: bool = False
 
     def knobs(self) -> dict:
         return {k: v for k, v in (("nlist", self.nlist), ("pq_m", self.pq_m), ("M", self.M)) if v is not None}
@@ -150,7 +153,9 @@ def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path
     probe = train_probe(np.asarray(features[sample]), [kept[i].categories for i in sample])
     queries = serving_queries(encoder, source, kept, features, options.combine) \
         if options.target_recall is not None and KINDS[kind].family != "flat" else {}
-    index = CatalogIndex.create(output, kept, features, kind=kind, metric=options.metric, encoder=encoder.record(),
+    stored = [dataclasses.replace(i, path=os.path.relpath(i.path, output)) for i in kept] if options.relative_paths \
+        else kept
+    index = CatalogIndex.create(output, stored, features, kind=kind, metric=options.metric, encoder=encoder.record(),
                                 source={"data": source.record(), **(record or {}), "items": len(kept),
                                         "fingerprint": items_fingerprint(kept)},
                                 probe=probe, captions=annotated_captions(source, {item.id for item in kept}),

@@ -355,6 +355,7 @@ class CatalogIndex:
             index = cls(store.dim, store.kind, meta["metric"], encoder=manifest.get("encoder"), store=store,
                         exact_members=meta.get("exact_members", EXACT_MEMBERS))
             index.table = ItemTable.load(path, meta["names"])
+            index.table.root = path.resolve()
             index.norms = np.load(path / "norms.npy", mmap_mode="r")
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
             if isinstance(e, CatalogIndexError):

@@ -5,6 +5,7 @@ index is rebuilt; the category filters of a search are derived from these column
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -99,9 +100,11 @@ class NameSets:
 
 
 class ItemTable:
-    """The items by row; lookup of a live row by id; tombstones for removed items."""
+    """The items by row; lookup of a live row by id; tombstones for removed items. A relative image path is
+    relative to ``root`` (the index folder: an index shipped beside its images)."""
 
     def __init__(self):
+        self.root: Path | None = None
         self.ids = np.zeros(0, dtype="S1")
         self.paths = StringColumn()
         self.groups = {group: NameSets() for group in GROUPS}
@@ -135,7 +138,10 @@ class ItemTable:
         return None
 
     def item(self, row: int) -> Item:
-        return Item(self.ids[row].decode("utf-8"), self.paths[row], self.groups["categories"].of(row),
+        path = self.paths[row]
+        if self.root is not None and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(self.root, path))
+        return Item(self.ids[row].decode("utf-8"), path, self.groups["categories"].of(row),
                     self.groups["splits"].of(row))
 
     def add(self, items: Sequence[Item]) -> None:

@@ -21,7 +21,7 @@ from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items, items_fingerprint
 from clip4cir.retrieval.index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
 from clip4cir.retrieval.search import SearchEngine
-from clip4cir.serving.demo import DEMO_DIR, ensure_demo_catalog
+from clip4cir.serving.demo import DEMO_DIR, demo_index
 from clip4cir.models.runtime import Towers, load_towers, resolve_runtime
 from clip4cir.retrieval.search import top10_agreement
 from clip4cir.retrieval.threads import configure_serving_threads
@@ -62,10 +62,9 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
     if index_path:
         return SearchEngine.load(index_path, clip_checkpoint, combiner, str(device))
     source_options = options.source
-    if not (source_options or options.model or clip_checkpoint):  # nothing given: the offline demo
-        source_options = SourceOptions(str(ensure_demo_catalog(cache, progress)))
-        clip_checkpoint = str(DEMO_DIR / "encoder.safetensors")
-        combiner = combiner or str(DEMO_DIR / "combiner.safetensors")
+    if not (source_options or options.model or clip_checkpoint):  # nothing given: the offline demo, shipped
+        return SearchEngine.load(demo_index(), str(DEMO_DIR / "encoder.safetensors"),
+                                 combiner or str(DEMO_DIR / "combiner.safetensors"), str(device))
     if not source_options:
         raise ValueError("give --index, or --data (a data set or an image folder) to index at start")
     if not (options.model or clip_checkpoint):

@@ -1,10 +1,12 @@
 """The Gradio app: composed, image and text search over one search engine, a catalog browser to pick a
 reference, and one API endpoint per action.
 
-Layout: the query on the left and the results on the right on a wide screen; on a phone the results come
-first and the page scrolls to them after a search. The page address holds the query (reference, caption,
-category, mode, number of results), so a link reproduces a search and the browser's Back goes to the previous
-one. Results show thumbnails (whole items, never cropped) with their rank, id, categories and score.
+Layout: the query on the left and the results on the right (the catalog browser below them) on a wide screen,
+one column on a phone; result grids grow with the page (no boxes that scroll inside it) and "More results" goes
+past the slider's 50. The first screen holds a ready example: an annotated catalog item and a change written for
+it. The page address holds each search (composed, image by id, text), so a link reproduces it and the browser's
+Back goes to the previous one; the steps of a refinement (each composed search) are kept in the tab's session
+storage, so the app's Back, which shows the previous step's results at once, survives a reload.
 
 The named API for programmatic clients is clip4cir.serving.api; uploads are read by clip4cir.serving.uploads.
 """
@@ -15,6 +17,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Callable, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -31,28 +34,68 @@ from clip4cir.serving.catalog_routes import add_catalog_routes  # noqa: E402
 from clip4cir.serving.http_api import add_http_api  # noqa: E402
 from clip4cir.serving.service import thumbnails_for  # noqa: E402
 from clip4cir.serving.thumbnails import Thumbnails  # noqa: E402
-from clip4cir.serving.uploads import read_upload  # noqa: E402
+from clip4cir.serving.uploads import read_upload, uploaded_path  # noqa: E402
 
-MAX_RESULTS = 50  # the slider's end (the API takes up to 10,000)
+MAX_RESULTS = 50  # the slider's end; "More results" goes on to MAX_K
+MORE = 24  # results "More results" adds
 PAGE = 24  # items per page of the catalog browser
 MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads; load_image refuses more than 50 megapixels
-MODES = {"Fused (Combiner)": "combiner", "Simple sum": "sum"}
-ALL, GUESS = "All categories", "Guess from the query"
+MAX_STEPS = 50  # steps of a refinement kept
+MODES = [("Fused (Combiner)", "combiner"), ("Simple sum", "sum")]
+ALL = ("All categories", "all")
+REFERENCE = ("Same category as the reference", "reference")
+GUESS = ("Guess from the query", "auto")
+EXAMPLE_CAPTION = "is darker"  # the first screen's change when the catalog has no annotated ones
+SCORE_HELP = "Score: how close an item is to the query, the cosine similarity of their features (at most 1)."
+TARGET_HELP = " ★ marks the item the catalog's annotators meant for that change."
+STEPS_KEY = "clip4cir-steps"  # the session storage entry holding the steps
 log = logging.getLogger("clip4cir.ui")
 
 CSS = """
-#results .grid-container, #browse .grid-container, #image-results .grid-container, #text-results .grid-container {
-  grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; }
-.gallery-item img, .thumbnail-item img { object-fit: contain !important; background: #f2f2f0; }
+.results .grid-container, #browse .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; grid-template-rows: none !important;
+  grid-auto-rows: auto !important; }
+.results .grid-wrap, #browse .grid-wrap {
+  max-height: none !important; min-height: 0 !important; height: auto !important; overflow: visible !important; }
+.results .thumbnail-item, #browse .thumbnail-item {
+  aspect-ratio: auto !important; height: auto !important; display: flex !important; flex-direction: column; }
+.results .thumbnail-item > img, #browse .thumbnail-item > img {
+  aspect-ratio: 1; height: auto !important; object-fit: contain !important; background: #f2f2f0; }
+.results .caption-label, #browse .caption-label {
+  position: static !important; max-width: none !important; white-space: pre-line !important;
+  overflow: visible !important; text-overflow: clip !important; opacity: 1 !important; border: 0 !important;
+  border-radius: 0 !important; background: transparent !important; color: #1f2937 !important;
+  line-height: 1.35; font-size: 13px !important; overflow-wrap: anywhere; }
+.score-help p, .block-info, [data-testid="block-info"] + span, .info-text { color: #4b5563 !important; }
+.gradio-container {
+  --block-info-text-color: #4b5563; --input-placeholder-color: #6b7280; --body-text-color-subdued: #4b5563;
+  --button-primary-background-fill: #b42318; --button-primary-background-fill-hover: #912018;
+  --button-primary-text-color: #ffffff; --button-primary-text-color-hover: #ffffff; }
+button[role=tab][aria-selected=true] { color: #b42318 !important; }
+textarea::placeholder, input::placeholder { color: #6b7280 !important; opacity: 1; }
+input[type=radio]:focus-visible, input[type=range]:focus-visible, input[type=checkbox]:focus-visible,
+button:focus-visible, .thumbnail-item:focus-visible {
+  outline: 3px solid #1d4ed8 !important; outline-offset: 2px !important; }
+div:has(> .wrap-inner input[role=combobox]:focus-visible) { box-shadow: 0 0 0 3px #1d4ed8 !important; }
 @media (max-width: 760px) {
-  #layout, #image-layout, #text-layout { flex-direction: column; }
-  #results-column, #image-results-column, #text-results-column { order: -1; }
+  #header h1 { font-size: 1.35rem !important; margin: 0 !important; }
+  #header p { margin: 0.25rem 0 0 !important; }
+  #reference { height: 190px !important; }
+  #composed-layout, #image-layout, #text-layout { flex-direction: column; }
+  .results .grid-container, #browse .grid-container { grid-template-columns: repeat(2, 1fr) !important; }
 }
 """
 # the browser's Back reloads the page at the previous address, which restores that search; the page opens at
-# its top (where the results are), not at a scroll position from before the reload
+# its top, not at a scroll position from before the reload
 HEAD = ("<script>history.scrollRestoration = 'manual';"
         "window.addEventListener('popstate', () => window.location.reload());</script>")
+# after a reference is picked: it and the caption box in view, the caption focused for typing the change
+FOCUS_CAPTION = """() => setTimeout(() => { const r = document.getElementById("reference");
+    if (r) r.scrollIntoView({block: "start"});
+    const c = document.querySelector("#caption textarea"); if (c) c.focus({preventScroll: true}); }, 50)"""
+LOAD_STEPS = f"""(steps) => {{ try {{ return [JSON.parse(sessionStorage.getItem("{STEPS_KEY}") || "[]")]; }}
+    catch (e) {{ return [[]]; }} }}"""
+SAVE_STEPS = f"""(steps) => {{ sessionStorage.setItem("{STEPS_KEY}", JSON.stringify(steps || [])); }}"""
 
 
 def plain(text: str) -> str:
@@ -66,9 +109,21 @@ def scroll_to(*elem_ids: str) -> str:
     is not (after a search started further down the page, after a link or Back restored a search, on a phone)."""
     return f"""() => setTimeout(() => {{ const el = {list(elem_ids)}.map(i => document.getElementById(i))
         .find(e => e && e.offsetParent !== null && e.querySelector(".grid-container img"));
-        if (!el) return; el.querySelectorAll("*").forEach(e => {{ if (e.scrollTop > 0) e.scrollTop = 0; }});
-        const top = el.getBoundingClientRect().top;
+        if (!el) return; const top = el.getBoundingClientRect().top;
         if (top < 0 || top > window.innerHeight - 100) el.scrollIntoView({{block: "start"}}); }}, 50)"""
+
+
+def address(tab: str, names: Sequence[str], push: bool = True, steps: bool = False) -> str:
+    """Browser code run after a search: the query (the event's inputs, named ``names``) into the page address, as
+    a new history entry (``push``) or in place of the current one, when its first part is given (a search from an
+    uploaded photo cannot be a link); with ``steps``, its last input, the steps, into session storage."""
+    args = ", ".join(list(names) + (["steps"] if steps else []))
+    fields = ", ".join(f'{n}: String({n} ?? "")' for n in names)
+    save = f'sessionStorage.setItem("{STEPS_KEY}", JSON.stringify(steps || []));' if steps else ""
+    method = "pushState" if push else "replaceState"
+    return f"""({args}) => {{ {save} if (!{names[0]}) return;
+        const query = new URLSearchParams({{tab: "{tab}", {fields}}});
+        if (window.location.search !== "?" + query) window.history.{method}(null, "", "?" + query); }}"""
 
 
 def no_suggestions() -> dict:
@@ -76,41 +131,12 @@ def no_suggestions() -> dict:
     return gr.update(choices=[], value=None, visible=False)
 
 
-def push_query(inputs: str, params: str) -> str:
-    """Browser code run before a search: the query (``params``, a JavaScript object built from ``inputs``) goes
-    into the page address as a new history entry when it changed; the event's ``inputs`` pass on unchanged."""
-    return f"""({inputs}) => {{ const q = new URLSearchParams({params});
-            if (window.location.search !== "?" + q) window.history.pushState(null, "", "?" + q);
-            return [{inputs}]; }}"""
-
-
-def category_value(label: str | None) -> str | None:
-    return {ALL: "all", GUESS: "auto", None: "all", "": "all"}.get(label, label)
-
-
-def message(result: SearchResult) -> str:
-    parts = [f"{len(result.hits)} results in {1000 * result.seconds:.0f} ms"]
-    if result.category:
-        parts.append(f"within {plain(result.category)}")
-    return " · ".join(parts + [plain(note) for note in result.notes])
-
-
-def results_gallery(elem_id: str) -> gr.Gallery:
-    """A tab's results column: whole items (contain, not cover), four a row on wide screens (the CSS adapts it to
-    narrow ones), no pop-up preview (a click makes the item the next query)."""
-    with gr.Column(scale=3, min_width=300, elem_id=f"{elem_id}-column"):
-        return gr.Gallery(label="Results (click one to change it next)", columns=4, height="auto",
-                          allow_preview=False, object_fit="contain", elem_id=elem_id)
-
-
-def k_slider(elem_id: str) -> gr.Slider:
-    return gr.Slider(1, MAX_RESULTS, value=12, step=1, label="Number of results", elem_id=elem_id)
-
-
-def search_controls(tab: str, categories: list[str]) -> tuple[gr.Dropdown, gr.Slider, gr.Button, gr.Markdown]:
-    """A search tab's category, number of results, Search button and message line (element ids TAB-...)."""
-    return (gr.Dropdown(categories, value=ALL, label="Category", elem_id=f"{tab}-category"), k_slider(f"{tab}-k"),
-            gr.Button("Search", variant="primary", elem_id=f"{tab}-search"), gr.Markdown(elem_id=f"{tab}-info"))
+def whole_number(value, default: int, high: int) -> int:
+    """A number of results from the page address or the steps (text a user can edit): within 1..high."""
+    try:
+        return min(max(int(value), 1), high)
+    except (TypeError, ValueError):
+        return default
 
 
 @dataclass
@@ -124,6 +150,44 @@ class Shown:
     failed: bool = False
 
 
+@dataclass
+class Panel:
+    """A tab's results: the message line, the gallery (hidden while empty), "More results" and the ids shown."""
+
+    info: gr.Markdown
+    gallery: gr.Gallery
+    more: gr.Button
+    hits: gr.State
+
+    @property
+    def outputs(self) -> list:
+        return [self.info, self.gallery, self.more, self.hits]
+
+    def show(self, shown: Shown, k: int) -> dict:
+        """The panel's updates for a search that asked for ``k`` results ("More results" when there may be more)."""
+        return {self.info: shown.info, self.gallery: gr.update(value=shown.gallery, visible=bool(shown.gallery)),
+                self.more: gr.update(visible=len(shown.hits) == k < MAX_K), self.hits: shown.hits}
+
+
+def results_panel(tab: str, explanation: str = SCORE_HELP) -> Panel:
+    """A tab's results column content: what the score means, the message line, whole items (contain, not cover)
+    in a grid that grows with the page, no pop-up preview (a click makes the item the next query) and no
+    download button."""
+    gr.Markdown(explanation, elem_classes=["score-help"])
+    info = gr.Markdown(elem_id=f"{tab}-info")
+    gallery = gr.Gallery(label="Results (click one to change it next)", columns=4, height="auto",
+                         allow_preview=False, object_fit="contain", buttons=[], visible=False,
+                         elem_id=f"{tab}-results", elem_classes=["results"])
+    more = gr.Button("More results", size="sm", visible=False, elem_id=f"{tab}-more")
+    return Panel(info, gallery, more, gr.State([]))
+
+
+def search_options(tab: str, categories: list, default: str) -> tuple[gr.Dropdown, gr.Slider]:
+    """A search tab's category and number of results, below its Search button (element ids TAB-...)."""
+    return (gr.Dropdown(categories, value=default, label="Category", elem_id=f"{tab}-category"),
+            gr.Slider(1, MAX_RESULTS, value=12, step=1, label="Number of results", elem_id=f"{tab}-k"))
+
+
 class App:
     """The app's state and actions over one engine; :meth:`build` lays out the page."""
 
@@ -132,18 +196,26 @@ class App:
         self.index = engine.index
         self.categories = self.index.categories()
         self.suggested = self.index.captions
-        self.modes = list(MODES) if engine.combiner is not None else ["Simple sum"]
+        self.modes = MODES if engine.combiner is not None else MODES[1:]
+        self.words = engine.encoder.has_text  # an image-only encoder (learned from labels) finds similar items
+        named = [(c, c) for c in self.categories]
+        guess = [GUESS] if self.index.probe is not None else []
+        # a caption rarely names the category: the reference's own is the default (evaluate --task category)
+        self.reference_categories = [REFERENCE, ALL] + guess + named if named else [ALL]
+        self.text_categories = [ALL] + guess + named
+        self.reference_values = {value for _, value in self.reference_categories}
 
     # ---- results --------------------------------------------------------------------------------------------
     def gallery(self, result: SearchResult, target_id: str = "") -> list[tuple[str, str]]:
-        """Thumbnails captioned with rank, id, categories and score; the known target is marked."""
-        return [(self.thumbnails.small(h.id), f"{rank}. {h.id} · {', '.join(h.categories) or '-'} · {h.score:.3f}"
-                 + (" · ★ target" if h.id == target_id else "")) for rank, h in enumerate(result.hits, 1)]
+        """Thumbnails captioned in full on two lines: rank and id (★ on the known target), then the categories
+        and the score."""
+        return [(self.thumbnails.small(h.id), f"{rank}. {h.id}" + (" ★ target" if h.id == target_id else "")
+                 + f"\n{', '.join(h.categories) or '-'} · score {h.score:.3f}")
+                for rank, h in enumerate(result.hits, 1)]
 
-    # ---- the page -----------------------------------------------------------------------------------------------
-    def shown(self, search, target_id: str = "") -> "Shown":
+    def shown(self, search: Callable[[], SearchResult], target_id: str = "", used: str = "") -> Shown:
         """Run a UI search: its results shown, or, for a bad query, a warning and a message line (never a stack
-        trace; the app stays up whatever happens)."""
+        trace; the app stays up whatever happens). ``used``: what the query was made from, for the message."""
         try:
             result = search()
         except SearchError as e:
@@ -153,15 +225,24 @@ class App:
             log.exception("search failed")
             gr.Warning(html.escape(f"search failed: {e}"))
             return Shown(info=f"⚠️ search failed: {plain(str(e))}", failed=True)
-        return Shown(self.gallery(result, target_id), message(result), [h.id for h in result.hits])
+        parts = ([used] if used else []) + [f"{len(result.hits)} results in {1000 * result.seconds:.0f} ms"]
+        if result.category:
+            parts.append(f"within {plain(result.category)}")
+        info = " · ".join(parts + [plain(note) for note in result.notes])
+        return Shown(self.gallery(result, target_id), info, [h.id for h in result.hits])
 
+    @staticmethod
+    def used(reference_id: str) -> str:
+        return f"reference: catalog item {plain(reference_id)}" if reference_id else "reference: your photo"
+
+    # ---- the catalog ------------------------------------------------------------------------------------------
     def browse(self, category: str | None, page: int, seed: int, lookup: str):
         """A page of the catalog: ids found by a lookup, or a random sample (of a category); annotated items first
         on the first page, so their suggestions are one click away."""
         if lookup.strip():
             ids = self.index.find_ids(lookup.strip(), PAGE)
         else:
-            name = None if category in (None, ALL) else category
+            name = None if category in (None, ALL[1]) else category
             ids = self.index.sample(PAGE * (page + 1), name, seed)[PAGE * page:]
             if page == 0 and seed == 0 and name is None:
                 ids = list(dict.fromkeys(list(self.suggested)[:PAGE] + ids))[:PAGE]
@@ -181,104 +262,124 @@ class App:
         return (self.thumbnails.large(item_id), item_id,
                 gr.update(choices=captions, value=None, visible=bool(captions)), "")
 
+    def example(self) -> tuple[str, str, str] | None:
+        """The first screen's example: an annotated item with its first written change and that change's target,
+        or any item with a generic change; None for an empty catalog."""
+        for item_id, captions in self.suggested.items():
+            if item_id in self.index and captions:
+                return item_id, captions[0][0], captions[0][1]
+        some = self.index.ids(1)
+        return (some[0], EXAMPLE_CAPTION, "") if some else None
+
+    # ---- the page ---------------------------------------------------------------------------------------------
     def build(self, about: str) -> gr.Blocks:
-        cats = [ALL] + ([GUESS] if self.engine.index.probe is not None else []) + self.categories
-        words = self.engine.encoder.has_text  # an image-only encoder (learned from labels) finds similar items
         with gr.Blocks(title="Composed image retrieval") as page:
             gr.Markdown("# Composed image retrieval\nPick or upload a reference item, say how the item you want "
-                        "differs, and search the catalog." if words else
-                        "# Image search\nUpload a photo or give a catalog id, and find the items most like it.")
-            history = gr.State([])
-            with gr.Tabs(elem_id="tabs", selected="composed" if words else "image") as tabs:
-                with gr.Tab("Change an item", id="composed", elem_id="tab-composed", visible=words):
-                    with gr.Row(elem_id="layout", equal_height=False):
+                        "differs, and search the catalog." if self.words else
+                        "# Image search\nUpload a photo or give a catalog id, and find the items most like it.",
+                        elem_id="header")
+            steps = gr.JSON([], visible=False, label="Steps")
+            with gr.Tabs(elem_id="tabs", selected="composed" if self.words else "image") as tabs:
+                with gr.Tab("Change an item", id="composed", elem_id="tab-composed", visible=self.words):
+                    with gr.Row(elem_id="composed-layout", equal_height=False):
                         with gr.Column(scale=2, min_width=300, elem_id="query-column"):
                             reference = gr.Image(label="Reference item", type="filepath",
-                                                 sources=["upload", "webcam", "clipboard"], height=260,
+                                                 sources=["upload", "webcam", "clipboard"], height=220,
                                                  elem_id="reference")
                             reference_id = gr.Textbox(label="Catalog id of the reference", elem_id="reference-id",
-                                                      info="Type an id and press Enter, pick an item below, or "
-                                                           "upload a photo")
+                                                      info="Type an id and press Enter, pick an item from the "
+                                                           "catalog, or upload a photo")
                             suggestions = gr.Radio([], label="Changes written for this item (click one)",
                                                    visible=False, elem_id="suggestions")
                             caption = gr.Textbox(label="How should it differ?", elem_id="caption",
                                                  placeholder="is red with shorter sleeves",
                                                  info="Press Enter to search")
-                            with gr.Row():
-                                category = gr.Dropdown(cats, value=GUESS if GUESS in cats else ALL,
-                                                       label="Category", elem_id="category",
-                                                       info="Search one category, or let the query decide")
-                                k = k_slider("k")
-                            mode = gr.Radio(self.modes, value=self.modes[0], label="How to combine picture and words",
-                                            elem_id="mode", info="Fused: a trained network merges them (best); "
-                                                                 "simple sum: their features added")
-                            target_id = gr.Textbox(visible=False, label="Known target")
                             search = gr.Button("Search", variant="primary", elem_id="composed-search")
-                            info = gr.Markdown(elem_id="composed-info")
                             with gr.Row():
-                                back = gr.Button("Back to the previous step", size="sm", elem_id="back")
+                                back = gr.Button("Back to the previous step", size="sm", interactive=False,
+                                                 elem_id="back")
                                 similar = gr.Button("More like the reference", size="sm", elem_id="similar")
-                            steps = gr.Markdown(elem_id="steps")
-                        results = results_gallery("results")
-                    with gr.Accordion("Browse the catalog for a reference", open=True, elem_id="browser"):
-                        with gr.Row():
-                            browse_category = gr.Dropdown([ALL] + self.categories, value=ALL,
-                                                          label="Browse category", elem_id="browse-category")
-                            lookup = gr.Textbox(label="Find by id", placeholder="start of an id", elem_id="lookup")
-                        with gr.Row():
-                            shuffle = gr.Button("Shuffle", size="sm", elem_id="shuffle")
-                            previous_page = gr.Button("Previous page", size="sm", elem_id="previous")
-                            next_page = gr.Button("Next page", size="sm", elem_id="next")
-                            page_label = gr.Markdown(elem_id="page-label")
-                        browse_gallery = gr.Gallery(label="Catalog items (click one to use it as the reference)",
-                                                    columns=8, height="auto", allow_preview=False,
-                                                    object_fit="contain", elem_id="browse")
+                            steps_text = gr.Markdown(elem_id="steps")
+                            category, k = search_options("composed", self.reference_categories,
+                                                         self.reference_categories[0][1])
+                            mode = gr.Radio(self.modes, value=self.modes[0][1], label="How to combine picture and "
+                                            "words", elem_id="mode", info="Fused: a trained network merges them "
+                                                                          "(best); simple sum: their features added")
+                            target_id = gr.Textbox(visible=False, label="Known target")
+                        with gr.Column(scale=3, min_width=300, elem_id="composed-results-column"):
+                            composed_panel = results_panel("composed", SCORE_HELP + TARGET_HELP)
+                            with gr.Accordion("Pick a reference from the catalog", open=True, elem_id="browser"):
+                                with gr.Row():
+                                    browse_category = gr.Dropdown([ALL] + [(c, c) for c in self.categories],
+                                                                  value=ALL[1], label="Browse category",
+                                                                  elem_id="browse-category")
+                                    lookup = gr.Textbox(label="Find by id", placeholder="start of an id",
+                                                        elem_id="lookup")
+                                with gr.Row():
+                                    shuffle = gr.Button("Shuffle", size="sm", elem_id="shuffle")
+                                    previous_page = gr.Button("Previous page", size="sm", elem_id="previous")
+                                    next_page = gr.Button("Next page", size="sm", elem_id="next")
+                                page_label = gr.Markdown(elem_id="page-label")
+                                browse_gallery = gr.Gallery(label="Catalog items (click one to use it as the "
+                                                            "reference)", columns=6, height="auto",
+                                                            allow_preview=False, object_fit="contain", buttons=[],
+                                                            elem_id="browse")
                     page_number, seed, browse_ids = gr.State(0), gr.State(0), gr.State([])
-                    composed_hits = gr.State([])
                 with gr.Tab("Find similar", id="image", elem_id="tab-image"):
                     with gr.Row(elem_id="image-layout", equal_height=False):
                         with gr.Column(scale=2, min_width=300):
-                            query_image = gr.Image(label="Query image", type="filepath",
-                                                   sources=["upload", "webcam", "clipboard"], height=260,
+                            query_image = gr.Image(label="Query photo", type="filepath",
+                                                   sources=["upload", "webcam", "clipboard"], height=240,
                                                    elem_id="query-image")
                             image_id = gr.Textbox(label="Or a catalog id", elem_id="image-id",
-                                                  info="Press Enter to find items like it")
-                            image_category, image_k, image_button, image_info = search_controls("image", cats)
-                        image_results = results_gallery("image-results")
-                    image_hits = gr.State([])
-                with gr.Tab("Describe it", id="text", elem_id="tab-text", visible=words):
+                                                  info="Press Enter to find items like it (a photo is then "
+                                                       "cleared: one query at a time)")
+                            image_search = gr.Button("Search", variant="primary", elem_id="image-search")
+                            image_category, image_k = search_options("image", self.reference_categories,
+                                                                     self.reference_categories[0][1])
+                        with gr.Column(scale=3, min_width=300):
+                            image_panel = results_panel("image")
+                with gr.Tab("Describe it", id="text", elem_id="tab-text", visible=self.words):
                     with gr.Row(elem_id="text-layout", equal_height=False):
                         with gr.Column(scale=2, min_width=300):
                             text = gr.Textbox(label="Description", placeholder="a red striped dress with long "
                                               "sleeves", info="Press Enter to search", elem_id="text")
-                            text_category, text_k, text_button, text_info = search_controls("text", cats)
-                        text_results = results_gallery("text-results")
-                    text_hits = gr.State([])
+                            text_search = gr.Button("Search", variant="primary", elem_id="text-search")
+                            text_category, text_k = search_options("text", self.text_categories, ALL[1])
+                        with gr.Column(scale=3, min_width=300):
+                            text_panel = results_panel("text")
             with gr.Accordion("About this index", open=False, elem_id="about"):
                 gr.Markdown(about)
             add_named_api(self.engine)
-            self._wire({name: value for name, value in locals().items() if isinstance(value, (gr.Blocks, gr.State))
-                        or hasattr(value, "_id")})
+            self._wire({name: value for name, value in locals().items()
+                        if isinstance(value, (gr.Blocks, gr.State, Panel)) or hasattr(value, "_id")})
         return page
 
     def _wire(self, c: dict) -> None:
         """The events of the page, given its components by name (none is an API endpoint: see serving.api)."""
         self.c = c
         private = {"api_visibility": "private"}
+        composed, image, text = c["composed_panel"], c["image_panel"], c["text_panel"]
+        self.composed_outputs = composed.outputs + [c["steps"], c["steps_text"], c["back"]]
         composed_inputs = [c["reference"], c["caption"], c["category"], c["k"], c["mode"], c["reference_id"],
-                           c["target_id"], c["history"]]
-        composed_outputs = [c["results"], c["info"], c["composed_hits"], c["history"], c["steps"]]
-        # the address of the page holds the query: a link reproduces it, Back goes to the previous one
-        push = push_query("image, caption, category, k, mode, ref, target, history",
-                          '{tab: "composed", ref: ref || "", caption: caption || "", category: category || "", '
-                          'k: String(k), mode: mode || ""}')
+                           c["target_id"], c["steps"]]
+        composed_address = ([c["reference_id"], c["caption"], c["category"], c["k"], c["mode"], c["steps"]],
+                            ["ref", "caption", "category", "k", "mode"])
         for trigger in (c["search"].click, c["caption"].submit):
-            trigger(self.composed, composed_inputs, composed_outputs, js=push, preprocess=False,
-                    **private).then(None, js=scroll_to("results"))
+            trigger(self.composed, composed_inputs, self.composed_outputs, preprocess=False, **private).then(
+                None, composed_address[0], js=address("composed", composed_address[1], steps=True)).then(
+                None, js=scroll_to("composed-results"))
+        composed.more.click(self.composed_more, composed_inputs[:-1] + [composed.hits], composed.outputs,
+                            preprocess=False, **private)
+        self.step_outputs = [c[name] for name in ("reference", "reference_id", "caption", "category", "k", "mode",
+                                                  "suggestions", "target_id")] + self.composed_outputs
+        c["back"].click(self.step_back, c["steps"], self.step_outputs, **private).then(
+            None, composed_address[0], js=address("composed", composed_address[1], push=False, steps=True)).then(
+            None, js=scroll_to("composed-results"))
+        pick_outputs = [c["reference"], c["reference_id"], c["suggestions"], c["target_id"]]
         c["reference"].input(lambda: ("", no_suggestions(), ""), None,
                              [c["reference_id"], c["suggestions"], c["target_id"]], **private)
-        c["reference_id"].submit(self.pick, c["reference_id"],
-                                 [c["reference"], c["reference_id"], c["suggestions"], c["target_id"]], **private)
+        c["reference_id"].submit(self.pick, c["reference_id"], pick_outputs, **private).then(None, js=FOCUS_CAPTION)
         c["suggestions"].select(self.suggest, [c["reference_id"], c["suggestions"]], [c["caption"], c["target_id"]],
                                 **private)
         browse_outputs = [c["browse_gallery"], c["browse_ids"], c["page_label"]]
@@ -293,39 +394,112 @@ class App:
                              browse_outputs + [c["page_number"]], **private)
         c["previous_page"].click(lambda cat, p, s, look: self.browse(cat, max(p - 1, 0), s, look)
                                  + (max(p - 1, 0),), browse_inputs, browse_outputs + [c["page_number"]], **private)
-        pick_outputs = [c["reference"], c["reference_id"], c["suggestions"], c["target_id"]]
-        c["browse_gallery"].select(self.pick_from, c["browse_ids"], pick_outputs, **private)
+        c["browse_gallery"].select(self.pick_from, c["browse_ids"], pick_outputs, **private).then(
+            None, js=FOCUS_CAPTION)
+        # a result, in any tab, becomes the reference of the next composed search (more like it, without words)
+        for panel in (composed, image, text) if self.words else ():
+            panel.gallery.select(self.refine, panel.hits, pick_outputs + [c["tabs"], c["caption"]], **private).then(
+                None, js=FOCUS_CAPTION)
         image_inputs = [c["query_image"], c["image_id"], c["image_category"], c["image_k"]]
-        image_outputs = [c["image_results"], c["image_info"], c["image_hits"]]
-        if not self.engine.encoder.has_text:  # a result is the next query: more like this
-            c["image_results"].select(self.clicked, c["image_hits"], c["image_id"], **private).then(
-                lambda *a: self.image(None, *a[1:]), image_inputs, image_outputs, **private)
-        # a result, in any tab, becomes the reference of the next composed search
-        for hits in ("composed_hits", "image_hits", "text_hits") if self.engine.encoder.has_text else ():
-            gallery = {"composed_hits": "results", "image_hits": "image_results", "text_hits": "text_results"}[hits]
-            c[gallery].select(self.refine, c[hits], pick_outputs + [c["tabs"], c["caption"]], **private)
-        c["back"].click(self.step_back, c["history"], [c["reference"], c["reference_id"], c["caption"],
-                                                       c["suggestions"], c["history"], c["steps"]], **private)
-        c["similar"].click(self.similar, [c["reference"], c["reference_id"], c["category"], c["k"]],
-                           [c["results"], c["info"], c["composed_hits"]], preprocess=False, **private)
-        for trigger in (c["image_button"].click, c["image_id"].submit):
-            trigger(self.image, image_inputs, image_outputs, preprocess=False, **private).then(
+        image_address = ([c["image_id"], c["image_category"], c["image_k"]], ["ref", "category", "k"])
+        if not self.words:
+            image.gallery.select(self.clicked, image.hits, c["image_id"], **private).then(
+                self.image, image_inputs, image.outputs + [c["query_image"]], preprocess=False, **private).then(
+                None, image_address[0], js=address("image", image_address[1]))
+        c["query_image"].input(lambda: "", None, c["image_id"], **private)
+        for trigger in (c["image_search"].click, c["image_id"].submit):
+            trigger(self.image, image_inputs, image.outputs + [c["query_image"]], preprocess=False,
+                    **private).then(None, image_address[0], js=address("image", image_address[1])).then(
                 None, js=scroll_to("image-results"))
+        image.more.click(self.image_more, image_inputs + [image.hits], image.outputs, preprocess=False, **private)
+        c["similar"].click(self.similar, [c["reference"], c["reference_id"], c["category"], c["k"]],
+                           image.outputs + [c["tabs"], c["query_image"], c["image_id"], c["image_category"],
+                                            c["image_k"]], preprocess=False, **private).then(
+            None, image_address[0], js=address("image", image_address[1])).then(None, js=scroll_to("image-results"))
         text_inputs = [c["text"], c["text_category"], c["text_k"]]
-        text_outputs = [c["text_results"], c["text_info"], c["text_hits"]]
-        text_push = push_query("text, category, k",
-                               '{tab: "text", q: text || "", category: category || "", k: String(k)}')
-        for trigger in (c["text_button"].click, c["text"].submit):
-            trigger(self.text, text_inputs, text_outputs, js=text_push, **private).then(
-                None, js=scroll_to("text-results"))
-        restore_outputs = [c[name] for name in ("tabs", "reference", "reference_id", "suggestions", "caption",
-                                                "category", "k", "mode", "results", "info", "composed_hits", "text",
-                                                "text_category", "text_k", "text_results", "text_info", "text_hits",
-                                                "browse_gallery", "browse_ids", "page_label")]
-        c["page"].load(self.restore, None, restore_outputs, **private).then(
-            None, js=scroll_to("results", "image-results", "text-results"))
+        for trigger in (c["text_search"].click, c["text"].submit):
+            trigger(self.text, text_inputs, text.outputs, **private).then(
+                None, text_inputs, js=address("text", ["q", "category", "k"])).then(None, js=scroll_to("text-results"))
+        text.more.click(self.text_more, text_inputs + [text.hits], text.outputs, **private)
+        self.restore_outputs = (self.step_outputs + image.outputs + text.outputs + browse_outputs
+                                + [c[name] for name in ("tabs", "query_image", "image_id", "image_category", "image_k",
+                                                        "text", "text_category", "text_k")])
+        c["page"].load(self.restore, c["steps"], self.restore_outputs, js=LOAD_STEPS, **private).then(
+            None, c["steps"], js=SAVE_STEPS).then(None, js=scroll_to("composed-results", "image-results",
+                                                                      "text-results"))
 
-    # ---- actions ------------------------------------------------------------------------------------------------
+    # ---- composed search and its steps -----------------------------------------------------------------------
+    def run_composed(self, image, caption, category, k, mode, reference_id, target_id) -> Shown:
+        reference_id = (reference_id or "").strip()
+        return self.shown(lambda: self.engine.composed_search(
+            caption, None if reference_id else read_upload(image), reference_id or None, int(k), category, mode),
+            target_id, self.used(reference_id))
+
+    def composed(self, image, caption, category, k, mode, reference_id, target_id, steps) -> dict:
+        """A composed search; a new step of the refinement when it found something (a repeat only updates k)."""
+        shown = self.run_composed(image, caption, category, k, mode, reference_id, target_id)
+        steps = self.clean_steps(steps)
+        step = {"ref": (reference_id or "").strip(), "image": None if reference_id else image,
+                "caption": caption or "", "category": category, "k": int(k), "mode": mode}
+        if not shown.failed:
+            steps = (steps[:-1] if steps and same_step(steps[-1], step) else steps) + [step]
+        return {**self.c["composed_panel"].show(shown, int(k)), **self.steps_shown(steps[-MAX_STEPS:])}
+
+    def composed_more(self, image, caption, category, k, mode, reference_id, target_id, hits) -> dict:
+        total = min(len(hits or []) + MORE, MAX_K)
+        shown = self.run_composed(image, caption, category, total, mode, reference_id, target_id)
+        return self.c["composed_panel"].show(shown, total)
+
+    def steps_shown(self, steps: list[dict]) -> dict:
+        """The steps kept, their line on the page and whether Back can go anywhere."""
+        c = self.c
+        line = "**Steps:** " + " → ".join(f"{plain(s['ref'] or 'your photo')} + “{plain(s['caption'])}”"
+                                          for s in steps[-6:]) if steps else ""
+        return {c["steps"]: steps, c["steps_text"]: line, c["back"]: gr.update(interactive=len(steps) > 1)}
+
+    def clean_steps(self, steps) -> list[dict]:
+        """The steps a client sent back (from its session storage, so anything): those that can be searched
+        again; an uploaded photo is read only if it is still one of this app's uploads."""
+        kept = []
+        for s in steps if isinstance(steps, list) else []:
+            if not isinstance(s, dict) or not isinstance(s.get("caption"), str) or not isinstance(s.get("ref"), str):
+                continue
+            if (s["ref"] and s["ref"] not in self.index) or s.get("category") not in self.reference_values \
+                    or s.get("mode") not in {value for _, value in self.modes}:
+                continue
+            kept.append({"ref": s["ref"], "image": s.get("image") if not s["ref"] else None,
+                         "caption": s["caption"][:2000], "category": s["category"],
+                         "k": whole_number(s.get("k"), 12, MAX_RESULTS), "mode": s["mode"]})
+        return kept[-MAX_STEPS:]
+
+    def show_step(self, steps: list[dict]) -> dict:
+        """The last step of ``steps`` on the page: its query in the controls and its results, searched again."""
+        c, step = self.c, steps[-1]
+        if step["ref"]:
+            image, ref, suggestions, _ = self.pick(step["ref"])
+        else:
+            try:
+                path = uploaded_path(step["image"])
+            except SearchError:
+                path = None
+            image, ref, suggestions = path, "", no_suggestions()
+        target = self.suggest(step["ref"], step["caption"])[1]
+        shown = self.run_composed(step["image"], step["caption"], step["category"], step["k"], step["mode"],
+                                  step["ref"], target)
+        if step["ref"] and suggestions.get("choices") and step["caption"] in suggestions["choices"]:
+            suggestions["value"] = step["caption"]
+        return {c["reference"]: image, c["reference_id"]: ref, c["caption"]: step["caption"],
+                c["category"]: step["category"], c["k"]: step["k"], c["mode"]: step["mode"],
+                c["suggestions"]: suggestions, c["target_id"]: target,
+                **c["composed_panel"].show(shown, step["k"]), **self.steps_shown(steps)}
+
+    def step_back(self, steps) -> dict:
+        """Back one step: the previous step's query and its results at once."""
+        steps = self.clean_steps(steps)
+        if len(steps) < 2:
+            return self.steps_shown(steps)
+        return self.show_step(steps[:-1])
+
     def suggest(self, reference_id: str, caption: str):
         """A suggested caption, and its known target (marked in the results)."""
         target = next((t for c, t in self.suggested.get(reference_id, []) if c == caption), "")
@@ -343,66 +517,93 @@ class App:
     def clicked(ids: list[str], evt: gr.SelectData) -> str:
         return ids[evt.index]
 
-    def composed(self, image, caption, category, k, mode, reference_id, target_id, history):
-        shown = self.shown(lambda: self.engine.composed_search(
-            caption, None if reference_id else read_upload(image), reference_id or None, int(k),
-            category_value(category), MODES.get(mode, mode)), target_id)
-        step = (reference_id or "an uploaded image", caption)
-        if not shown.failed and (not history or history[-1] != step):
-            history = (history or []) + [step]
-        return shown.gallery, shown.info, shown.hits, history, self.describe_steps(history)
+    # ---- image and text search --------------------------------------------------------------------------------
+    def run_image(self, image, image_id, category, k) -> Shown:
+        image_id = (image_id or "").strip()
+        return self.shown(lambda: self.engine.image_search(None if image_id else read_upload(image), int(k),
+                                                           category, image_id or None), used=self.used(image_id))
 
-    @staticmethod
-    def describe_steps(history: list) -> str:
-        if not history:
-            return ""
-        return "**Steps:** " + " → ".join(f"{plain(ref)} + “{plain(cap)}”" for ref, cap in history[-6:])
+    def image(self, image, image_id, category, k) -> dict:
+        """Items like the photo or the catalog item (the photo cleared when an id was used: one query at a time)."""
+        shown = self.run_image(image, image_id, category, k)
+        cleared = {self.c["query_image"]: None} if (image_id or "").strip() else {}
+        return {**self.c["image_panel"].show(shown, int(k)), **cleared}
 
-    def step_back(self, history: list):
-        """Go back one step: the previous step's reference and caption (its results are one search away)."""
-        if not history or len(history) < 2:
-            return gr.update(), gr.update(), gr.update(), gr.update(), history, self.describe_steps(history)
-        history = history[:-1]
-        ref, cap = history[-1]
-        image, ref_id, suggestions, _ = self.pick(ref if ref in self.index else "")
-        return image, ref_id, cap, suggestions, history, self.describe_steps(history)
+    def image_more(self, image, image_id, category, k, hits) -> dict:
+        total = min(len(hits or []) + MORE, MAX_K)
+        return self.c["image_panel"].show(self.run_image(image, image_id, category, total), total)
 
-    def similar(self, image, reference_id, category, k):
-        shown = self.shown(lambda: self.engine.image_search(None if reference_id else read_upload(image), int(k),
-                                                            category_value(category), reference_id or None))
-        return shown.gallery, shown.info, shown.hits
+    def similar(self, image, reference_id, category, k) -> dict:
+        """More like the composed tab's reference, in the Find similar tab (so it has an address)."""
+        c, reference_id = self.c, (reference_id or "").strip()
+        shown = self.run_image(image, reference_id, category, k)
+        photo = None if reference_id or shown.failed else uploaded_path(image)
+        return {**c["image_panel"].show(shown, int(k)), c["tabs"]: gr.Tabs(selected="image"), c["query_image"]: photo,
+                c["image_id"]: reference_id, c["image_category"]: category, c["image_k"]: int(k)}
 
-    def image(self, image, image_id, category, k):
-        return self.similar(image, (image_id or "").strip(), category, k)
+    def run_text(self, caption, category, k) -> Shown:
+        return self.shown(lambda: self.engine.text_search(caption, int(k), category))
 
-    def text(self, caption, category, k):
-        shown = self.shown(lambda: self.engine.text_search(caption, int(k), category_value(category)))
-        return shown.gallery, shown.info, shown.hits
+    def text(self, caption, category, k) -> dict:
+        return self.c["text_panel"].show(self.run_text(caption, category, k), int(k))
 
-    def restore(self, request: gr.Request) -> dict:
-        """Open the page at its address: the search it holds is run again (a shared link, the browser's Back);
-        the outputs it sets, by component."""
+    def text_more(self, caption, category, k, hits) -> dict:
+        total = min(len(hits or []) + MORE, MAX_K)
+        return self.c["text_panel"].show(self.run_text(caption, category, total), total)
+
+    # ---- opening the page -------------------------------------------------------------------------------------
+    def restore(self, steps, request: gr.Request) -> dict:
+        """Open the page at its address: the search it holds is run again (a shared link, a reload, the browser's
+        Back), with the steps up to it; with no search, the example is ready on the first screen."""
         c = self.c
         q = dict(request.query_params) if request is not None else {}
-        out = dict(zip((c["browse_gallery"], c["browse_ids"], c["page_label"]), self.browse(ALL, 0, 0, "")))
-        try:
-            k = int(q.get("k") or 12)
-        except ValueError:
-            k = 12
-        category = q.get("category") or ALL
-        if q.get("tab") == "text" and q.get("q"):
-            results = self.text(q["q"], category, k)
+        out = dict(zip((c["browse_gallery"], c["browse_ids"], c["page_label"]), self.browse(ALL[1], 0, 0, "")))
+        k = whole_number(q.get("k"), 12, MAX_RESULTS)
+        steps = self.clean_steps(steps)
+        tab = q.get("tab")
+        if tab == "text" and q.get("q") and self.words:
+            category = q.get("category") if q.get("category") in {v for _, v in self.text_categories} else ALL[1]
             out.update({c["tabs"]: gr.Tabs(selected="text"), c["text"]: q["q"], c["text_category"]: category,
-                        c["text_k"]: k, **dict(zip((c["text_results"], c["text_info"], c["text_hits"]), results))})
-        elif q.get("tab") == "composed" and q.get("caption") and q.get("ref") in self.index:
-            picked = self.pick(q["ref"])
-            mode = q.get("mode") if q.get("mode") in self.modes else self.modes[0]
-            results = self.composed(None, q["caption"], category, k, mode, q["ref"], picked[3], [])
-            out.update({c["tabs"]: gr.Tabs(selected="composed"), c["caption"]: q["caption"], c["category"]: category,
-                        c["k"]: k, c["mode"]: mode,
-                        **dict(zip((c["reference"], c["reference_id"], c["suggestions"]), picked[:3])),
-                        **dict(zip((c["results"], c["info"], c["composed_hits"]), results[:3]))})
+                        c["text_k"]: k, **self.text(q["q"], category, k)})
+        elif tab == "image" and q.get("ref") in self.index:
+            category = q.get("category") if q.get("category") in self.reference_values \
+                else self.reference_categories[0][1]
+            out.update({c["tabs"]: gr.Tabs(selected="image"), c["image_id"]: q["ref"],
+                        c["image_category"]: category, c["image_k"]: k, **self.image(None, q["ref"], category, k)})
+        elif tab == "composed" and self.words and q.get("ref") in self.index and q.get("caption"):
+            step = self.clean_steps([{**q, "k": k, "image": None}])
+            if step:
+                # the steps up to this one (a reload, the browser's Back), or after them (a link opened here)
+                at = max((i for i, s in enumerate(steps) if same_step(s, step[0])), default=None)
+                steps = steps[:at + 1] if at is not None else (steps + step)[-MAX_STEPS:]
+                out.update(self.show_step(steps))
+        if c["reference_id"] not in out:  # no composed search restored
+            out.update(self.first_screen(steps if tab in ("text", "image") else []))
         return out
+
+    def first_screen(self, steps: list[dict]) -> dict:
+        """The example, ready to search: a catalog reference with a change written for it (for an image-only
+        encoder, a catalog item to find more like); the steps kept."""
+        c, example = self.c, self.example()
+        if example is None:
+            return self.steps_shown(steps)
+        item_id, caption, target = example
+        if not self.words:
+            return {c["image_id"]: item_id, c["image_panel"].info: f"An example, ready to search: catalog item "
+                    f"{plain(item_id)}. Press Search, or upload a photo.", **self.steps_shown(steps)}
+        image, ref, suggestions, _ = self.pick(item_id)
+        if caption in (suggestions.get("choices") or []):
+            suggestions["value"] = caption
+        info = (f"An example, ready to search: catalog item {plain(item_id)} and a change "
+                f"{'written for it' if target else 'to try'}. Press Search, or pick another reference.")
+        return {c["reference"]: image, c["reference_id"]: ref, c["suggestions"]: suggestions, c["caption"]: caption,
+                c["target_id"]: target, c["composed_panel"].info: info, **self.steps_shown(steps)}
+
+
+def same_step(a: dict, b: dict) -> bool:
+    """Two steps are the same query (the number of results aside)."""
+    return all(a.get(key) == b.get(key) for key in ("ref", "caption", "category", "mode")) \
+        and (a.get("ref") or (a.get("image") or {}).get("path") == (b.get("image") or {}).get("path"))
 
 
 def about(engine: SearchEngine) -> str:

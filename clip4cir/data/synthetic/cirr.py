@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from clip4cir.data.sources.fashioniq import CATEGORIES
-from clip4cir.data.synthetic.garments import ATTRIBUTES, Catalog, Item, attrs_of, phrases, render_all, write_json
+from clip4cir.data.synthetic.garments import (ATTRIBUTES, IMAGE_WIDTH, Catalog, Item, attrs_of, phrases,
+                                              render_all, write_json)
 
 # (triplets, images) per CIRR split; "full" is CIRR's real sizes (train captions: about 28k)
 CIRR_SIZES = {
@@ -75,7 +76,7 @@ def make_synthetic_cirr(out: str | os.PathLike, size: str = "tiny", seed: int = 
                     {name: path for name, (_, path) in images.items()})
         for item, path in images.values():
             (out / path).parent.mkdir(parents=True, exist_ok=True)
-            jobs.append((item, str(out / path)))
+            jobs.append((item, str(out / path), IMAGE_WIDTH))
         counts[split] = {"triplets": len(triplets), "images": len(images)}
     render_all(jobs, workers)
     return counts

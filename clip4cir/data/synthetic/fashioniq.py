@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from clip4cir.data.sources.fashioniq import CATEGORIES, SPLITS
-from clip4cir.data.synthetic.garments import Catalog, Item, attrs_of, captions_for, render_all, write_json
+from clip4cir.data.synthetic.garments import IMAGE_WIDTH, Catalog, Item, attrs_of, captions_for, render_all, write_json
 
 # (triplets, images) per split (train, val, test) and category; "full" is FashionIQ's real sizes
 SIZES = {
@@ -53,9 +53,11 @@ def generate_split(catalog: Catalog, category: str, n_triplets: int, n_images: i
     return [items[i] for i in order], triplets
 
 
-def make_synthetic_fashioniq(out: str | os.PathLike, size: str = "tiny", seed: int = 0,
-                             workers: int | None = None) -> dict:
-    """Write a synthetic FashionIQ-layout catalog under ``out``; returns its counts per category and split."""
+def make_synthetic_fashioniq(out: str | os.PathLike, size: str = "tiny", seed: int = 0, workers: int | None = None,
+                             width: int = IMAGE_WIDTH, splits: tuple[str, ...] = SPLITS) -> dict:
+    """Write a synthetic FashionIQ-layout catalog under ``out``: the ``splits`` of it (the others are drawn but
+    not written, so a split is the same whichever are asked for), photos ``width`` pixels wide (what the app
+    shows; the model's input size is independent). Returns its counts per category and split."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     out = Path(out)
@@ -67,12 +69,14 @@ def make_synthetic_fashioniq(out: str | os.PathLike, size: str = "tiny", seed: i
         for split in SPLITS:
             n_triplets, n_images = SIZES[size][category][split]
             items, triplets = generate_split(catalog, category, n_triplets, n_images)
+            if split not in splits:
+                continue
             if split == "test":
                 triplets = [{"candidate": t["candidate"], "captions": t["captions"]} for t in triplets]
             write_json(out / "captions" / f"cap.{category}.{split}.json", triplets)
             write_json(out / "image_splits" / f"split.{category}.{split}.json", [i.id for i in items])
             all_items.update({i.id: i for i in items})
             counts[f"{category}.{split}"] = {"triplets": len(triplets), "images": len(items)}
-    render_all([(item, str(out / "images" / f"{item.id}.jpg")) for item in all_items.values()], workers)
+    render_all([(item, str(out / "images" / f"{item.id}.jpg"), width) for item in all_items.values()], workers)
     write_json(out / "synthetic_attributes.json", {i.id: i.attributes() for i in all_items.values()})
     return counts

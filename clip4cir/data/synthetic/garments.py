@@ -236,14 +236,14 @@ def render(item: Item, width: int = IMAGE_WIDTH) -> Image.Image:
     return image.resize((width, height), Image.LANCZOS)
 
 
-def _render_to(args: tuple[Item, str]) -> None:
-    item, path = args
-    render(item).save(path, quality=90)
+def _render_to(args: tuple[Item, str, int]) -> None:
+    item, path, width = args
+    render(item, width).save(path, quality=90)
 
 
 def render_all(jobs: list, workers: int | None, draw=None) -> None:
-    """Run every drawing job (``draw(job)``, default an (item, file) photo), in worker processes when there are
-    many."""
+    """Run every drawing job (``draw(job)``, default an (item, file, width) photo), in worker processes when there
+    are many."""
     draw = draw or _render_to
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     if workers > 1 and len(jobs) > 200:
