@@ -210,16 +210,27 @@ def test_every_loss_learns_at_its_own_rates(name, identities):
 
 
 def test_a_collapse_is_warned_about_then_stops_the_run(caplog):
+    """Collapsed: a margin loss at its margin with the embeddings all alike. A narrow cone alone is not (a small
+    encoder's healthy embeddings fill one), nor is a loss without a margin."""
     from clip4cir.training.collapse import CollapseMonitor, TrainingCollapsed, spread
     assert spread(torch.ones(8, 4)) == pytest.approx(0.0, abs=1e-6)
     assert spread(torch.eye(8)) == pytest.approx(1.0)
-    monitor = CollapseMonitor(min_spread=0.02, patience=2, hint="try --loss supcon")
+    alike = torch.ones(8, 4) + 1e-4 * torch.randn(8, 4)
+    monitor = CollapseMonitor(0.1, min_spread=0.02, patience=2, hint="try --loss supcon")
     monitor.step(torch.eye(8))
-    assert monitor.end_epoch(0, 0.3) == {"embedding_spread": 1.0}
-    monitor.step(torch.ones(8, 4) + 1e-4 * torch.randn(8, 4))
+    assert monitor.end_epoch(0, 0.1) == {"embedding_spread": 1.0}  # at the margin, but spread out
+    monitor.step(alike)
+    monitor.end_epoch(1, 0.06)  # alike, but learning: below the margin
+    assert monitor.collapsed_epochs == 0
+    monitor.step(alike)
     with caplog.at_level("WARNING"):
-        monitor.end_epoch(1, 0.1)
-    assert "collapsed in epoch 2" in caplog.text and "try --loss supcon" in caplog.text
+        monitor.end_epoch(2, 0.099)
+    assert "collapsed in epoch 3" in caplog.text and "try --loss supcon" in caplog.text
     monitor.step(torch.ones(8, 4))
     with pytest.raises(TrainingCollapsed, match="for 2 epochs in a row"):
-        monitor.end_epoch(2, 0.1)
+        monitor.end_epoch(3, 0.1)
+    no_margin = CollapseMonitor(None, patience=1)
+    for epoch in range(3):
+        no_margin.step(alike)
+        no_margin.end_epoch(epoch, 12.0)  # a proxy loss with narrow embeddings goes on
+    assert no_margin.collapsed_epochs == 0

@@ -1,7 +1,10 @@
 """Noticing that metric learning has collapsed: every image mapped to nearly the same embedding, where a margin
 loss sits at its margin and learns nothing more. A batch's spread is one minus the mean cosine similarity of its
-embeddings (0: all the same); an epoch whose mean spread falls below ``min_spread`` is collapsed, a warning says so,
-and ``patience`` collapsed epochs in a row stop the run with an error that says what to change."""
+embeddings (0: all the same). An epoch is collapsed when its loss is at the margin (within ``tolerance``) and its
+mean spread below ``min_spread``: a small spread alone is no sign (a small encoder's embeddings often fill a
+narrow cone and still rank well, and a loss without a margin, such as proxy-anchor's or SupCon's, never sits at
+one). A warning says so, and ``patience`` collapsed epochs in a row stop the run with an error that says what to
+change."""
 from __future__ import annotations
 
 import logging
@@ -32,8 +35,10 @@ def spread(embeddings: torch.Tensor) -> float:
 class CollapseMonitor:
     """Collects the spread of each step's batch; :meth:`end_epoch` judges the epoch."""
 
-    def __init__(self, min_spread: float = 0.02, patience: int = 3, hint: str = ""):
-        self.min_spread, self.patience, self.hint = min_spread, patience, hint
+    def __init__(self, margin: float | None, min_spread: float = 0.02, patience: int = 3, tolerance: float = 0.05,
+                 hint: str = ""):
+        self.margin, self.min_spread, self.patience, self.tolerance, self.hint = (margin, min_spread, patience,
+                                                                                  tolerance, hint)
         self.values: list[float] = []
         self.collapsed_epochs = 0
 
@@ -45,10 +50,12 @@ class CollapseMonitor:
         been for ``patience`` epochs."""
         mean = mean_over_ranks(sum(self.values) / max(len(self.values), 1))  # every rank judges the same
         self.values = []
-        self.collapsed_epochs = self.collapsed_epochs + 1 if mean < self.min_spread else 0
+        at_margin = self.margin is not None and loss >= (1 - self.tolerance) * self.margin
+        self.collapsed_epochs = self.collapsed_epochs + 1 if at_margin and mean < self.min_spread else 0
         if self.collapsed_epochs:
             message = (f"the embeddings collapsed in epoch {epoch + 1}: their spread is {mean:.4f} (1 - mean cosine "
-                       f"of a batch; below {self.min_spread}) and the loss {loss:.4f} learns nothing more")
+                       f"of a batch; below {self.min_spread}) and the loss {loss:.4f} sits at its margin "
+                       f"{self.margin:g}, learning nothing more")
             if self.collapsed_epochs >= self.patience:
                 raise TrainingCollapsed(f"{message}, for {self.collapsed_epochs} epochs in a row: the run stopped "
                                         f"(the last checkpoint stays); {self.hint}")

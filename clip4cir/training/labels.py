@@ -77,7 +77,7 @@ class LabelTask(TrainingTask):
             p.requires_grad_(True)
         loss_fn, self.miner = make_loss(c.loss, self.train_set.num_labels, self.encoder.dim)
         self.loss_fn = loss_fn.to(self.device)
-        self.collapse = CollapseMonitor(hint="try another loss (--loss supcon) or a lower --lr")
+        self.collapse = CollapseMonitor(LOSSES[c.loss].margin, hint="try another loss (--loss supcon) or a lower --lr")
 
     def training_data(self) -> dict:
         parts = self.source.fingerprint_parts("train")

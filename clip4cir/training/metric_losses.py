@@ -30,18 +30,19 @@ class MetricLoss:
     make: Callable[[int, int], tuple[torch.nn.Module, torch.nn.Module | None]]
     lr: float
     proxy_lr_factor: float = 1.0  # the proxies' rate over the encoder's (proxy losses)
+    margin: float | None = None  # where a margin loss sits when it has collapsed (clip4cir.training.collapse)
 
 
 LOSSES: Registry[MetricLoss] = Registry("--loss")
 LOSSES.add("supcon", MetricLoss(lambda n, d: (losses.SupConLoss(temperature=0.1), None), lr=3e-4))
 LOSSES.add("triplet", MetricLoss(lambda n, d: (losses.TripletMarginLoss(margin=MARGIN), miners.BatchHardMiner()),
-                                 lr=3e-4))
+                                 lr=3e-4, margin=MARGIN))
 LOSSES.add("triplet-semihard", MetricLoss(lambda n, d: (losses.TripletMarginLoss(margin=MARGIN),
                                                         miners.TripletMarginMiner(margin=MARGIN,
                                                                                   type_of_triplets="semihard")),
-                                          lr=3e-4))
+                                          lr=3e-4, margin=MARGIN))
 LOSSES.add("triplet-random", MetricLoss(lambda n, d: (losses.TripletMarginLoss(margin=MARGIN, triplets_per_anchor=1),
-                                                      None), lr=3e-4))
+                                                      None), lr=3e-4, margin=MARGIN))
 LOSSES.add("proxy-anchor", MetricLoss(lambda n, d: (losses.ProxyAnchorLoss(n, d, margin=MARGIN, alpha=32), None),
                                       lr=3e-4, proxy_lr_factor=10.0))
 LOSSES.add("normalized-softmax", MetricLoss(lambda n, d: (losses.NormalizedSoftmaxLoss(n, d, temperature=0.05), None),
