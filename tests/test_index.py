@@ -23,6 +23,7 @@ from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items
+from clip4cir.retrieval.milvus_index import scrub_uri
 from clip4cir.retrieval.index import INDEX_FORMAT, CatalogIndex, CatalogIndexError, Item
 from clip4cir.retrieval.search import SearchEngine, SearchError
 from clip4cir.retrieval.vector_store import exact_search
@@ -582,3 +583,9 @@ def test_serving_threads_are_set_in_one_place_and_reach_every_serving_thread(eng
     finally:
         torch.set_num_threads(before)
         faiss.omp_set_num_threads(os.cpu_count())
+
+
+def test_uri_credentials_never_leave_the_client():
+    assert scrub_uri("https://user:secret@db.example.com:19530/x?token=abc") == "https://db.example.com:19530/x"
+    assert scrub_uri("http://127.0.0.1:19530") == "http://127.0.0.1:19530"
+    assert scrub_uri("./catalog.db") == "./catalog.db"

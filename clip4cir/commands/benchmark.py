@@ -5,6 +5,7 @@ runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into 
     python scripts/benchmark.py index [--config smoke|1m|10m]           index kinds against exact search
     python scripts/benchmark.py labels [--config smoke|full]            metric-learning losses, held-out identities
     python scripts/benchmark.py serving [--config smoke|full]           runtimes × APIs × concurrent clients
+    python scripts/benchmark.py store [--config smoke|full]             FAISS files against a Milvus server
     python scripts/ablation.py [--config smoke|full]                    the training recipes
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from clip4cir.benchmarks import ablation, index, labels, pipeline, serving
+from clip4cir.benchmarks import ablation, index, labels, pipeline, serving, store
 from clip4cir.commands.common import WORKERS, run
 
 ANNOTATIONS = Path(__file__).resolve().parents[3] / "shared" / "fashioniq"  # beside the checkout
@@ -37,6 +38,8 @@ def benchmark_args(argv: Sequence[str] | None, prog: str, doc: str | None, confi
     if args.out.exists() and not args.out.is_dir():
         raise FileNotFoundError(f"--out {args.out} is a file; give a folder")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     return args
 
 
@@ -80,6 +83,13 @@ def serving_main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+def store_main(argv: Sequence[str] | None) -> int:
+    args = benchmark_args(argv, "benchmark.py store", store.__doc__, store.CONFIGS, "full",
+                          "store.json and store.md")
+    store.run_store(args.config, args.out, args.work)
+    return 0
+
+
 def ablation_main(argv: Sequence[str] | None = None) -> int:
     args = benchmark_args(argv, "ablation.py", ablation.__doc__, ablation.CONFIGS, "full",
                           "ablation.json and ablation.md",
@@ -88,7 +98,7 @@ def ablation_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SUBCOMMANDS = {"index": index_main, "labels": labels_main, "serving": serving_main}
+SUBCOMMANDS = {"index": index_main, "labels": labels_main, "serving": serving_main, "store": store_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

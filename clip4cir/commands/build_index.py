@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from typing import Sequence
 
@@ -19,6 +20,8 @@ from clip4cir.retrieval.tuning import describe_tuning
 from clip4cir.retrieval.building import CHUNK, BuildOptions, build_index, unreadable_reason
 from clip4cir.retrieval.catalog import catalog_items
 from clip4cir.retrieval.index import DEFAULTS, KINDS, METRICS, CatalogIndex
+from clip4cir.retrieval.milvus_index import TOKEN_ENV, MilvusIndex
+from clip4cir.retrieval.stores import STORES
 from clip4cir.retrieval.vector_store import check_pq_m
 
 
@@ -47,6 +50,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=whole(1), default=CHUNK,
                         help="images per saved chunk: what an interruption can lose, and the unit shared out to GPUs")
     parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--store", choices=STORES.names(), default="faiss",
+                        help="faiss: vectors in the index folder (one machine); milvus: in a Milvus collection the "
+                             "folder names, served by any number of replicas (pip install .[milvus])")
+    parser.add_argument("--milvus-uri", help="the Milvus server, e.g. http://127.0.0.1:19530 (token: "
+                                             f"${TOKEN_ENV}, never a command-line argument)")
+    parser.add_argument("--collection", type=collection_name, help="the Milvus collection to fill (created, or "
+                                                                     "resumed after an interruption)")
     parser.add_argument("--relative-paths", action="store_true",
                         help="store image paths relative to the index folder, to move or ship the index and the "
                              "images together")
@@ -54,7 +64,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.model and not args.clip_checkpoint:
         raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+    if (args.store == "milvus") != bool(args.milvus_uri and args.collection) or \
+            (args.store != "milvus" and (args.milvus_uri or args.collection)):
+        raise ValueError("--store milvus takes --milvus-uri URI and --collection NAME (and only it does)")
     return args
+
+
+def collection_name(text: str) -> str:
+    """A Milvus collection name: a letter or underscore, then letters, digits or underscores (255 at most)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Milvus collection name (a letter or _, then letters, "
+                                         f"digits or _)")
+    return text
 
 
 def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
@@ -75,10 +96,13 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
     if args.pq_m is not None:
         check_pq_m(args.pq_m, encoder.dim)  # before the encoding, not after it
     combine = combining_function(encoder, args.combiner, "combiner" if args.combiner else "sum")
+    if args.store == "milvus" and ddp.is_main:
+        MilvusIndex.preflight(args.milvus_uri, args.collection)
     options = BuildOptions(args.kind, args.metric, args.target_recall,
                            int(args.memory_budget * 2 ** 30) if args.memory_budget else None, args.nlist, args.pq_m,
                            args.M, args.batch_size, args.workers, args.chunk_size, not args.quiet and ddp.is_main,
-                           combine, args.relative_paths)
+                           combine, args.relative_paths, args.store,
+                           {"uri": args.milvus_uri, "collection": args.collection} if args.store == "milvus" else {})
     index, unreadable = build_index(encoder, source, items, args.output, options, {"splits": splits}, ddp)
     if index is None:
         return 0

@@ -37,3 +37,7 @@ class UnknownItemError(SearchError):
 
 class BusyError(Clip4CirError):
     """The server holds as many queries as it may: try again shortly (HTTP 503)."""
+
+
+class StoreUnavailableError(BusyError):
+    """The vector database does not answer in time: try again when it is back (HTTP 503)."""

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,6 +33,7 @@ from clip4cir.data.sources import Source
 from clip4cir.models.category_probe import train_probe
 from clip4cir.models.encoder import Encoder
 from clip4cir.retrieval.catalog import annotated_captions, encode_items, items_fingerprint
+from clip4cir.retrieval.stores import STORES, AnyIndex
 from clip4cir.retrieval.index import CatalogIndex, Item
 from clip4cir.retrieval.tuning import QUERIES, calibration_half, choose_kind
 
@@ -48,7 +49,8 @@ class BuildOptions:
     """How to index: the kind (``auto`` chooses by size and ``memory_budget`` bytes), the metric, the Recall@10
     the approximate kinds are calibrated to, their knobs (None: defaults), and the encoding's batch, workers,
     chunk (what an interruption can lose, and the unit shared out to GPUs) and progress bar; ``relative_paths``:
-    image paths stored relative to the index folder, so the index and the images move together (the demo's)."""
+    image paths stored relative to the index folder, so the index and the images move together (the demo's);
+    the store that holds the vectors and its settings."""
 
     kind: str = "flat"
     metric: str = "cosine"
@@ -63,6 +65,8 @@ class BuildOptions:
     progress: bool = True
     combine: Combine = combine_sum  # how the composed queries the index will serve are made (calibration)
     relative_paths: bool = False
+    store: str = "faiss"  # clip4cir.retrieval.stores
+    store_options: dict = field(default_factory=dict)  # the store's own (milvus: uri, collection)
 
     def knobs(self) -> dict:
         return {k: v for k, v in (("nlist", self.nlist), ("pq_m", self.pq_m), ("M", self.M)) if v is not None}
@@ -110,7 +114,7 @@ def encode_catalog(encoder: Encoder, items: Sequence[Item], source: Source, work
 
 def build_index(encoder: Encoder, source: Source, items: Sequence[Item], output: str | os.PathLike,
                 options: BuildOptions = BuildOptions(), record: dict | None = None, ddp: Dist = Dist(),
-                message: Callable[[str], None] = log.info) -> tuple[CatalogIndex | None, list[Item]]:
+                message: Callable[[str], None] = log.info) -> tuple[AnyIndex | None, list[Item]]:
     """Encode the items and write their index to ``output``; returns the index (None on processes other than the
     main one) and the items whose image could not be read. DataError when none can be read: an empty index is
     never a result, and an index already at ``output`` stays as it was."""
@@ -137,7 +141,7 @@ def clear_other_encodings(work: Path) -> None:
 
 def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path, work: Path,
            options: BuildOptions, record: dict | None, ddp: Dist, message: Callable[[str], None]
-           ) -> tuple[CatalogIndex | None, list[Item]]:
+           ) -> tuple[AnyIndex | None, list[Item]]:
     positions, features = encode_catalog(encoder, items, source, work, options.batch_size, options.workers,
                                          options.progress, ddp, options.chunk)
     if not ddp.is_main:
@@ -155,12 +159,12 @@ def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path
         if options.target_recall is not None and KINDS[kind].family != "flat" else {}
     stored = [dataclasses.replace(i, path=os.path.relpath(i.path, output)) for i in kept] if options.relative_paths \
         else kept
-    index = CatalogIndex.create(output, stored, features, kind=kind, metric=options.metric, encoder=encoder.record(),
-                                source={"data": source.record(), **(record or {}), "items": len(kept),
-                                        "fingerprint": items_fingerprint(kept)},
-                                probe=probe, captions=annotated_captions(source, {item.id for item in kept}),
-                                target_recall=options.target_recall, queries=queries,
-                                progress=message if options.progress else None, **options.knobs())
+    index = STORES[options.store].create(
+        output, stored, features, kind=kind, metric=options.metric, encoder=encoder.record(),
+        source={"data": source.record(), **(record or {}), "items": len(kept), "fingerprint": items_fingerprint(kept)},
+        probe=probe, captions=annotated_captions(source, {item.id for item in kept}),
+        target_recall=options.target_recall, queries=queries, progress=message if options.progress else None,
+        **options.knobs(), **options.store_options)
     del features
     shutil.rmtree(work.parent)  # the chunks this build made, now in the committed index
     return index, unreadable

@@ -113,6 +113,9 @@ class CatalogIndex:
     def kind(self) -> str:
         return self.store.kind
 
+    def describe_store(self) -> str:
+        return "FAISS, in the index folder (memory-mapped)"
+
     def __len__(self) -> int:
         return self.table.live()
 

@@ -23,7 +23,7 @@ from clip4cir.models.encoder import Encoder
 from clip4cir.models.runtime import Towers
 from clip4cir.models.factory import check_same_encoder, encoder_from_record
 from clip4cir.models.features import check_finite
-from clip4cir.retrieval.index import CatalogIndex
+from clip4cir.retrieval.stores import AnyIndex, load_index
 from clip4cir.retrieval.threads import apply_serving_threads
 
 MAX_K = 10_000
@@ -49,7 +49,7 @@ class SearchResult:
 class SearchEngine:
     """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
 
-    def __init__(self, index: CatalogIndex, encoder: Encoder, combiner: Combiner | None = None,
+    def __init__(self, index: AnyIndex, encoder: Encoder, combiner: Combiner | None = None,
                  towers: Towers | None = None):
         try:
             check_same_encoder(index.encoder, encoder, "the index")
@@ -69,7 +69,7 @@ class SearchEngine:
              combiner_path: str | None = None, device: str = "auto") -> "SearchEngine":
         """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives); a
         Combiner trained on another encoder's features is refused."""
-        index = CatalogIndex.load(index_path)
+        index = load_index(index_path)
         encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device),
                                       artifact=f"index {index_path}")
         try:

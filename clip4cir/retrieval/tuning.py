@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from typing import Callable
 
 import numpy as np
 
@@ -80,14 +81,12 @@ def calibrate(index, target: float, held_out: np.ndarray, queries: dict[str, np.
 
     def choose(allowed: np.ndarray, k_factors) -> dict:
         truth = {kind: store.search_rows(q, K, np.flatnonzero(allowed))[1] for kind, q in kinds.items()}
-        tried = []
-        for effort in efforts:
-            for k_factor in k_factors:
-                store.k_factor = k_factor
-                tried.append({"effort": effort, "k_factor": k_factor, "recall": measure(allowed, truth, effort)})
-                if min(tried[-1]["recall"].values()) >= target:
-                    return tried[-1]
-        return max(tried, key=lambda t: (min(t["recall"].values()), -t["effort"], -t["k_factor"]))
+
+        def measured(setting: dict) -> dict[str, float]:
+            store.k_factor = setting["k_factor"]
+            return measure(allowed, truth, setting["effort"])
+
+        return first_reaching([{"effort": e, "k_factor": f} for e in efforts for f in k_factors], measured, target)
 
     chosen = {"": choose(groups[""], K_FACTORS)}
     for name, allowed in groups.items():
@@ -98,6 +97,17 @@ def calibrate(index, target: float, held_out: np.ndarray, queries: dict[str, np.
             "rule": "the smallest effort, then the smallest re-ranking depth, reaching the target for every kind",
             "k_factor": store.k_factor, "effort": {name: c["effort"] for name, c in chosen.items()},
             "recall": {name: c["recall"] for name, c in chosen.items()}}
+
+
+def first_reaching(settings: list[dict], measure: Callable[[dict], dict[str, float]], target: float) -> dict:
+    """The first of ``settings`` (in order of cost) at which every kind of query reaches ``target``, with what it
+    measured; where none does, the one whose worst kind does best (the cheapest of those)."""
+    tried = []
+    for setting in settings:
+        tried.append({**setting, "recall": measure(setting)})
+        if min(tried[-1]["recall"].values()) >= target:
+            return tried[-1]
+    return max(tried, key=lambda t: min(t["recall"].values()))  # max keeps the first of equals
 
 
 def describe_tuning(tuning: dict) -> str:

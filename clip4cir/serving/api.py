@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 from gradio.data_classes import FileData
 
-from clip4cir.core.errors import SearchError
+from clip4cir.core.errors import Clip4CirError
 from clip4cir.retrieval.search import SearchEngine, SearchResult
 from clip4cir.serving.catalog_routes import image_url, thumbnail_url
 from clip4cir.serving.uploads import read_upload
@@ -32,7 +32,7 @@ def add_named_api(engine: SearchEngine) -> None:
     def answer(search, request: gr.Request | None) -> dict:
         try:
             return records(search(), base_url(request))
-        except SearchError as e:
+        except Clip4CirError as e:  # a bad query, a busy server, a vector database that does not answer
             raise gr.Error(str(e)) from None
 
     def composed_search(caption: str, image: FileData | None = None, reference_id: str | None = None,

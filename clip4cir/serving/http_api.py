@@ -2,7 +2,8 @@
 (no queue, no event stream), documented at ``/api/docs`` (OpenAPI: ``/api/openapi.json``). The same three searches
 and parameters as the named Gradio API, the same records, and errors as HTTP status codes with a message: 400 a
 query that cannot be answered, 404 an unknown item or category, 413 an image over the upload limit, 422 a request
-that does not fit the schema, 503 the server is busy."""
+that does not fit the schema, 502 the vector database refused the request, 503 the server is busy (or its vector
+database does not answer)."""
 from __future__ import annotations
 
 import base64
@@ -12,7 +13,7 @@ from typing import Literal
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from clip4cir.core.errors import BusyError, DataError, SearchError, UnknownItemError
+from clip4cir.core.errors import BusyError, Clip4CirError, DataError, SearchError, UnknownItemError
 from clip4cir.data.images import decode_image
 from clip4cir.retrieval.search import MAX_K, SearchEngine
 from clip4cir.serving.api import records
@@ -73,7 +74,9 @@ def add_http_api(app: FastAPI, engine: SearchEngine) -> None:
               responses={400: {"description": "a query that cannot be answered"},
                          404: {"description": "an unknown item or category"},
                          413: {"description": "an image over the upload limit"},
-                         503: {"description": "the server is busy: try again"}})
+                         502: {"description": "the vector database refused the request"},
+                         503: {"description": "the server is busy, or its vector database does not answer: try "
+                                              "again"}})
     def search(query: SearchRequest, request: Request) -> dict:
         """Composed, image or text search over the catalog; returns the ranked items with their links."""
         image = decoded_image(query.image_base64)
@@ -89,6 +92,8 @@ def add_http_api(app: FastAPI, engine: SearchEngine) -> None:
             raise HTTPException(404, str(e)) from None
         except SearchError as e:
             raise HTTPException(400, str(e)) from None
-        except BusyError as e:
+        except BusyError as e:  # the batch queue is full, or the vector database does not answer
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+        except Clip4CirError as e:  # the store refused the request (e.g. its credentials)
+            raise HTTPException(502, str(e)) from None
         return records(result, str(request.base_url))

@@ -20,6 +20,7 @@ from clip4cir.models.factory import load_model
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items, items_fingerprint
 from clip4cir.retrieval.index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
+from clip4cir.retrieval.stores import AnyIndex
 from clip4cir.retrieval.search import SearchEngine
 from clip4cir.serving.demo import DEMO_DIR, demo_index
 from clip4cir.models.runtime import Towers, load_towers, resolve_runtime
@@ -122,7 +123,7 @@ def choose_towers(engine: SearchEngine, runtime: str, cache: Path) -> tuple[Towe
     return int8, f"{int8.describe()}, top-10 agreement with fp32 {shown}"
 
 
-def thumbnails_for(index: CatalogIndex, cache: Path) -> Thumbnails:
+def thumbnails_for(index: AnyIndex, cache: Path) -> Thumbnails:
     """Thumbnails of the index's items, cached under the catalog's fingerprint (a changed image gets a new one);
     images that are not files are read through the data set they came from."""
     data_set = functools.cache(lambda: reopen(index.source["data"]))  # opened when an image is not a file

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from clip4cir.core.errors import SearchError  # noqa: E402
+from clip4cir.core.errors import Clip4CirError, SearchError  # noqa: E402
 from clip4cir.retrieval.search import MAX_K, SearchEngine, SearchResult  # noqa: E402
 from clip4cir.retrieval.threads import configure_serving_threads  # noqa: E402
 from clip4cir.retrieval.tuning import describe_tuning  # noqa: E402
@@ -218,7 +218,7 @@ class App:
         trace; the app stays up whatever happens). ``used``: what the query was made from, for the message."""
         try:
             result = search()
-        except SearchError as e:
+        except Clip4CirError as e:  # a bad query, a busy server, a vector database that does not answer
             gr.Warning(html.escape(str(e)))
             return Shown(info=f"⚠️ {plain(str(e))}", failed=True)
         except Exception as e:
@@ -615,6 +615,7 @@ def about(engine: SearchEngine) -> str:
         f"- **Combiner**: {'loaded' if engine.combiner else 'none (simple sum only)'}",
         f"- **Index**: {plain(index.kind)}, metric {index.metric}, {len(index):,} items, "
         f"{len(index.categories())} categories" + (", exact search" if not index.tuning else ""),
+        f"- **Store**: {plain(index.describe_store())}",
         f"- **Data**: {plain(str(source.get('kind', '?')))} ({plain(Path(str(source.get('data', '?'))).name)})",
     ]
     if index.tuning:

@@ -1,0 +1,525 @@
+"""The catalog in Milvus: an index whose items and vectors live in one Milvus collection, so any number of app
+replicas, on any machines, serve one catalog, and an item added or removed through one is seen by all.
+
+The index folder stays the artifact users pass around (``meta.json``, ``captions.json``, the calibration and
+the category probe, ``manifest.json`` written last); its store record names the server (its URI without
+credentials), the collection, the Milvus index type and its parameters. The collection holds, per item, its id
+(the primary key), the unit-length vector, the feature's length (composed search reuses a catalog item's raw
+feature), its image path, and its categories and splits as filterable arrays (``ARRAY_CONTAINS``). Its
+description records the encoder and catalog fingerprints; loading refuses a collection whose fingerprint is not
+the index's.
+
+Kinds map to Milvus index types: ``flat`` → FLAT (exact), ``ivf-sq8`` → IVF_SQ8, ``ivf-pq`` → IVF_PQ, ``hnsw``
+→ HNSW (servers with DISKANN can use it by hand: it is not offered here, as the bundled server lacks it).
+Calibration chooses nprobe / ef the way the FAISS kinds do (clip4cir.retrieval.tuning), with the truth computed
+exactly from the features being indexed; every category gets its own, as Milvus filters after probing.
+
+Searches read at ``Bounded`` consistency: an add or remove shows in every replica within Milvus's graceful time
+(5 s by default), and no query waits for the newest timestamp as ``Strong`` would (up to one time tick, 200 ms,
+a query). Every call has a timeout (``TIMEOUT`` seconds): a server that stops answering gives the searcher an
+error, not a hang, and the client reconnects by itself when the server is back. The token comes from
+``CLIP4CIR_MILVUS_TOKEN`` (``user:password`` or an API key) and is never logged or written; ``CLIP4CIR_MILVUS_URI``
+points an index at another address of the same server (a replica inside a cluster network).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clip4cir.core.artifacts import check_destination, read_json, read_manifest, write_folder
+from clip4cir.core.errors import CatalogIndexError, StoreUnavailableError
+from clip4cir.core.fingerprints import digest
+from clip4cir.retrieval.item_table import Item
+from clip4cir.retrieval.tuning import EFFORTS, K, QUERIES, first_reaching
+from clip4cir.retrieval.vector_store import DEFAULTS, default_nlist, default_pq_m, exact_search, normalized
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "clip4cir.index"  # the same artifact as a FAISS index (clip4cir.retrieval.index)
+TOKEN_ENV, URI_ENV = "CLIP4CIR_MILVUS_TOKEN", "CLIP4CIR_MILVUS_URI"
+TIMEOUT = 5.0  # seconds a Milvus call may take before it is an error
+CONSISTENCY = "Bounded"
+INSERT_ROWS = 1_000  # rows per insert (a few MB a request)
+MAX_WINDOW = 16_384  # Milvus's limit on offset + limit of a query, and on a search's top-k
+# kind -> (Milvus index type, its search effort parameter)
+MILVUS_KINDS = {"flat": ("FLAT", None), "ivf-sq8": ("IVF_SQ8", "nprobe"), "ivf-pq": ("IVF_PQ", "nprobe"),
+                "hnsw": ("HNSW", "ef")}
+
+
+def scrub_uri(uri: str) -> str:
+    """The URI as it may be shown or written: no user, password, token or query."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        return uri  # a local milvus-lite file
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def quoted(text: str) -> str:
+    """A string literal for a Milvus filter expression."""
+    return json.dumps(text)
+
+
+def category_filter(category: str | None) -> str:
+    return f"ARRAY_CONTAINS(categories, {quoted(category)})" if category else ""
+
+
+class Milvus:
+    """A connection to one collection: every call with a timeout, every failure one line naming the server (never
+    the token), as StoreUnavailableError when the server does not answer and CatalogIndexError otherwise."""
+
+    def __init__(self, uri: str, collection: str, timeout: float = TIMEOUT):
+        self.uri, self.shown, self.collection, self.timeout = uri, scrub_uri(uri), collection, timeout
+        self._token = os.environ.get(TOKEN_ENV, "")
+        self._client, self._answered = None, False
+        self._lock = threading.Lock()
+
+    def _message(self, error: Exception) -> str:
+        text = " ".join(str(getattr(error, "message", None) or error).split())
+        for secret in filter(None, {self._token, *self._token.split(":")}):
+            text = text.replace(secret, "***")
+        return text[:300]
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                try:
+                    from pymilvus import MilvusClient  # the [milvus] extra: only an index in Milvus needs it
+                except ImportError:
+                    raise CatalogIndexError("an index in Milvus needs pymilvus: pip install .[milvus] (or pip "
+                                            "install pymilvus)") from None
+                logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its tracebacks: ours is one line
+                try:
+                    self._client = MilvusClient(uri=self.uri, token=self._token, timeout=self.timeout)
+                except Exception as e:
+                    raise self._error("cannot be reached", e) from None
+            return self._client
+
+    def _reachable(self) -> bool:
+        """Whether the server's port accepts connections (pymilvus reports refused credentials as a failure to
+        connect: a server that is up and refuses the first connection is refusing the token; once one call has
+        been answered, a failure to connect is the server or the network)."""
+        parts = urllib.parse.urlsplit(self.uri)
+        try:
+            with socket.create_connection((parts.hostname, parts.port or 19530), timeout=1):
+                return True
+        except (OSError, TypeError, ValueError):
+            return False
+
+    def _error(self, what: str, error: Exception) -> Exception:
+        text = self._message(error)
+        lowered = text.lower()
+        if any(word in lowered for word in ("auth", "credential", "password", "permission", "token")) or \
+                ("illegal connection params" in lowered and not self._answered and self._reachable()):
+            given = f"the credentials in {TOKEN_ENV}" if self._token else f"the connection ({TOKEN_ENV} is not set)"
+            return CatalogIndexError(f"the Milvus server at {self.shown} refused {given}: give user:password or an "
+                                     f"API key (an https server needs an https URI) ({text})")
+        if any(word in lowered for word in ("unavailable", "deadline", "timeout", "timed out", "connect",
+                                            "fail connecting", "not ready")):
+            return StoreUnavailableError(f"the Milvus server at {self.shown} {what}: it does not answer (each call "
+                                         f"may take {self.timeout:g} s) ({text}); try again when it is back")
+        return CatalogIndexError(f"the Milvus server at {self.shown} {what}: {text}")
+
+    def call(self, what: str, method: str, *args, **kwargs):
+        """``client.method(collection, ...)`` with the timeout; a failure as described above."""
+        client = self.client()
+        try:
+            try:
+                answer = getattr(client, method)(self.collection, *args, timeout=self.timeout, **kwargs)
+                self._answered = True
+                return answer
+            except Exception as e:  # a restarted server may come back with the collection released: load it again
+                if "not loaded" not in str(e) or method == "load_collection":
+                    raise
+                log.warning("collection %s on %s was not loaded; loading it", self.collection, self.shown)
+                client.load_collection(self.collection, timeout=self.timeout)
+                return getattr(client, method)(self.collection, *args, timeout=self.timeout, **kwargs)
+        except Exception as e:
+            raise self._error(what, e) from None
+
+    def has_collection(self) -> bool:
+        return bool(self.call("could not list its collections", "has_collection"))
+
+
+def create_collection(db: Milvus, dim: int, index_type: str, params: dict, description: dict) -> None:
+    """The collection of one index: the schema above, the vector index, the description (fingerprints)."""
+    from pymilvus import DataType
+    client = db.client()
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=json.dumps(description))
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=1024)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("norm", DataType.FLOAT)
+    schema.add_field("path", DataType.VARCHAR, max_length=4096)
+    schema.add_field("categories", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=256, max_length=256)
+    schema.add_field("splits", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=16, max_length=64)
+    index_params = client.prepare_index_params()
+    index_params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=params)
+    db.call("could not create the collection", "create_collection", schema=schema, index_params=index_params,
+            consistency_level=CONSISTENCY)
+
+
+def collection_description(db: Milvus) -> dict:
+    """What the collection's description records (empty when it was not made by this tool)."""
+    text = db.call("could not describe the collection", "describe_collection").get("description") or ""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) and "clip4cir" in record else {}
+
+
+def not_ours(db: Milvus) -> CatalogIndexError:
+    return CatalogIndexError(f"collection {db.collection} on {db.shown} was not made by this tool: choose another "
+                             f"--collection (nothing was changed)")
+
+
+def stored_ids(db: Milvus) -> set[str]:
+    """The ids already in the collection (a resumed build inserts only the others)."""
+    client = db.client()
+    try:  # a Strong count first: the iterator itself reads at an older timestamp (rows just inserted are missed)
+        count = int(client.query(db.collection, filter="", output_fields=["count(*)"], timeout=db.timeout,
+                                 consistency_level="Strong")[0]["count(*)"])
+        iterator = client.query_iterator(db.collection, batch_size=MAX_WINDOW // 2, filter='id != ""',
+                                         output_fields=["id"], timeout=db.timeout, consistency_level="Strong")
+        found = set()
+        while True:
+            batch = iterator.next()
+            if not batch:
+                iterator.close()
+                break
+            found.update(row["id"] for row in batch)
+    except Exception as e:
+        raise db._error("could not list the stored ids", e) from None
+    if len(found) != count:
+        raise CatalogIndexError(f"collection {db.collection} on {db.shown} counts {count:,} items but listed "
+                                f"{len(found):,}; try again (nothing was changed)")
+    return found
+
+
+def wait_for_index(db: Milvus, rows: int, progress: Callable[[str], None] | None, limit: float = 3_600.0) -> None:
+    """Wait until the vector index covers the ``rows`` stored (Milvus builds it in the background after a flush;
+    until then searches scan the rest, and a calibration would measure that; segments too small to index count
+    as done once none is pending)."""
+    deadline, shown = time.monotonic() + limit, 0.0
+    while True:
+        state = db.call("could not describe the index", "describe_index", index_name="vector")
+        indexed, total = int(state.get("indexed_rows", 0)), int(state.get("total_rows", 0))
+        if total >= rows and (indexed >= total or int(state.get("pending_index_rows", 1)) == 0):
+            return
+        if str(state.get("state", "")).lower() == "failed":
+            raise CatalogIndexError(f"Milvus could not build the index of {db.collection}: "
+                                    f"{state.get('index_state_fail_reason') or state}")
+        if time.monotonic() > deadline:
+            raise CatalogIndexError(f"the index of {db.collection} covers {indexed:,} of {total:,} rows after "
+                                    f"{limit:.0f} s; run the build again to resume")
+        if progress and time.monotonic() - shown > 30:
+            progress(f"Milvus is indexing: {indexed:,} of {total:,} rows")
+            shown = time.monotonic()
+        time.sleep(1)
+
+
+def rows_of(items: Sequence[Item], vectors: np.ndarray, norms: np.ndarray) -> list[dict]:
+    return [{"id": item.id, "vector": vector.tolist(), "norm": float(norm), "path": item.path,
+             "categories": list(item.categories), "splits": list(item.splits)}
+            for item, vector, norm in zip(items, vectors, norms)]
+
+
+class MilvusIndex:
+    """The index interface search and the app use (see clip4cir.retrieval.index.CatalogIndex), over a Milvus
+    collection; safe for concurrent searches (each is one request)."""
+
+    def __init__(self, db: Milvus, folder: Path, meta: dict, manifest: dict, captions: dict):
+        self.db, self.folder = db, folder
+        self.settings = meta["store"]
+        self.metric = meta["metric"]
+        self.encoder, self.source = manifest.get("encoder", {}), manifest.get("source", {})
+        self.probe, self.tuning = meta.get("probe"), meta.get("tuning", {})
+        self.captions = captions
+        self._categories = list(meta["names"].get("categories", []))
+        self._count: tuple[float, int] | None = None  # (when, how many): len() is asked on every query
+
+    # ---- what is in it ----------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.settings["dim"]
+
+    @property
+    def kind(self) -> str:
+        return f"milvus {self.settings['index_type']}"
+
+    def describe_store(self) -> str:
+        return f"Milvus at {self.db.shown}, collection {self.db.collection} ({self.settings['index_type']})"
+
+    def __len__(self) -> int:
+        if self._count is None or time.monotonic() - self._count[0] > 2.0:
+            rows = self.db.call("could not count the items", "query", filter="", output_fields=["count(*)"])
+            self._count = (time.monotonic(), int(rows[0]["count(*)"]))
+        return self._count[1]
+
+    def categories(self) -> list[str]:
+        return sorted(self._categories)
+
+    def _path(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.folder, path))
+
+    def _item(self, row: dict) -> Item:
+        return Item(row["id"], self._path(row["path"]), tuple(row["categories"]), tuple(row["splits"]))
+
+    def _get(self, ids: Sequence[str], fields: list[str]) -> list[dict]:
+        return self.db.call("could not fetch items", "get", ids=list(ids), output_fields=fields) if ids else []
+
+    def __contains__(self, item_id: str) -> bool:
+        return isinstance(item_id, str) and bool(self._get([item_id], ["id"]))
+
+    def item(self, item_id: str) -> Item:
+        found = self._get([item_id], ["path", "categories", "splits"])
+        if not found:
+            raise CatalogIndexError(f"unknown item id {item_id!r} (not in this index)")
+        return self._item({"id": item_id, **found[0]})
+
+    def feature(self, item_id: str) -> np.ndarray:
+        """The raw feature of an item, as the encoder gave it (the stored vector times its length)."""
+        found = self._get([item_id], ["vector", "norm"])
+        if not found:
+            raise CatalogIndexError(f"unknown item id {item_id!r} (not in this index)")
+        return np.asarray(found[0]["vector"], dtype=np.float32) * found[0]["norm"]
+
+    def _query_ids(self, filter: str, limit: int, offset: int = 0) -> list[str]:
+        rows = self.db.call("could not list items", "query", filter=filter or 'id != ""', output_fields=["id"],
+                            limit=limit, offset=offset)
+        return [row["id"] for row in rows]
+
+    def ids(self, limit: int | None = None) -> list[str]:
+        """Item ids in the collection's order (the first ``limit``; at most 16,384)."""
+        return self._query_ids("", min(limit or MAX_WINDOW, MAX_WINDOW))
+
+    def sample(self, n: int, category: str | None = None, seed: int = 0) -> list[str]:
+        """A page of ``n`` ids (of one category) for browsing: the collection's order from an offset the seed
+        picks (Milvus has no random sampling)."""
+        self._check_category(category)
+        n = min(n, MAX_WINDOW)
+        offset = (seed * 7919 * n) % max(MAX_WINDOW - n, 1) if seed else 0
+        return self._query_ids(category_filter(category), n, offset) or self._query_ids(category_filter(category),
+                                                                                         n)
+
+    def find_ids(self, prefix: str, limit: int = 24) -> list[str]:
+        if any(c in prefix for c in '%_"\\'):  # not expressible as a prefix match
+            return []
+        return sorted(self._query_ids(f"id like {quoted(prefix + '%')}", min(limit, MAX_WINDOW)))
+
+    def _check_category(self, category: str | None) -> None:
+        if category is not None and category not in self._categories:
+            raise CatalogIndexError(f"unknown category {category!r}; this index has "
+                                    f"{', '.join(self.categories()) or 'no categories'}")
+
+    # ---- searching --------------------------------------------------------------------------------------------
+    def search_ids(self, queries: np.ndarray, k: int, category: str | None = None, effort: int | None = None,
+                   fields: Sequence[str] = ()) -> list[list[dict]]:
+        """Top-k hits per unit-length query (``id``, ``distance`` = cosine score, and ``fields``)."""
+        self._check_category(category)
+        index_type, knob = MILVUS_KINDS[self.settings["kind"]]
+        params = {"metric_type": "IP"}
+        if knob:
+            effort = effort or self.tuning.get("effort", {}).get(category or "") or self.settings["effort"]
+            params["params"] = {knob: max(effort, k) if knob == "ef" else effort}
+        found = self.db.call("could not search", "search", data=np.asarray(queries, dtype=np.float32).tolist(),
+                             limit=min(k, MAX_WINDOW), filter=category_filter(category), search_params=params,
+                             output_fields=list(fields), consistency_level=CONSISTENCY)
+        return [[{"id": hit["id"], "distance": hit["distance"], **hit.get("entity", {})} for hit in hits]
+                for hits in found]
+
+    def top_items(self, query: np.ndarray, k: int, category: str | None = None) -> list[tuple[Item, float]]:
+        query = np.asarray(query, dtype=np.float32)
+        if not np.isfinite(query).all():
+            raise CatalogIndexError("1 query features are NaN or infinite; they cannot be indexed or searched")
+        hits = self.search_ids(normalized(query[None]), k, category, fields=("path", "categories", "splits"))[0]
+        score = (lambda s: -float(np.sqrt(max(2 - 2 * s, 0)))) if self.metric == "euclidean" else float
+        return [(self._item(h), score(h["distance"])) for h in hits]
+
+    # ---- changing it ------------------------------------------------------------------------------------------
+    def add(self, items: Sequence[Item], features: np.ndarray) -> None:
+        """Add items with their raw features; an id already present is an error (nothing is added then)."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.shape != (len(items), self.dim):
+            raise CatalogIndexError(f"expected features of shape ({len(items)}, {self.dim}), got {features.shape}")
+        if not np.isfinite(features).all():
+            raise CatalogIndexError("features are NaN or infinite; they cannot be indexed or searched")
+        ids = [item.id for item in items]
+        present = self._get(ids, ["id"])
+        if present or len(set(ids)) != len(ids):
+            raise CatalogIndexError(f"item id {(present[0]['id'] if present else ids[0])!r} is in the index already "
+                                    f"or given twice; nothing was added")
+        norms = np.linalg.norm(features, axis=1)
+        vectors = normalized(features)
+        for start in range(0, len(items), INSERT_ROWS):
+            self.db.call("could not insert items", "insert", data=rows_of(
+                items[start:start + INSERT_ROWS], vectors[start:start + INSERT_ROWS],
+                norms[start:start + INSERT_ROWS]))
+        self._categories = sorted(set(self._categories) | {c for item in items for c in item.categories})
+        self._count = None
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove items by id (once each); unknown ids are an error, and then nothing is removed."""
+        ids = list(dict.fromkeys(ids))
+        present = {row["id"] for row in self._get(ids, ["id"])}
+        missing = [i for i in ids if i not in present]
+        if missing:
+            raise CatalogIndexError(f"unknown item id {missing[0]!r} (not in this index); nothing was removed")
+        self.db.call("could not remove items", "delete", ids=ids)
+        self._count = None
+        return len(ids)
+
+    # ---- building and loading ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, items: Sequence[Item], features: np.ndarray, *, uri: str,
+               collection: str, kind: str = "flat", metric: str = "cosine", encoder: dict | None = None,
+               source: dict | None = None, probe: dict | None = None, captions: dict | None = None,
+               target_recall: float | None = None, queries: dict[str, np.ndarray] | None = None,
+               progress: Callable[[str], None] | None = None, nlist: int | None = None, pq_m: int | None = None,
+               M: int | None = None, **_faiss_only) -> "MilvusIndex":
+        """Put ``items`` and their raw ``features`` into the collection (created here, or resumed: ids already
+        stored are not inserted again), calibrate the approximate kinds, and commit the index folder ``path``."""
+        if kind not in MILVUS_KINDS:
+            raise CatalogIndexError(f"--kind {kind} has no Milvus index type here; choose from "
+                                    f"{', '.join(MILVUS_KINDS)}")
+        path = check_destination(path, INDEX_FORMAT)
+        features = np.asarray(features, dtype=np.float32)
+        n, dim = features.shape
+        index_type, knob = MILVUS_KINDS[kind]
+        params = {}
+        if knob == "nprobe":
+            params["nlist"] = min(nlist or default_nlist(n), 65_536)
+        if kind == "ivf-pq":
+            params.update(m=pq_m or default_pq_m(dim), nbits=8)
+        if knob == "ef":
+            params.update(M=M or DEFAULTS["M"], efConstruction=DEFAULTS["ef_construction"])
+        fingerprint = digest((encoder or {}).get("fingerprint"), (source or {}).get("fingerprint"), kind, params)
+        db = Milvus(os.environ.get(URI_ENV) or uri, collection)
+        description = {"clip4cir": 1, "fingerprint": fingerprint, "dim": dim}
+        if db.has_collection():
+            found = collection_description(db)
+            if not found:
+                raise not_ours(db)
+            if found.get("fingerprint") != fingerprint:
+                raise CatalogIndexError(f"collection {collection} on {db.shown} holds another index (fingerprint "
+                                        f"{found.get('fingerprint')}, this one {fingerprint}: another encoder, "
+                                        f"catalog or kind); choose another --collection or drop it first")
+            done = stored_ids(db)
+        else:
+            create_collection(db, dim, index_type, params, description)
+            done = set()
+        norms = np.linalg.norm(features, axis=1)
+        todo = [i for i, item in enumerate(items) if item.id not in done]
+        if progress:
+            progress(f"inserting {len(todo):,} items into {collection} on {db.shown}"
+                     + (f" ({len(done):,} there already)" if done else ""))
+        for start in range(0, len(todo), INSERT_ROWS):
+            rows = np.asarray(todo[start:start + INSERT_ROWS])
+            db.call("could not insert items", "insert", data=rows_of(
+                [items[i] for i in rows], normalized(features[rows]), norms[rows]))
+            if progress and (start // INSERT_ROWS) % 100 == 99:
+                progress(f"inserted {start + len(rows):,} of {len(todo):,}")
+        db.call("could not flush the collection", "flush")
+        wait_for_index(db, n, progress)
+        db.call("could not load the collection", "load_collection")
+        names = {"categories": sorted({c for i in items for c in i.categories}),
+                 "splits": sorted({s for i in items for s in i.splits})}
+        meta = {"version": 1, "metric": metric, "names": names,
+                "store": {"name": "milvus", "uri": db.shown, "collection": collection, "kind": kind,
+                          "index_type": index_type, "params": params, "effort": 32 if knob == "nprobe" else 128,
+                          "consistency": CONSISTENCY, "fingerprint": fingerprint, "dim": dim},
+                "probe": probe, "tuning": {}, "size": n}
+        index = cls(db, path, meta, {"encoder": encoder or {}, "source": source or {}}, captions or {})
+        if knob and target_recall is not None:
+            if progress:
+                progress(f"calibrating for Recall@10 ≥ {target_recall}")
+            index.tuning = calibrate_milvus(index, items, features, target_recall, queries or {})
+            meta["tuning"] = index.tuning
+
+        def write(tmp: Path) -> None:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "captions.json").write_text(json.dumps(captions or {}))
+
+        write_folder(path, INDEX_FORMAT, write, {"encoder": encoder or {}, "source": source or {}})
+        return index
+
+    @staticmethod
+    def preflight(uri: str, collection: str) -> None:
+        """Before the encoding: the server answers, takes the token, and the collection is absent or this tool's."""
+        db = Milvus(os.environ.get(URI_ENV) or uri, collection)
+        if db.has_collection() and not collection_description(db):
+            raise not_ours(db)
+
+    @classmethod
+    def load(cls, path: Path, meta: dict) -> "MilvusIndex":
+        """Connect to the collection an index folder names, after checking it holds that index."""
+        manifest = read_manifest(path, INDEX_FORMAT)
+        store = meta["store"]
+        db = Milvus(os.environ.get(URI_ENV) or store["uri"], store["collection"])
+        if not db.has_collection():
+            raise CatalogIndexError(f"index {path}: collection {store['collection']} is not on the Milvus server at "
+                                    f"{db.shown}")
+        found = collection_description(db).get("fingerprint")
+        if found != store["fingerprint"]:
+            raise CatalogIndexError(f"index {path} records collection fingerprint {store['fingerprint']}, but "
+                                    f"{store['collection']} on {db.shown} holds {found}: it was rebuilt for another "
+                                    f"index; build this one again")
+        db.call("could not load the collection", "load_collection")
+        captions = read_json(path / "captions.json", "index captions") if (path / "captions.json").is_file() else {}
+        return cls(db, path.resolve(), meta, manifest, captions)
+
+
+def calibrate_milvus(index: MilvusIndex, items: Sequence[Item], features: np.ndarray, target: float,
+                     queries: dict[str, np.ndarray]) -> dict:
+    """The smallest nprobe / ef at which held-out items as image queries and every kind of ``queries`` reach
+    ``target`` Recall@10 against exact search of ``features`` (an image query's own item left out of both); then
+    that of each category (Milvus filters after probing, so a category needs its own)."""
+    vectors = normalized(features)
+    ids = np.array([item.id for item in items], dtype=object)
+    held = np.sort(np.random.default_rng(0).choice(len(items), min(QUERIES, max(len(items) // 10, 1)),
+                                                   replace=False))
+    kinds = {"image": vectors[held], **{k: np.asarray(v, dtype=np.float32) for k, v in queries.items() if len(v)}}
+    own = {"image": ids[held]}
+    family = "hnsw" if MILVUS_KINDS[index.settings["kind"]][1] == "ef" else "ivf"
+    nlist = index.settings["params"].get("nlist", 0)
+    efforts = [e for e in EFFORTS[family] if family == "hnsw" or e <= nlist]
+
+    def truth_of(category: str | None) -> dict:
+        allowed = None if category is None else np.array([category in item.categories for item in items])
+        out = {}
+        for kind, q in kinds.items():
+            _, rows = exact_search(vectors, q, K + 1, allowed)
+            found = [[ids[r] for r in row if r >= 0] for row in rows]
+            out[kind] = [[i for i in row if kind != "image" or i != own["image"][n]][:K] for n, row in enumerate(found)]
+        return out
+
+    def measure(category: str | None, truth: dict, effort: int) -> dict[str, float]:
+        out = {}
+        for kind, q in kinds.items():
+            hits = index.search_ids(q, K + 1, category, effort)
+            found = [[h["id"] for h in row if kind != "image" or h["id"] != own["image"][n]][:K]
+                     for n, row in enumerate(hits)]
+            out[kind] = round(float(np.mean([len(set(f) & set(t)) / max(len(t), 1)
+                                             for f, t in zip(found, truth[kind])])), 4)
+        return out
+
+    chosen = {}
+    for category in [None] + index.categories():
+        truth = truth_of(category)
+        settings = [{"effort": e} for e in efforts]
+        chosen[category or ""] = first_reaching(settings, lambda s: measure(category, truth, s["effort"]), target)
+    return {"target_recall": target, "k": K, "queries": {kind: len(q) for kind, q in kinds.items()},
+            "rule": "the smallest effort reaching the target for every kind", "k_factor": 1,
+            "effort": {name: c["effort"] for name, c in chosen.items()},
+            "recall": {name: c["recall"] for name, c in chosen.items()}}
+
