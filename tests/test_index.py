@@ -589,3 +589,4 @@ def test_uri_credentials_never_leave_the_client():
     assert scrub_uri("https://user:secret@db.example.com:19530/x?token=abc") == "https://db.example.com:19530/x"
     assert scrub_uri("http://127.0.0.1:19530") == "http://127.0.0.1:19530"
     assert scrub_uri("./catalog.db") == "./catalog.db"
+    assert scrub_uri("root:S3cret@db:19530") == "db:19530"

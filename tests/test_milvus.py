@@ -17,7 +17,7 @@ import pytest
 
 from clip4cir.benchmarks.milvus_server import MilvusServer
 from clip4cir.commands.build_index import main as build_main
-from clip4cir.core.errors import CatalogIndexError, StoreUnavailableError
+from clip4cir.core.errors import CatalogIndexError, StoreError, StoreUnavailableError
 from clip4cir.models.combiner import Combiner, save_combiner
 from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
@@ -146,7 +146,7 @@ def test_two_app_replicas_serve_one_catalog_and_see_each_change(built, server, o
             assert replica.poll() is None, replica.stdout.read()
         query = {"kind": "text", "caption": "a red shirt", "k": 8}
         answers = [api_search(port, query) for port in ports]
-        assert answers[0][0] == answers[1][0] == 200
+        assert answers[0][0] == answers[1][0] == 200, answers
         assert [r["id"] for r in answers[0][1]["results"]] == [r["id"] for r in answers[1][1]["results"]]
         index = load_index(built / "milvus")
         reference = answers[0][1]["results"][0]["id"]
@@ -166,15 +166,14 @@ def test_two_app_replicas_serve_one_catalog_and_see_each_change(built, server, o
 
 def _listening(port: int) -> bool:
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/docs", timeout=5).read()
-        return True
+        return api_search(port, {"kind": "text", "caption": "a shirt", "k": 1})[0] == 200
     except OSError:
         return False
 
 
 def test_a_wrong_token_is_one_line_without_the_secret(built, server, monkeypatch, outside):
     monkeypatch.setenv(TOKEN_ENV, "root:not-the-password")
-    with pytest.raises(CatalogIndexError, match="refused the credentials in") as raised:
+    with pytest.raises(StoreError, match="refused the credentials in") as raised:
         load_index(built / "milvus")
     assert "not-the-password" not in str(raised.value) and "\n" not in str(raised.value)
     port = free_port()
@@ -319,3 +318,22 @@ def test_the_store_benchmark_measures_every_variant(tmp_path):
     assert all(r["recall"] == 1.0 for r in report["rows"] if r["kind"] == "flat")  # exact, by either store
     assert all(r["recall"] >= 0.9 and r["qps"] > 0 for r in report["rows"])
     assert "| milvus | hnsw |" in (tmp_path / "store-smoke.md").read_text()
+
+
+def test_any_id_or_category_is_data_never_part_of_a_filter(server, tmp_path):
+    ids = ["plain", "it's", 'say "hi"', "x_1", "x%2", "xa", "back\\slash"]
+    x = mixture(len(ids), 8, clusters=3, seed=6)
+    items = [Item(i, f"/img/{n}.jpg", ("dress 👗",) if n % 2 else ("o'clock",)) for n, i in enumerate(ids)]
+    index = MilvusIndex.create(tmp_path / "odd", items, x, uri=server.uri, collection="odd_ids")
+    for n, item_id in enumerate(ids):
+        assert item_id in index and index.item(item_id).categories == items[n].categories
+        np.testing.assert_allclose(index.feature(item_id), x[n], atol=1e-6)
+    hostile = "x'] or id != '"
+    assert hostile not in index
+    with pytest.raises(CatalogIndexError, match="unknown item id"):
+        index.remove([hostile])
+    assert len(index) == len(ids)
+    assert index.find_ids("x_") == ["x_1"] and index.find_ids("x") == ["x%2", "x_1", "xa"]
+    assert {item.id for item, _ in index.top_items(x[1], 10, "dress 👗")} == {ids[1], ids[3], ids[5]}
+    assert index.remove(["it's"]) == 1
+    assert wait_until(lambda: "it's" not in index), "a removed item stayed for over 15 s"

@@ -97,7 +97,7 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
         check_pq_m(args.pq_m, encoder.dim)  # before the encoding, not after it
     combine = combining_function(encoder, args.combiner, "combiner" if args.combiner else "sum")
     if args.store == "milvus" and ddp.is_main:
-        MilvusIndex.preflight(args.milvus_uri, args.collection)
+        MilvusIndex.preflight(args.milvus_uri, args.collection, args.kind)
     options = BuildOptions(args.kind, args.metric, args.target_recall,
                            int(args.memory_budget * 2 ** 30) if args.memory_budget else None, args.nlist, args.pq_m,
                            args.M, args.batch_size, args.workers, args.chunk_size, not args.quiet and ddp.is_main,

@@ -41,3 +41,7 @@ class BusyError(Clip4CirError):
 
 class StoreUnavailableError(BusyError):
     """The vector database does not answer in time: try again when it is back (HTTP 503)."""
+
+
+class StoreError(Clip4CirError):
+    """The vector database refused a request (its credentials, a collection it lacks): HTTP 502."""

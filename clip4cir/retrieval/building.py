@@ -27,7 +27,7 @@ from clip4cir.data.captions import eval_caption
 from clip4cir.models.combiner import Combine, combine_sum
 from clip4cir.models.features import encode_texts
 from clip4cir.retrieval.vector_store import KINDS
-from clip4cir.core.errors import Clip4CirError, DataError
+from clip4cir.core.errors import BusyError, Clip4CirError, DataError, StoreError
 from clip4cir.core.fingerprints import digest
 from clip4cir.data.sources import Source
 from clip4cir.models.category_probe import train_probe
@@ -124,8 +124,8 @@ def build_index(encoder: Encoder, source: Source, items: Sequence[Item], output:
         clear_other_encodings(work)
     try:
         return _build(encoder, source, items, output, work, options, record, ddp, message)
-    except Clip4CirError:  # refused: nothing to resume (an interruption keeps the chunks for the next run)
-        if ddp.is_main:
+    except Clip4CirError as e:  # refused: nothing to resume (an interruption, or a vector database that failed,
+        if ddp.is_main and not isinstance(e, (StoreError, BusyError)):  # keeps the chunks for the next run)
             shutil.rmtree(work.parent, ignore_errors=True)
         raise
 

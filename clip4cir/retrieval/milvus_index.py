@@ -14,12 +14,13 @@ Kinds map to Milvus index types: ``flat`` → FLAT (exact), ``ivf-sq8`` → IVF_
 Calibration chooses nprobe / ef the way the FAISS kinds do (clip4cir.retrieval.tuning), with the truth computed
 exactly from the features being indexed; every category gets its own, as Milvus filters after probing.
 
-Searches read at ``Bounded`` consistency: an add or remove shows in every replica within Milvus's graceful time
-(5 s by default), and no query waits for the newest timestamp as ``Strong`` would (up to one time tick, 200 ms,
-a query). Every call has a timeout (``TIMEOUT`` seconds): a server that stops answering gives the searcher an
-error, not a hang, and the client reconnects by itself when the server is back. The token comes from
-``CLIP4CIR_MILVUS_TOKEN`` (``user:password`` or an API key) and is never logged or written; ``CLIP4CIR_MILVUS_URI``
-points an index at another address of the same server (a replica inside a cluster network).
+Reads are at ``Bounded`` consistency: an add or remove shows in every replica, the writer's included, within
+Milvus's graceful time (5 s by default), and no query waits for the newest timestamp as ``Strong`` would (up to
+one time tick, 200 ms, a query). Every call has a timeout (``TIMEOUT``
+seconds): a server that stops answering gives the searcher an error, not a hang, and the client reconnects by
+itself when the server is back. The token comes from ``CLIP4CIR_MILVUS_TOKEN`` (``user:password`` or an API
+key) and is never logged or written; ``CLIP4CIR_MILVUS_URI`` points an index folder, when loaded, at another
+address of the same server (a replica inside a cluster network).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clip4cir.core.artifacts import check_destination, read_json, read_manifest, write_folder
-from clip4cir.core.errors import CatalogIndexError, StoreUnavailableError
+from clip4cir.core.errors import CatalogIndexError, StoreError, StoreUnavailableError
 from clip4cir.core.fingerprints import digest
 from clip4cir.retrieval.item_table import Item
 from clip4cir.retrieval.tuning import EFFORTS, K, QUERIES, first_reaching
@@ -59,7 +60,7 @@ def scrub_uri(uri: str) -> str:
     """The URI as it may be shown or written: no user, password, token or query."""
     parts = urllib.parse.urlsplit(uri)
     if not parts.scheme or not parts.netloc:
-        return uri  # a local milvus-lite file
+        return uri.rpartition("@")[2].partition("?")[0]  # host:port without a scheme, or a milvus-lite file
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
@@ -67,7 +68,20 @@ def scrub_uri(uri: str) -> str:
 
 def quoted(text: str) -> str:
     """A string literal for a Milvus filter expression."""
-    return json.dumps(text)
+    return json.dumps(text, ensure_ascii=False)
+
+
+def ids_filter(ids: Sequence[str]) -> str:
+    """``id in [...]`` with every id quoted here (pymilvus pastes ids between quotes unescaped)."""
+    return f"id in [{', '.join(quoted(i) for i in ids)}]"
+
+
+def prefix_filter(prefix: str) -> str:
+    """Ids that start with ``prefix``, as a range (a ``like`` pattern cannot hold ``_`` or ``%`` on every
+    server)."""
+    if not prefix:
+        return 'id != ""'
+    return f"id >= {quoted(prefix)} and id < {quoted(prefix[:-1] + chr(ord(prefix[-1]) + 1))}"
 
 
 def category_filter(category: str | None) -> str:
@@ -76,7 +90,7 @@ def category_filter(category: str | None) -> str:
 
 class Milvus:
     """A connection to one collection: every call with a timeout, every failure one line naming the server (never
-    the token), as StoreUnavailableError when the server does not answer and CatalogIndexError otherwise."""
+    the token), as StoreUnavailableError when the server does not answer and StoreError otherwise."""
 
     def __init__(self, uri: str, collection: str, timeout: float = TIMEOUT):
         self.uri, self.shown, self.collection, self.timeout = uri, scrub_uri(uri), collection, timeout
@@ -85,8 +99,9 @@ class Milvus:
         self._lock = threading.Lock()
 
     def _message(self, error: Exception) -> str:
-        text = " ".join(str(getattr(error, "message", None) or error).split())
-        for secret in filter(None, {self._token, *self._token.split(":")}):
+        text = " ".join(str(getattr(error, "message", None) or error).split()).replace(self.uri, self.shown)
+        password = urllib.parse.urlsplit(self.uri).password or ""
+        for secret in filter(None, {self._token, *self._token.split(":"), password}):
             text = text.replace(secret, "***")
         return text[:300]
 
@@ -122,13 +137,13 @@ class Milvus:
         if any(word in lowered for word in ("auth", "credential", "password", "permission", "token")) or \
                 ("illegal connection params" in lowered and not self._answered and self._reachable()):
             given = f"the credentials in {TOKEN_ENV}" if self._token else f"the connection ({TOKEN_ENV} is not set)"
-            return CatalogIndexError(f"the Milvus server at {self.shown} refused {given}: give user:password or an "
+            return StoreError(f"the Milvus server at {self.shown} refused {given}: give user:password or an "
                                      f"API key (an https server needs an https URI) ({text})")
         if any(word in lowered for word in ("unavailable", "deadline", "timeout", "timed out", "connect",
                                             "fail connecting", "not ready")):
             return StoreUnavailableError(f"the Milvus server at {self.shown} {what}: it does not answer (each call "
                                          f"may take {self.timeout:g} s) ({text}); try again when it is back")
-        return CatalogIndexError(f"the Milvus server at {self.shown} {what}: {text}")
+        return StoreError(f"the Milvus server at {self.shown} {what}: {text}")
 
     def call(self, what: str, method: str, *args, **kwargs):
         """``client.method(collection, ...)`` with the timeout; a failure as described above."""
@@ -217,8 +232,7 @@ def wait_for_index(db: Milvus, rows: int, progress: Callable[[str], None] | None
         if total >= rows and (indexed >= total or int(state.get("pending_index_rows", 1)) == 0):
             return
         if str(state.get("state", "")).lower() == "failed":
-            raise CatalogIndexError(f"Milvus could not build the index of {db.collection}: "
-                                    f"{state.get('index_state_fail_reason') or state}")
+            raise StoreError(f"Milvus could not build the index of {db.collection}: {state}")
         if time.monotonic() > deadline:
             raise CatalogIndexError(f"the index of {db.collection} covers {indexed:,} of {total:,} rows after "
                                     f"{limit:.0f} s; run the build again to resume")
@@ -276,7 +290,15 @@ class MilvusIndex:
         return Item(row["id"], self._path(row["path"]), tuple(row["categories"]), tuple(row["splits"]))
 
     def _get(self, ids: Sequence[str], fields: list[str]) -> list[dict]:
-        return self.db.call("could not fetch items", "get", ids=list(ids), output_fields=fields) if ids else []
+        """The rows of these ids (those that exist), in no particular order."""
+        if not ids:
+            return []
+        wanted, rows = list(dict.fromkeys(ids)), []
+        for start in range(0, len(wanted), INSERT_ROWS):  # a filter of at most INSERT_ROWS ids a request
+            chunk = wanted[start:start + INSERT_ROWS]
+            rows += self.db.call("could not fetch items", "query", filter=ids_filter(chunk), limit=len(chunk),
+                                 output_fields=list(dict.fromkeys(["id", *fields])))
+        return [row for row in rows if row["id"] in set(wanted)]
 
     def __contains__(self, item_id: str) -> bool:
         return isinstance(item_id, str) and bool(self._get([item_id], ["id"]))
@@ -304,20 +326,25 @@ class MilvusIndex:
         return self._query_ids("", min(limit or MAX_WINDOW, MAX_WINDOW))
 
     def sample(self, n: int, category: str | None = None, seed: int = 0) -> list[str]:
-        """A page of ``n`` ids (of one category) for browsing: the collection's order from an offset the seed
-        picks (Milvus has no random sampling)."""
+        """The first ``n`` ids (of one category) of a browsing order: the collection's order from an offset the
+        seed alone picks (Milvus has no random sampling), so a longer sample continues a shorter one; the first
+        16,384 items of the collection can be browsed."""
         self._check_category(category)
         n = min(n, MAX_WINDOW)
-        offset = (seed * 7919 * n) % max(MAX_WINDOW - n, 1) if seed else 0
+        size = min(len(self), MAX_WINDOW)
+        offset = (seed * 7919) % max(size - n, 1) if seed else 0
         return self._query_ids(category_filter(category), n, offset) or self._query_ids(category_filter(category),
                                                                                          n)
 
     def find_ids(self, prefix: str, limit: int = 24) -> list[str]:
-        if any(c in prefix for c in '%_"\\'):  # not expressible as a prefix match
-            return []
-        return sorted(self._query_ids(f"id like {quoted(prefix + '%')}", min(limit, MAX_WINDOW)))
+        """The first ``limit`` ids, in sorted order, that start with ``prefix`` (among up to 16,384 matches)."""
+        return sorted(self._query_ids(prefix_filter(prefix), MAX_WINDOW))[:limit]
 
     def _check_category(self, category: str | None) -> None:
+        """Unknown here may be new elsewhere: a category another replica added is looked up in the collection."""
+        if category is not None and category not in self._categories and \
+                self._query_ids(category_filter(category), 1):
+            self._categories = sorted({*self._categories, category})
         if category is not None and category not in self._categories:
             raise CatalogIndexError(f"unknown category {category!r}; this index has "
                                     f"{', '.join(self.categories()) or 'no categories'}")
@@ -375,7 +402,7 @@ class MilvusIndex:
         missing = [i for i in ids if i not in present]
         if missing:
             raise CatalogIndexError(f"unknown item id {missing[0]!r} (not in this index); nothing was removed")
-        self.db.call("could not remove items", "delete", ids=ids)
+        self.db.call("could not remove items", "delete", filter=ids_filter(ids))
         self._count = None
         return len(ids)
 
@@ -404,7 +431,7 @@ class MilvusIndex:
         if knob == "ef":
             params.update(M=M or DEFAULTS["M"], efConstruction=DEFAULTS["ef_construction"])
         fingerprint = digest((encoder or {}).get("fingerprint"), (source or {}).get("fingerprint"), kind, params)
-        db = Milvus(os.environ.get(URI_ENV) or uri, collection)
+        db = Milvus(uri, collection)
         description = {"clip4cir": 1, "fingerprint": fingerprint, "dim": dim}
         if db.has_collection():
             found = collection_description(db)
@@ -454,9 +481,13 @@ class MilvusIndex:
         return index
 
     @staticmethod
-    def preflight(uri: str, collection: str) -> None:
-        """Before the encoding: the server answers, takes the token, and the collection is absent or this tool's."""
-        db = Milvus(os.environ.get(URI_ENV) or uri, collection)
+    def preflight(uri: str, collection: str, kind: str = "auto") -> None:
+        """Before the encoding: the kind has a Milvus index type, the server answers and takes the token, and the
+        collection is absent or this tool's."""
+        if kind != "auto" and kind not in MILVUS_KINDS:
+            raise CatalogIndexError(f"--kind {kind} has no Milvus index type here; choose from "
+                                    f"{', '.join(MILVUS_KINDS)}")
+        db = Milvus(uri, collection)
         if db.has_collection() and not collection_description(db):
             raise not_ours(db)
 

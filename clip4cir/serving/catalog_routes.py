@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Response
 
-from clip4cir.core.errors import DataError
+from clip4cir.core.errors import BusyError, Clip4CirError, DataError
 from clip4cir.data.images import read_file
 from clip4cir.retrieval.stores import AnyIndex
 from clip4cir.serving.thumbnails import Thumbnails
@@ -43,9 +43,14 @@ def add_catalog_routes(app: FastAPI, index: AnyIndex, thumbnails: Thumbnails) ->
     """Serve the index's item images and thumbnails on ``app`` (the Gradio app's FastAPI server)."""
 
     def item_path(item_id: str) -> str:
-        if item_id not in index:
-            raise HTTPException(404, "no such item")
-        return index.item(item_id).path
+        try:
+            if item_id not in index:
+                raise HTTPException(404, "no such item")
+            return index.item(item_id).path
+        except BusyError as e:  # a vector database that does not answer
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+        except Clip4CirError as e:
+            raise HTTPException(502, str(e)) from None
 
     @app.get(PREFIX + "/image/{item_id:path}", include_in_schema=False)
     def catalog_image(item_id: str) -> Response:
