@@ -62,31 +62,18 @@ def pipeline_main(argv: Sequence[str] | None) -> int:
     return 0
 
 
-def index_main(argv: Sequence[str] | None) -> int:
-    args = benchmark_args(argv, "benchmark.py index", index.__doc__, index.CONFIGS, "1m",
-                          "index.json, index.md and the plot")
-    index.run_index(args.config, args.out, args.work)
-    return 0
+# subcommand -> (its module: docstring and CONFIGS, its run function, the default config, what it writes)
+SUBCOMMANDS = {"index": (index, index.run_index, "1m", "index.json, index.md and the plot"),
+               "labels": (labels, labels.run_labels, "full", "labels.json and labels.md"),
+               "serving": (serving, serving.run_serving, "full", "serving.json and serving.md"),
+               "store": (store, store.run_store, "full", "store.json and store.md")}
 
 
-def labels_main(argv: Sequence[str] | None) -> int:
-    args = benchmark_args(argv, "benchmark.py labels", labels.__doc__, labels.CONFIGS, "full",
-                          "labels.json and labels.md")
-    labels.run_labels(args.config, args.out, args.work)
-    return 0
-
-
-def serving_main(argv: Sequence[str] | None) -> int:
-    args = benchmark_args(argv, "benchmark.py serving", serving.__doc__, serving.CONFIGS, "full",
-                          "serving.json and serving.md")
-    serving.run_serving(args.config, args.out, args.work)
-    return 0
-
-
-def store_main(argv: Sequence[str] | None) -> int:
-    args = benchmark_args(argv, "benchmark.py store", store.__doc__, store.CONFIGS, "full",
-                          "store.json and store.md")
-    store.run_store(args.config, args.out, args.work)
+def subcommand_main(name: str, argv: Sequence[str] | None) -> int:
+    """``benchmark.py NAME [--config ...]``: that benchmark, run with the options every benchmark takes."""
+    module, run_benchmark, default, writes = SUBCOMMANDS[name]
+    args = benchmark_args(argv, f"benchmark.py {name}", module.__doc__, module.CONFIGS, default, writes)
+    run_benchmark(args.config, args.out, args.work)
     return 0
 
 
@@ -98,14 +85,11 @@ def ablation_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SUBCOMMANDS = {"index": index_main, "labels": labels_main, "serving": serving_main, "store": store_main}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``benchmark.py SUBCOMMAND ...`` runs that benchmark; without one, the pipeline."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
+        return subcommand_main(argv[0], argv[1:])
     return pipeline_main(argv)
 
 
