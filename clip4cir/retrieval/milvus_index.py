@@ -50,6 +50,7 @@ TOKEN_ENV, URI_ENV = "CLIP4CIR_MILVUS_TOKEN", "CLIP4CIR_MILVUS_URI"
 TIMEOUT = 5.0  # seconds a Milvus call may take before it is an error
 CONSISTENCY = "Bounded"
 INSERT_ROWS = 1_000  # rows per insert (a few MB a request)
+SEARCH_ROWS = 32  # queries per search request (a calibration sends hundreds)
 MAX_WINDOW = 16_384  # Milvus's limit on offset + limit of a query, and on a search's top-k
 # kind -> (Milvus index type, its search effort parameter)
 MILVUS_KINDS = {"flat": ("FLAT", None), "ivf-sq8": ("IVF_SQ8", "nprobe"), "ivf-pq": ("IVF_PQ", "nprobe"),
@@ -359,9 +360,11 @@ class MilvusIndex:
         if knob:
             effort = effort or self.tuning.get("effort", {}).get(category or "") or self.settings["effort"]
             params["params"] = {knob: max(effort, k) if knob == "ef" else effort}
-        found = self.db.call("could not search", "search", data=np.asarray(queries, dtype=np.float32).tolist(),
-                             limit=min(k, MAX_WINDOW), filter=category_filter(category), search_params=params,
-                             output_fields=list(fields), consistency_level=CONSISTENCY)
+        queries, found = np.asarray(queries, dtype=np.float32), []
+        for start in range(0, len(queries), SEARCH_ROWS):  # each request well within the timeout
+            found += self.db.call("could not search", "search", data=queries[start:start + SEARCH_ROWS].tolist(),
+                                  limit=min(k, MAX_WINDOW), filter=category_filter(category), search_params=params,
+                                  output_fields=list(fields), consistency_level=CONSISTENCY)
         return [[{"id": hit["id"], "distance": hit["distance"], **hit.get("entity", {})} for hit in hits]
                 for hits in found]
 
