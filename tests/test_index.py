@@ -23,7 +23,7 @@ from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items
-from clip4cir.retrieval.milvus_index import scrub_uri
+from clip4cir.retrieval.milvus_index import MilvusIndex, scrub_uri
 from clip4cir.retrieval.index import INDEX_FORMAT, CatalogIndex, CatalogIndexError, Item
 from clip4cir.retrieval.search import SearchEngine, SearchError
 from clip4cir.retrieval.vector_store import exact_search
@@ -590,3 +590,17 @@ def test_uri_credentials_never_leave_the_client():
     assert scrub_uri("http://127.0.0.1:19530") == "http://127.0.0.1:19530"
     assert scrub_uri("./catalog.db") == "./catalog.db"
     assert scrub_uri("root:S3cret@db:19530") == "db:19530"
+
+
+def test_milvus_flags_are_checked_before_any_work(tiny_root, tmp_path, capsys):
+    common = ["--data", str(tiny_root), "--model", "cir-tiny", "--output", str(tmp_path / "index")]
+    with pytest.raises(ValueError, match="--store milvus takes --milvus-uri URI and --collection NAME"):
+        build_main(common + ["--store", "milvus", "--collection", "shop"])
+    with pytest.raises(ValueError, match="and only it does"):
+        build_main(common + ["--milvus-uri", "http://127.0.0.1:19530"])
+    with pytest.raises(SystemExit):
+        build_main(common + ["--store", "milvus", "--milvus-uri", "http://x:1", "--collection", "my-shop"])
+    assert "is not a Milvus collection name" in capsys.readouterr().err
+    with pytest.raises(CatalogIndexError, match="--kind ivf-fp16 has no Milvus index type"):
+        MilvusIndex.preflight("http://127.0.0.1:1", "shop", "ivf-fp16")
+    assert not (tmp_path / "index").exists()

@@ -16,11 +16,11 @@ exactly from the features being indexed; every category gets its own, as Milvus 
 
 Reads are at ``Bounded`` consistency: an add or remove shows in every replica, the writer's included, within
 Milvus's graceful time (5 s by default), and no query waits for the newest timestamp as ``Strong`` would (up to
-one time tick, 200 ms, a query). Every call has a timeout (``TIMEOUT``
-seconds): a server that stops answering gives the searcher an error, not a hang, and the client reconnects by
-itself when the server is back. The token comes from ``CLIP4CIR_MILVUS_TOKEN`` (``user:password`` or an API
-key) and is never logged or written; ``CLIP4CIR_MILVUS_URI`` points an index folder, when loaded, at another
-address of the same server (a replica inside a cluster network).
+one time tick, 200 ms, a query). Every call has a timeout (``TIMEOUT`` seconds): a server that stops answering
+gives the searcher an error, not a hang, and the client reconnects by itself when the server is back. The token
+comes from ``CLIP4CIR_MILVUS_TOKEN`` (``user:password`` or an API key) and is never logged or written;
+``CLIP4CIR_MILVUS_URI`` points an index folder, when loaded, at another address of the same server (a replica
+inside a cluster network).
 """
 from __future__ import annotations
 
@@ -299,7 +299,8 @@ class MilvusIndex:
             chunk = wanted[start:start + INSERT_ROWS]
             rows += self.db.call("could not fetch items", "query", filter=ids_filter(chunk), limit=len(chunk),
                                  output_fields=list(dict.fromkeys(["id", *fields])))
-        return [row for row in rows if row["id"] in set(wanted)]
+        asked = set(wanted)
+        return [row for row in rows if row["id"] in asked]
 
     def __contains__(self, item_id: str) -> bool:
         return isinstance(item_id, str) and bool(self._get([item_id], ["id"]))
