@@ -101,3 +101,15 @@ def test_serving_benchmark_measures_every_runtime_api_and_load(tmp_path):
                                                                   r["clients"]) == (runtime, "engine", "text", c))
                      for c in (1, 4))
         assert four > one, (runtime, one, four)
+
+
+@pytest.mark.slow
+def test_the_store_benchmark_measures_every_variant(tmp_path):
+    """FAISS files and a real Milvus server of its own (here, not in test_milvus.py: two servers at once on two
+    cores start too slowly)."""
+    from clip4cir.benchmarks.store import VARIANTS, run_store
+    report = run_store("smoke", tmp_path)
+    assert [(r["store"], r["kind"]) for r in report["rows"]] == VARIANTS
+    assert all(r["recall"] == 1.0 for r in report["rows"] if r["kind"] == "flat")  # exact, by either store
+    assert all(r["recall"] >= 0.9 and r["qps"] > 0 for r in report["rows"])
+    assert "| milvus | hnsw |" in (tmp_path / "store-smoke.md").read_text()

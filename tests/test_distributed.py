@@ -107,12 +107,13 @@ def test_two_processes_at_batch_b_equal_one_at_2b(tiny_root, tmp_path):
     a = load_encoder(last["one"] / "model.safetensors").model.state_dict()
     b = load_encoder(last["two"] / "model.safetensors").model.state_dict()
     # AdamW's first step is lr·g/(|g|+eps): where the true gradient is zero (attention key biases) or tiny, float
-    # noise in g moves a weight by up to lr either way; everywhere else the weights agree to float precision.
+    # noise in g moves a weight by up to lr either way, so the two runs differ there by at most 2·lr; everywhere
+    # else the weights agree to float precision (0.2·lr held on one machine and not on another: noise, not a bug).
     # (test_ddp_gradients_equal_single_process_gradients checks the gradients themselves, tightly.)
     close = sum(int(torch.isclose(b[k], a[k], rtol=1e-5, atol=2e-6).sum()) for k in a)
     assert close / sum(v.numel() for v in a.values()) > 0.999
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0.2 * 1e-4, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2 * 1e-4, msg=key)
     # only rank 0 wrote: one params file, no per-rank leftovers
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "metrics.jsonl", "params.json"]
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-000000001"]
