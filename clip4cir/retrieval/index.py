@@ -73,7 +73,13 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-def _finite_norms(features: np.ndarray, what: str) -> np.ndarray:
+def metric_scores(cosines: np.ndarray, metric: str) -> np.ndarray:
+    """Scores in the index's metric from the cosines of unit vectors: themselves, or minus the L2 distance."""
+    return -np.sqrt(np.maximum(2 - 2 * cosines, 0)) if metric == "euclidean" else cosines
+
+
+def finite_norms(features: np.ndarray, what: str) -> np.ndarray:
+    """The features' lengths; CatalogIndexError naming how many are NaN or infinite (never indexed or searched)."""
     features = np.asarray(features, dtype=np.float32)
     bad = ~np.isfinite(features).all(axis=-1)
     if bad.any():
@@ -189,7 +195,7 @@ class CatalogIndex:
         features = np.asarray(features, dtype=np.float32)
         if features.shape != (len(items), self.dim):
             raise CatalogIndexError(f"expected features of shape ({len(items)}, {self.dim}), got {features.shape}")
-        norms = _finite_norms(features, "features")
+        norms = finite_norms(features, "features")
         with self._lock.writing():
             self.table.add(items)  # checks the ids first
             try:
@@ -242,7 +248,7 @@ class CatalogIndex:
         if not len(self):
             raise CatalogIndexError("the index is empty")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        norms = _finite_norms(queries, "query features")
+        norms = finite_norms(queries, "query features")
         queries = queries / np.maximum(norms, 1e-12)[:, None]
         k = min(k, len(self))
         if category is not None and len(self.members(category)) <= self.exact_members:
@@ -254,9 +260,7 @@ class CatalogIndex:
             pad = k - scores.shape[1]
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-        if self.metric == "euclidean":
-            scores = -np.sqrt(np.maximum(2 - 2 * scores, 0))
-        return scores, rows
+        return metric_scores(scores, self.metric), rows
 
     def top_items(self, query: np.ndarray, k: int, category: str | None = None) -> list[tuple[Item, float]]:
         """The top-k items of one query with their scores, looked up in the same snapshot as the search (safe
@@ -312,7 +316,7 @@ class CatalogIndex:
             for start in range(0, len(order), ADD_BLOCK):
                 rows = order[start:start + ADD_BLOCK]
                 block = np.asarray(features[rows], dtype=np.float32)
-                norms[start:start + len(rows)] = _finite_norms(block, "features")
+                norms[start:start + len(rows)] = finite_norms(block, "features")
                 vectors[start:start + len(rows)] = block / np.maximum(norms[start:start + len(rows)], 1e-12)[:, None]
             vectors.flush()
             np.save(tmp / "norms.npy", norms)

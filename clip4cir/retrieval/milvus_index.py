@@ -39,6 +39,7 @@ import numpy as np
 from clip4cir.core.artifacts import check_destination, read_json, read_manifest, write_folder
 from clip4cir.core.errors import CatalogIndexError, StoreError, StoreUnavailableError
 from clip4cir.core.fingerprints import digest
+from clip4cir.retrieval.index import finite_norms, metric_scores
 from clip4cir.retrieval.item_table import Item
 from clip4cir.retrieval.tuning import EFFORTS, K, QUERIES, first_reaching
 from clip4cir.retrieval.vector_store import DEFAULTS, default_nlist, default_pq_m, exact_search, normalized
@@ -55,6 +56,13 @@ MAX_WINDOW = 16_384  # Milvus's limit on offset + limit of a query, and on a sea
 # kind -> (Milvus index type, its search effort parameter)
 MILVUS_KINDS = {"flat": ("FLAT", None), "ivf-sq8": ("IVF_SQ8", "nprobe"), "ivf-pq": ("IVF_PQ", "nprobe"),
                 "hnsw": ("HNSW", "ef")}
+
+
+def milvus_kind(kind: str) -> tuple[str, str | None]:
+    """The Milvus index type of a kind and its search effort parameter; CatalogIndexError for a kind it lacks."""
+    if kind not in MILVUS_KINDS:
+        raise CatalogIndexError(f"--kind {kind} has no Milvus index type here; choose from {', '.join(MILVUS_KINDS)}")
+    return MILVUS_KINDS[kind]
 
 
 def scrub_uri(uri: str) -> str:
@@ -138,8 +146,8 @@ class Milvus:
         if any(word in lowered for word in ("auth", "credential", "password", "permission", "token")) or \
                 ("illegal connection params" in lowered and not self._answered and self._reachable()):
             given = f"the credentials in {TOKEN_ENV}" if self._token else f"the connection ({TOKEN_ENV} is not set)"
-            return StoreError(f"the Milvus server at {self.shown} refused {given}: give user:password or an "
-                                     f"API key (an https server needs an https URI) ({text})")
+            return StoreError(f"the Milvus server at {self.shown} refused {given}: give user:password or an API key "
+                              f"(an https server needs an https URI) ({text})")
         if any(word in lowered for word in ("unavailable", "deadline", "timeout", "timed out", "connect",
                                             "fail connecting", "not ready")):
             return StoreUnavailableError(f"the Milvus server at {self.shown} {what}: it does not answer (each call "
@@ -249,6 +257,19 @@ def rows_of(items: Sequence[Item], vectors: np.ndarray, norms: np.ndarray) -> li
             for item, vector, norm in zip(items, vectors, norms)]
 
 
+def insert(db: Milvus, items: Sequence[Item], features: np.ndarray, rows: Sequence[int],
+           progress: Callable[[str], None] | None = None) -> None:
+    """Insert ``items[rows]`` with their raw ``features[rows]`` (unit vectors and lengths), INSERT_ROWS a request
+    (a slice of the features at a time: a catalog larger than memory is not copied whole)."""
+    for start in range(0, len(rows), INSERT_ROWS):
+        batch = np.asarray(rows[start:start + INSERT_ROWS])
+        block = np.asarray(features[batch], dtype=np.float32)
+        db.call("could not insert items", "insert", data=rows_of([items[i] for i in batch], normalized(block),
+                                                                  finite_norms(block, "features")))
+        if progress and (start // INSERT_ROWS) % 100 == 99:
+            progress(f"inserted {start + len(batch):,} of {len(rows):,}")
+
+
 class MilvusIndex:
     """The index interface search and the app use (see clip4cir.retrieval.index.CatalogIndex), over a Milvus
     collection; safe for concurrent searches (each is one request)."""
@@ -356,7 +377,7 @@ class MilvusIndex:
                    fields: Sequence[str] = ()) -> list[list[dict]]:
         """Top-k hits per unit-length query (``id``, ``distance`` = cosine score, and ``fields``)."""
         self._check_category(category)
-        index_type, knob = MILVUS_KINDS[self.settings["kind"]]
+        knob = MILVUS_KINDS[self.settings["kind"]][1]
         params = {"metric_type": "IP"}
         if knob:
             effort = effort or self.tuning.get("effort", {}).get(category or "") or self.settings["effort"]
@@ -370,12 +391,11 @@ class MilvusIndex:
                 for hits in found]
 
     def top_items(self, query: np.ndarray, k: int, category: str | None = None) -> list[tuple[Item, float]]:
-        query = np.asarray(query, dtype=np.float32)
-        if not np.isfinite(query).all():
-            raise CatalogIndexError("1 query features are NaN or infinite; they cannot be indexed or searched")
-        hits = self.search_ids(normalized(query[None]), k, category, fields=("path", "categories", "splits"))[0]
-        score = (lambda s: -float(np.sqrt(max(2 - 2 * s, 0)))) if self.metric == "euclidean" else float
-        return [(self._item(h), score(h["distance"])) for h in hits]
+        query = np.asarray(query, dtype=np.float32)[None]
+        finite_norms(query, "query features")
+        hits = self.search_ids(normalized(query), k, category, fields=("path", "categories", "splits"))[0]
+        scores = metric_scores(np.array([h["distance"] for h in hits], dtype=np.float32), self.metric)
+        return [(self._item(h), float(s)) for h, s in zip(hits, scores)]
 
     # ---- changing it ------------------------------------------------------------------------------------------
     def add(self, items: Sequence[Item], features: np.ndarray) -> None:
@@ -383,19 +403,13 @@ class MilvusIndex:
         features = np.asarray(features, dtype=np.float32)
         if features.shape != (len(items), self.dim):
             raise CatalogIndexError(f"expected features of shape ({len(items)}, {self.dim}), got {features.shape}")
-        if not np.isfinite(features).all():
-            raise CatalogIndexError("features are NaN or infinite; they cannot be indexed or searched")
+        finite_norms(features, "features")  # before anything is inserted
         ids = [item.id for item in items]
         present = self._get(ids, ["id"])
         if present or len(set(ids)) != len(ids):
             raise CatalogIndexError(f"item id {(present[0]['id'] if present else ids[0])!r} is in the index already "
                                     f"or given twice; nothing was added")
-        norms = np.linalg.norm(features, axis=1)
-        vectors = normalized(features)
-        for start in range(0, len(items), INSERT_ROWS):
-            self.db.call("could not insert items", "insert", data=rows_of(
-                items[start:start + INSERT_ROWS], vectors[start:start + INSERT_ROWS],
-                norms[start:start + INSERT_ROWS]))
+        insert(self.db, items, features, range(len(items)))
         self._categories = sorted(set(self._categories) | {c for item in items for c in item.categories})
         self._count = None
 
@@ -420,13 +434,10 @@ class MilvusIndex:
                M: int | None = None, **_faiss_only) -> "MilvusIndex":
         """Put ``items`` and their raw ``features`` into the collection (created here, or resumed: ids already
         stored are not inserted again), calibrate the approximate kinds, and commit the index folder ``path``."""
-        if kind not in MILVUS_KINDS:
-            raise CatalogIndexError(f"--kind {kind} has no Milvus index type here; choose from "
-                                    f"{', '.join(MILVUS_KINDS)}")
+        index_type, knob = milvus_kind(kind)
         path = check_destination(path, INDEX_FORMAT)
         features = np.asarray(features, dtype=np.float32)
         n, dim = features.shape
-        index_type, knob = MILVUS_KINDS[kind]
         params = {}
         if knob == "nprobe":
             params["nlist"] = min(nlist or default_nlist(n), 65_536)
@@ -449,17 +460,11 @@ class MilvusIndex:
         else:
             create_collection(db, dim, index_type, params, description)
             done = set()
-        norms = np.linalg.norm(features, axis=1)
         todo = [i for i, item in enumerate(items) if item.id not in done]
         if progress:
             progress(f"inserting {len(todo):,} items into {collection} on {db.shown}"
                      + (f" ({len(done):,} there already)" if done else ""))
-        for start in range(0, len(todo), INSERT_ROWS):
-            rows = np.asarray(todo[start:start + INSERT_ROWS])
-            db.call("could not insert items", "insert", data=rows_of(
-                [items[i] for i in rows], normalized(features[rows]), norms[rows]))
-            if progress and (start // INSERT_ROWS) % 100 == 99:
-                progress(f"inserted {start + len(rows):,} of {len(todo):,}")
+        insert(db, items, features, todo, progress)
         db.call("could not flush the collection", "flush")
         wait_for_index(db, n, progress)
         db.call("could not load the collection", "load_collection")
@@ -488,9 +493,8 @@ class MilvusIndex:
     def preflight(uri: str, collection: str, kind: str = "auto") -> None:
         """Before the encoding: the kind has a Milvus index type, the server answers and takes the token, and the
         collection is absent or this tool's."""
-        if kind != "auto" and kind not in MILVUS_KINDS:
-            raise CatalogIndexError(f"--kind {kind} has no Milvus index type here; choose from "
-                                    f"{', '.join(MILVUS_KINDS)}")
+        if kind != "auto":
+            milvus_kind(kind)
         db = Milvus(uri, collection)
         if db.has_collection() and not collection_description(db):
             raise not_ours(db)

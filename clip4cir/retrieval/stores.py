@@ -20,13 +20,12 @@ class Store:
 
     create: Callable
     load: Callable[[Path, dict], object]
-    options: tuple[str, ...] = ()  # the store's own settings, passed to create (e.g. the server and collection)
 
 
 AnyIndex = CatalogIndex | MilvusIndex  # what search and the app take: the same methods either way
 STORES: Registry[Store] = Registry("--store")
 STORES.add("faiss", Store(CatalogIndex.create, lambda path, meta: CatalogIndex.load(path)))
-STORES.add("milvus", Store(MilvusIndex.create, MilvusIndex.load, ("uri", "collection")))
+STORES.add("milvus", Store(MilvusIndex.create, MilvusIndex.load))
 
 
 def load_index(path: str | os.PathLike) -> AnyIndex:
