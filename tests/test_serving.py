@@ -55,6 +55,18 @@ def test_onnx_towers_give_the_torch_features_and_are_made_once(engine, tmp_path,
     assert "exporting" not in caplog.text
 
 
+def test_int8_export_of_a_resnet_tower_quantizes_its_matrix_products(tmp_path):
+    """A random-init ResNet (RN50's kind, small): the export shares BatchNorm-folded weights through Identity nodes,
+    which dynamic quantization could not take; folded first, its matrix products are int8, its convolutions fp32."""
+    import onnx
+    encoder = create_model("cir-tiny-rn")
+    towers = load_towers(encoder, "onnx-int8", tmp_path)
+    graph = onnx.load(str(towers.folder / "image.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert "MatMulInteger" in ops and "Conv" in ops and "ConvInteger" not in ops
+    assert min(towers.check.values()) > 0.95  # int8 is near fp32 (the app's top-10 agreement decides)
+
+
 def test_int8_is_kept_only_when_its_top10_lists_agree(engine, tmp_path, monkeypatch):
     int8 = load_towers(engine.encoder, "onnx-int8", tmp_path)
     agreement = top10_agreement(engine, int8)
