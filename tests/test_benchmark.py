@@ -113,3 +113,19 @@ def test_the_store_benchmark_measures_every_variant(tmp_path):
     assert all(r["recall"] == 1.0 for r in report["rows"] if r["kind"] == "flat")  # exact, by either store
     assert all(r["recall"] >= 0.9 and r["qps"] > 0 for r in report["rows"])
     assert "| milvus | hnsw |" in (tmp_path / "store-smoke.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_zero_shot_benchmark_reports_every_row_on_held_out_catalogs(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "zero-shot", "--config",
+                             "smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "zero-shot-smoke.json").read_text())
+    assert set(report["rows"]) == {"Sum, no training", "pic2word", "lincir", "catalog adaptation, Sum",
+                                   "catalog adaptation + pic2word", "catalog adaptation + lincir",
+                                   "supervised CLIP4Cir (stage one + Combiner)"}
+    for row in report["rows"].values():
+        assert {"fashioniq/R@10", "cirr/R@10"} <= set(row) and all(0 <= s["mean"] <= 100 for s in row.values())
+    assert all(seconds > 0 for seconds in report["phi_seconds"].values()) and report["query_cost"]["zero_shot_ms"] > 0
+    table = (tmp_path / "zero-shot-smoke.md").read_text()
+    assert "| supervised CLIP4Cir (stage one + Combiner) | yes |" in table and "| lincir | no |" in table

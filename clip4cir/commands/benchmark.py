@@ -6,6 +6,7 @@ runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into 
     python scripts/benchmark.py labels [--config smoke|full]            metric-learning losses, held-out identities
     python scripts/benchmark.py serving [--config smoke|full]           runtimes × APIs × concurrent clients
     python scripts/benchmark.py store [--config smoke|full]             FAISS files against a Milvus server
+    python scripts/benchmark.py zero-shot [--config smoke|full]         no triplets: zero-shot φ, catalog adaptation
     python scripts/ablation.py [--config smoke|full]                    the training recipes
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from clip4cir.benchmarks import ablation, index, labels, pipeline, serving, store
+from clip4cir.benchmarks import ablation, index, labels, pipeline, serving, store, zero_shot
 from clip4cir.commands.common import WORKERS, run
 
 ANNOTATIONS = Path(__file__).resolve().parents[3] / "shared" / "fashioniq"  # beside the checkout
@@ -66,7 +67,8 @@ def pipeline_main(argv: Sequence[str] | None) -> int:
 SUBCOMMANDS = {"index": (index, index.run_index, "1m", "index.json, index.md and the plot"),
                "labels": (labels, labels.run_labels, "full", "labels.json and labels.md"),
                "serving": (serving, serving.run_serving, "full", "serving.json and serving.md"),
-               "store": (store, store.run_store, "full", "store.json and store.md")}
+               "store": (store, store.run_store, "full", "store.json and store.md"),
+               "zero-shot": (zero_shot, zero_shot.run_zero_shot, "full", "zero-shot.json and zero-shot.md")}
 
 
 def subcommand_main(name: str, argv: Sequence[str] | None) -> int:

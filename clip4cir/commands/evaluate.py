@@ -81,13 +81,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_source_args(parser)
     add_model_args(parser)
     parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
-    parser.add_argument("--mode", choices=["sum", "combiner"], help="combining function (default: combiner "
-                        "when --combiner is given, else sum)")
+    parser.add_argument("--phi", help="zero-shot: a φ checkpoint (scripts/train_phi.py), composing queries by "
+                        "textual inversion")
+    parser.add_argument("--mode", choices=["sum", "combiner", "phi"], help="combining function (default: combiner "
+                        "when --combiner is given, phi when --phi is, else sum)")
     parser.add_argument("--split", help="default: the data set's validation split (val)")
     parser.add_argument("--task", choices=TASKS.names(), default="composed",
                         help="composed: Recall@K; image: image-search mAP@K/P@K; category: accuracy of "
                              "category=auto and composed recall within each choice of category; labels: retrieval on "
-                             "held-out labels (zero-shot and fine-tuned)")
+                             "held-out labels (zero-shot and fine-tuned); pairs: text→image and image→text "
+                             "Recall@K on held-out image-text pairs")
     parser.add_argument("--json", help="write the metrics here")
     parser.add_argument("--dump", help="write per-query JSON lines here (reference, captions, target, rank, top-10)")
     parser.add_argument("--predictions", help="a test split: write the test server's files into this folder "
@@ -141,9 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              parse_pairs(args.table_combiners, "--table-combiners"), request))
         return 0
     encoder = encoder_from_args(args)
-    mode = args.mode or ("combiner" if args.combiner else "sum")
+    mode = args.mode or ("combiner" if args.combiner else "phi" if args.phi else "sum")
     if args.task in COMPOSING:
-        request.combine = combining_function(encoder, args.combiner, mode)
+        request.combine = combining_function(encoder, args.combiner, mode, args.phi)
     result = TASKS[args.task](encoder, source, request)
     if args.dump:
         lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]
@@ -160,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.json, {"written_by": WRITTEN_BY, **result.metrics, "task": args.task, "split": args.split,
                                "data": source.record(), "protocol": protocol.name, "model": encoder.describe(),
                                "combiner": args.combiner if mode == "combiner" and args.task in COMPOSING else None,
+                               "phi": args.phi if mode == "phi" and args.task in COMPOSING else None,
                                "seconds": time.perf_counter() - start})
     return 0
 

@@ -1,5 +1,6 @@
 """Make the offline demo's model (``scripts/make_demo_model.py``): generate the `demo` synthetic catalog, fine-tune
-cir-tiny (stage one), train a Combiner (stage two), and write ``demo/encoder.safetensors``,
+the pretrained base (``demo/base``: cir-tiny trained on image-text pairs, scripts/make_base_model.py) with stage
+one, train a Combiner (stage two), and write ``demo/encoder.safetensors``,
 ``demo/combiner.safetensors``, ``demo/metrics.json``, and the app's catalog ``demo/catalog`` (the validation split,
 drawn larger) with its index ``demo/index``.
 
@@ -13,14 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from clip4cir.commands.common import WORKERS, run, whole
+from clip4cir.commands.common import POSITIVE, WORKERS, run, whole
 from clip4cir.core.artifacts import atomic_write, atomic_write_text, is_artifact, write_folder
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import SYNTHETIC_FORMAT, make_synthetic_fashioniq
 from clip4cir.evaluation.composed import evaluate
 from clip4cir.models.combiner import combine_sum, load_combiner
 from clip4cir.models.encoder_file import load_encoder
-from clip4cir.serving.demo import DEMO_SEED, write_demo_catalog
+from clip4cir.serving.demo import DEMO_DIR, DEMO_SEED, write_demo_catalog
 from clip4cir.training.stage_one import StageOneConfig, StageOneTask
 from clip4cir.training.trainer import train_here
 from combiner.stage_two import StageTwoConfig, StageTwoTask
@@ -30,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="scratch folder (catalog, runs)")
     parser.add_argument("--out", default="demo", help="where the demo checkpoints go")
+    parser.add_argument("--base", default=str(DEMO_DIR / "base" / "encoder.safetensors"),
+                        help="the encoder stage one starts from")
     parser.add_argument("--epochs", type=whole(1), default=40, help="stage-one epochs")
+    parser.add_argument("--lr", type=POSITIVE, default=1e-4, help="stage one's learning rate")
     parser.add_argument("--combiner-epochs", type=whole(1), default=100)
     parser.add_argument("--workers", type=WORKERS, default=2)
     args = parser.parse_args(argv)
@@ -40,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_folder(data, SYNTHETIC_FORMAT, lambda tmp: make_synthetic_fashioniq(tmp, "demo", seed=DEMO_SEED),
                      {"size": "demo", "seed": DEMO_SEED})
     source = SourceOptions(str(data))
-    stage_one = StageOneConfig(source=source, output=str(work / "stage1"), model="cir-tiny", epochs=args.epochs,
-                               batch_size=64, lr=5e-4, workers=args.workers, quiet=True, save_best=True)
+    stage_one = StageOneConfig(source=source, output=str(work / "stage1"), clip_checkpoint=args.base,
+                               epochs=args.epochs, batch_size=64, lr=args.lr, workers=args.workers, quiet=True,
+                               save_best=True)
     train_here(StageOneTask, stage_one)
     encoder_path = work / "stage1" / "best.safetensors"
     stage_two = StageTwoConfig(source=source, output=str(work / "stage2"), clip_checkpoint=str(encoder_path),

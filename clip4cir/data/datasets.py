@@ -168,6 +168,41 @@ class LabelledImageDataset(Dataset):
                 "label": self.labels[index]}
 
 
+class PairDataset(Dataset):
+    """A split's images, each with one of its texts: items ``{"index", "image"}``; :meth:`text` is the text a
+    sample uses in the current epoch (drawn among the image's texts, a pure function of seed, epoch and index,
+    so a run resumes exactly). One item per image, so a batch never holds one image twice."""
+
+    def __init__(self, source: Source, split: str, transform: Callable | None = None, seed: int = 0):
+        texts = source.texts(split)
+        if not texts:
+            raise DataError(f"no {split} image-text pairs in {source.describe()}")
+        self.source, self.split, self.transform, self.seed, self.epoch = source, split, transform, seed, 0
+        self.ids, self.texts = list(texts), list(texts.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def text(self, index: int) -> str:
+        texts = self.texts[index]
+        return texts[random_caption_variant(self.seed, self.epoch, index, len(texts))] if len(texts) > 1 else texts[0]
+
+    def record(self) -> dict:
+        """What a model trained on these pairs records of them (``parts``: to name what changed)."""
+        parts = {**self.source.fingerprint_parts(self.split, self.ids), "texts": digest(self.texts)}
+        return {"source": self.source.record(), "split": self.split, "images": len(self.ids),
+                "texts": sum(map(len, self.texts)), "fingerprint": digest(parts), "parts": parts}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"index": index}
+        if self.transform is not None:
+            item["image"] = self.transform(self.source.load_image(self.ids[index]))
+        return item
+
+
 def check_triplet_data(source: Source) -> None:
     """Before a run on triplets, without loading a model: every annotation file and image it will read exists
     and every image is a complete image file (the training triplets, the validation triplets and galleries)."""

@@ -22,9 +22,9 @@ from clip4cir.core.errors import DataError
 from clip4cir.data.captions import count_empty_captions, eval_caption
 from clip4cir.data.sources import Protocol, Source, Triplet
 from clip4cir.evaluation.ranking import recall_at_k, subset_ranks, target_ranks, top_k
-from clip4cir.models.combiner import Combine, combine_sum
+from clip4cir.models.combiner import Combine, combine_sum, compose_queries
 from clip4cir.models.encoder import CLIPEncoder
-from clip4cir.models.features import check_finite, encode_texts, gallery_features
+from clip4cir.models.features import check_finite, gallery_features
 
 
 @dataclass
@@ -65,12 +65,9 @@ def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str |
             if image_id is not None and image_id not in index:
                 raise DataError(f"{role} {image_id} of a {name}{split} triplet is not in the {name}{split} gallery "
                                 f"of {source.describe()}")
-    text = encode_texts(encoder, [eval_caption(t.captions) for t in triplets])
-    device = encoder.device
     reference = features[[index[t.reference] for t in triplets]]
-    with torch.inference_mode():
-        queries = check_finite(combine(reference.to(device), text.to(device)).float().cpu(),
-                               f"{name}{split} query features")
+    queries = check_finite(compose_queries(encoder, combine, reference, [eval_caption(t.captions) for t in triplets])
+                           .float().cpu(), f"{name}{split} query features")
     gallery_matrix = F.normalize(check_finite(features, f"{name}{split} gallery features"), dim=-1)
     exclude = torch.tensor([index[t.reference] for t in triplets]) if protocol.remove_reference else None
     ranks = subsets = None

@@ -1,7 +1,8 @@
 """Evaluation tasks, by name (``--task``): each takes an encoder, a data set and an :class:`EvalRequest` and
 gives its metrics. ``composed``: Recall@K under the data set's protocol (and its rankings, for per-query dumps and
 test-server predictions); ``image``: image-search mAP@K / P@K; ``category``: how often ``category="auto"`` is
-right; ``labels``: retrieval on held-out labels, zero-shot beside fine-tuned."""
+right; ``labels``: retrieval on held-out labels, zero-shot beside fine-tuned; ``pairs``: text→image and
+image→text retrieval on held-out image-text pairs."""
 from __future__ import annotations
 
 import os
@@ -21,12 +22,13 @@ from clip4cir.evaluation.category_choice import ranks_within
 from clip4cir.evaluation.composed import Ranking, rankings_of, summarize
 from clip4cir.evaluation.image_search import image_retrieval_metrics
 from clip4cir.evaluation.labels import label_metrics
+from clip4cir.evaluation.pairs import pair_metrics
 from clip4cir.evaluation.ranking import recall_at_k
 from clip4cir.models.category_probe import predict_category, train_probe
-from clip4cir.models.combiner import Combine, combine_sum
+from clip4cir.models.combiner import Combine, combine_sum, compose_queries
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.factory import load_model
-from clip4cir.models.features import encode_texts, extract_image_features
+from clip4cir.models.features import extract_image_features
 
 
 @dataclass
@@ -105,9 +107,8 @@ def composed_category_choices(encoder: Encoder, request: EvalRequest, probe: dic
     and how often the chosen category is the target's."""
     position = {image_id: i for i, image_id in enumerate(ids)}
     reference = feats[[position[t.reference] for t in triplets]]
-    text = encode_texts(encoder, [eval_caption(t.captions) for t in triplets])
-    with torch.inference_mode():
-        queries = request.combine(reference.to(encoder.device), text.to(encoder.device)).float().cpu()
+    queries = compose_queries(encoder, request.combine, reference, [eval_caption(t.captions) for t in triplets]
+                              ).float().cpu()
     gallery = F.normalize(feats, dim=-1)
     choices = {"all": [None] * len(triplets),
                "reference": [(categories_of[t.reference] or [None])[0] for t in triplets],
@@ -145,3 +146,15 @@ def labels_task(encoder: Encoder, source: Source, request: EvalRequest) -> TaskR
         out[name] = {**metrics, "model": model.describe(), "images": len(numbers),
                      "labels": len(set(numbers.values()))}
     return TaskResult(out)
+
+
+@TASKS.register("pairs")
+def pairs_task(encoder: Encoder, source: Source, request: EvalRequest) -> TaskResult:
+    """Text→image and image→text Recall@1/5/10 on the split's image-text pairs."""
+    if not source.texts(request.split):
+        raise DataError(f"--task pairs needs image-text pairs (--dataset pairs); {source.describe()} has no "
+                        f"{request.split} texts")
+    if not encoder.has_text:
+        raise DataError(f"--task pairs needs an encoder with a text tower; {encoder.describe()} has none")
+    return TaskResult(pair_metrics(encoder, source, request.split, request.batch_size, request.workers,
+                                   request.progress))

@@ -1,5 +1,6 @@
 """Combining a reference image feature and a caption feature into one query: CLIP4Cir's Sum, and its Combiner
-network (stage two), with the reference's module names so CLIP4Cir's ``combiner.pt`` loads unchanged.
+network (stage two), with the reference's module names so CLIP4Cir's ``combiner.pt`` loads unchanged; or, without
+triplets, a pseudo-word token of the reference in the caption's prompt (clip4cir.models.pseudo_tokens).
 
 The Combiner's file (``.safetensors``): its state dict, with metadata ``format`` = ``clip4cir.combiner``,
 ``version``, ``feature_dim``, ``projection_dim``, ``hidden_dim``, ``encoder`` (JSON: the fingerprint and source of
@@ -13,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from torch import nn
 from clip4cir.core.artifacts import atomic_write
 from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder
+from clip4cir.models.features import encode_texts
+from clip4cir.models.pseudo_tokens import zero_shot_queries
 
 COMBINER_FORMAT = "clip4cir.combiner"
 COMBINER_VERSION = "1"
@@ -175,10 +178,28 @@ def load_combiner(path: str | os.PathLike, device: str | torch.device = "cpu",
     return combiner.to(device).eval(), meta
 
 
-def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: str) -> Combine:
-    """``sum``, or the Combiner at ``combiner_path``, checked to have been trained on this encoder's features."""
+def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: str,
+                       phi_path: str | None = None) -> Combine:
+    """``sum``; the Combiner at ``combiner_path``; or (``phi``) the textual inversion at ``phi_path``: each checked
+    to have been trained on this encoder's features."""
     if mode == "sum":
         return combine_sum
+    if mode == "phi":
+        if not phi_path:
+            raise ModelError("--mode phi needs --phi PATH (a φ trained by scripts/train_phi.py)")
+        return zero_shot_queries(phi_path, encoder)
     if not combiner_path:
         raise ModelError("--mode combiner needs --combiner PATH (a stage-two checkpoint)")
     return load_combiner(combiner_path, encoder.device, encoder)[0].combine
+
+
+@torch.inference_mode()
+def compose_queries(encoder: CLIPEncoder, combine: Combine, reference_features: torch.Tensor,
+                    captions: Sequence[str]) -> torch.Tensor:
+    """The composed queries of reference features and captions: a function of image and text features (Sum, the
+    Combiner) gets the captions' text features; one that reads captions (``reads_captions``: textual inversion)
+    gets the captions themselves."""
+    reference = reference_features.to(encoder.device)
+    if getattr(combine, "reads_captions", False):
+        return combine(reference, captions)
+    return combine(reference, encode_texts(encoder, captions).to(encoder.device))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import text_global_pool
 
+from clip4cir.core.errors import ModelError
 from clip4cir.models.transforms import Preprocess, build_transform
 
 
@@ -110,13 +111,22 @@ class CLIPEncoder(Encoder):
         """Text features from strings or (possibly trimmed) token ids."""
         tokens = self.tokenize(texts) if not isinstance(texts, torch.Tensor) else texts
         tokens = tokens.to(self.device)
-        model = self.model
         if tokens.shape[1] == self.context_length or not self._trim_exact:
-            return model.encode_text(tokens, normalize=normalize)
-        # open_clip's CLIP.encode_text with the positional embedding and causal mask cut to the tokens' length
+            return self.model.encode_text(tokens, normalize=normalize)
+        return self.encode_token_embeddings(tokens, self.model.token_embedding(tokens), normalize)
+
+    def encode_token_embeddings(self, tokens: torch.Tensor, embeddings: torch.Tensor,
+                                normalize: bool = False) -> torch.Tensor:
+        """The text tower from the token embeddings of ``tokens`` (some may be replaced: a pseudo-word token,
+        clip4cir.models.pseudo_tokens): open_clip's CLIP.encode_text with the positional embedding and causal mask
+        cut to the tokens' length."""
+        model = self.model
+        if not isinstance(model, open_clip.CLIP) or getattr(model, "attn_mask", None) is None:
+            raise ModelError(f"{self.describe()}: its text tower takes token ids only (open_clip's CLIP text tower "
+                            f"with a causal mask takes embeddings)")
         length = tokens.shape[1]
         cast_dtype = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+        x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
         x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
         x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
                              eos_token_id=getattr(model, "text_eos_id", None))

@@ -22,12 +22,13 @@ from clip4cir.models.combiner import Combiner, combine_sum, load_combiner
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.runtime import Towers
 from clip4cir.models.factory import check_same_encoder, encoder_from_record
+from clip4cir.models.pseudo_tokens import PseudoTokenQueries, zero_shot_queries
 from clip4cir.models.features import check_finite
 from clip4cir.retrieval.stores import AnyIndex, load_index
 from clip4cir.retrieval.threads import apply_serving_threads
 
 MAX_K = 10_000
-MODES = ("combiner", "sum")
+MODES = ("combiner", "sum", "phi")  # phi: zero-shot, a pseudo-word token of the reference (no triplets)
 
 
 @dataclass
@@ -50,14 +51,14 @@ class SearchEngine:
     """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
 
     def __init__(self, index: AnyIndex, encoder: Encoder, combiner: Combiner | None = None,
-                 towers: Towers | None = None):
+                 towers: Towers | None = None, phi: PseudoTokenQueries | None = None):
         try:
             check_same_encoder(index.encoder, encoder, "the index")
             if combiner is not None:
                 combiner.check_fits(encoder)
         except ValueError as e:
             raise SearchError(str(e)) from e
-        self.index, self.encoder, self.combiner = index, encoder, combiner
+        self.index, self.encoder, self.combiner, self.phi = index, encoder, combiner, phi
         self.towers = towers or Towers(encoder)  # what encodes queries (clip4cir.models.runtime)
         self.runtime_note = self.towers.describe()
         self.encoder.model.eval()  # for good: serving never switches modes (other threads may be encoding)
@@ -66,17 +67,18 @@ class SearchEngine:
 
     @classmethod
     def load(cls, index_path: str | os.PathLike, clip_checkpoint: str | None = None,
-             combiner_path: str | None = None, device: str = "auto") -> "SearchEngine":
+             combiner_path: str | None = None, device: str = "auto", phi_path: str | None = None) -> "SearchEngine":
         """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives); a
-        Combiner trained on another encoder's features is refused."""
+        Combiner or φ trained on another encoder's features is refused."""
         index = load_index(index_path)
         encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device),
                                       artifact=f"index {index_path}")
         try:
             combiner = load_combiner(combiner_path, encoder.device, encoder)[0] if combiner_path else None
+            phi = zero_shot_queries(phi_path, encoder) if phi_path else None
         except ModelError as e:
             raise ModelError(f"{e} (the encoder of index {index_path})") from None
-        return cls(index, encoder, combiner)
+        return cls(index, encoder, combiner, phi=phi)
 
     # ---- query features -------------------------------------------------------------------------------------
     def _image_feature(self, image: Image.Image | str | os.PathLike | None) -> torch.Tensor:
@@ -92,7 +94,8 @@ class SearchEngine:
         x = self.encoder.transform(image)[None]  # the transform converts any mode to RGB and bounds the size
         return check_finite(self.towers.image(x)[0].float(), "image features")
 
-    def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
+    def _caption(self, caption: str | None, notes: list[str]) -> str:
+        """The caption stripped, checked to be there and readable by the encoder (a note when it is cut)."""
         if not self.encoder.has_text:
             raise SearchError(f"the encoder {self.encoder.describe()} reads images only: use image search")
         caption = (caption or "").strip()
@@ -101,7 +104,10 @@ class SearchEngine:
         n_tokens = self.encoder.count_tokens(caption)
         if n_tokens > self.encoder.context_length:
             notes.append(f"the caption has {n_tokens} tokens; only the first {self.encoder.context_length} were used")
-        return check_finite(self.towers.text([caption])[0].float(), "caption features")
+        return caption
+
+    def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
+        return check_finite(self.towers.text([self._caption(caption, notes)])[0].float(), "caption features")
 
     def _category(self, category: str | None, query: torch.Tensor, notes: list[str],
                   reference: torch.Tensor | None = None, reference_id: str | None = None) -> str | None:
@@ -180,15 +186,20 @@ class SearchEngine:
             raise SearchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         if mode == "combiner" and self.combiner is None:
             raise SearchError("no Combiner is loaded: use mode 'sum' or load a stage-two checkpoint")
+        if mode == "phi" and self.phi is None:
+            raise SearchError("no φ is loaded: use mode 'sum' or load one (scripts/train_phi.py trains it)")
         if (caption or "").strip() == "":
             raise SearchError("the caption is empty: say how the wanted item differs "
                               "(for similar items without a change, use image search)")
         reference = self._reference(image, reference_id, notes)
-        text = self._text_feature(caption, notes)
-        combine = self.combiner.combine if mode == "combiner" else combine_sum
-        with torch.inference_mode():
-            query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
-        query = query.float().cpu()
+        if mode == "phi":  # the prompt's text feature, through torch (the pseudo token is an embedding)
+            query = self.phi(reference[None], [self._caption(caption, notes)])[0]
+        else:
+            text = self._text_feature(caption, notes)
+            combine = self.combiner.combine if mode == "combiner" else combine_sum
+            with torch.inference_mode():
+                query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
+        query = check_finite(query.float().cpu(), "query features")
         return self._search(query, k, self._category(category, query, notes, reference, reference_id), notes, started,
                             exclude=reference_id)
 

@@ -40,7 +40,7 @@ def add_named_api(engine: SearchEngine) -> None:
                         request: gr.Request = None) -> dict:
         """Items like the reference (an uploaded image, or a catalog item by id) changed as the caption says.
         category: a category of the catalog, "all", "reference" (the reference's own) or "auto" (predicted from
-        the query); mode: "combiner" or "sum"."""
+        the query); mode: "combiner", "sum" or "phi" (zero-shot, when the app has a φ)."""
         return answer(lambda: engine.composed_search(caption, read_upload(image), reference_id or None, k, category,
                                                      mode), request)
 

@@ -32,7 +32,8 @@ class SearchRequest(BaseModel):
     category: str = Field("all", description="a category of the catalog, all, reference (the reference's own) or "
                                               "auto (predicted from the query)")
     k: int = Field(10, ge=1, le=MAX_K, description="how many results")
-    mode: Literal["combiner", "sum"] = Field("combiner", description="composed: how image and words combine")
+    mode: Literal["combiner", "sum", "phi"] = Field("combiner", description="composed: how image and words combine "
+                                                    "(phi: zero-shot, when the app has a φ)")
 
 
 class Hit(BaseModel):

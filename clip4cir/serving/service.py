@@ -17,6 +17,7 @@ from clip4cir.data.images import load_image
 from clip4cir.data.sources import SourceOptions, reopen
 from clip4cir.models.combiner import load_combiner
 from clip4cir.models.factory import load_model
+from clip4cir.models.pseudo_tokens import zero_shot_queries
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items, items_fingerprint
 from clip4cir.retrieval.index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
@@ -44,6 +45,7 @@ class Options:
     pretrained: str | None = None
     clip_checkpoint: str | None = None
     combiner: str | None = None
+    phi: str | None = None  # a φ for zero-shot composed queries (clip4cir.models.pseudo_tokens)
     device: str = "auto"
     runtime: str = "torch"  # clip4cir.models.runtime: torch, onnx, onnx-int8 or auto
     cache_dir: str | None = None
@@ -60,12 +62,13 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
     index_path = resolve_path(options.index, cache)
     clip_checkpoint = resolve_path(options.clip_checkpoint, cache)
     combiner = resolve_path(options.combiner, cache)
+    phi = resolve_path(options.phi, cache)
     if index_path:
-        return SearchEngine.load(index_path, clip_checkpoint, combiner, str(device))
+        return SearchEngine.load(index_path, clip_checkpoint, combiner, str(device), phi)
     source_options = options.source
     if not (source_options or options.model or clip_checkpoint):  # nothing given: the offline demo, shipped
         return SearchEngine.load(demo_index(), str(DEMO_DIR / "encoder.safetensors"),
-                                 combiner or str(DEMO_DIR / "combiner.safetensors"), str(device))
+                                 combiner or str(DEMO_DIR / "combiner.safetensors"), str(device), phi)
     if not source_options:
         raise ValueError("give --index, or --data (a data set or an image folder) to index at start")
     if not (options.model or clip_checkpoint):
@@ -73,6 +76,7 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
     source = source_options.open()
     encoder = load_model(options.model, options.pretrained, clip_checkpoint, device=device)
     combiner_model = load_combiner(combiner, device, encoder)[0] if combiner else None  # before indexing
+    phi_queries = zero_shot_queries(phi, encoder) if phi else None
     splits = [source.protocol.val_split]
     items = catalog_items(source, splits)
     # keyed on what the index is computed from: the catalog's files as they are now, and the encoder
@@ -86,7 +90,7 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
                                         record={"splits": splits})
         if unreadable:
             progress(f"skipped {len(unreadable):,} unreadable images")
-    return SearchEngine(index, encoder, combiner_model)
+    return SearchEngine(index, encoder, combiner_model, phi=phi_queries)
 
 
 def serving_engine(options: Options, progress: Callable[[str], None] = log.info) -> SearchEngine:

@@ -41,7 +41,7 @@ MORE = 24  # results "More results" adds
 PAGE = 24  # items per page of the catalog browser
 MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads; load_image refuses more than 50 megapixels
 MAX_STEPS = 50  # steps of a refinement kept
-MODES = [("Fused (Combiner)", "combiner"), ("Simple sum", "sum")]
+MODES = [("Fused (Combiner)", "combiner"), ("Simple sum", "sum"), ("Zero-shot (no triplets)", "phi")]
 ALL = ("All categories", "all")
 REFERENCE = ("Same category as the reference", "reference")
 GUESS = ("Guess from the query", "auto")
@@ -196,7 +196,8 @@ class App:
         self.index = engine.index
         self.categories = self.index.categories()
         self.suggested = self.index.captions
-        self.modes = MODES if engine.combiner is not None else MODES[1:]
+        self.modes = [(label, value) for label, value in MODES if (value != "combiner" or engine.combiner is not None)
+                      and (value != "phi" or engine.phi is not None)]
         self.words = engine.encoder.has_text  # an image-only encoder (learned from labels) finds similar items
         named = [(c, c) for c in self.categories]
         guess = [GUESS] if self.index.probe is not None else []
@@ -304,7 +305,9 @@ class App:
                                                          self.reference_categories[0][1])
                             mode = gr.Radio(self.modes, value=self.modes[0][1], label="How to combine picture and "
                                             "words", elem_id="mode", info="Fused: a trained network merges them "
-                                                                          "(best); simple sum: their features added")
+                                                                          "(best); simple sum: their features added"
+                                            + ("; zero-shot: the picture as a word in the sentence"
+                                               if self.engine.phi is not None else ""))
                             target_id = gr.Textbox(visible=False, label="Known target")
                         with gr.Column(scale=3, min_width=300, elem_id="composed-results-column"):
                             composed_panel = results_panel("composed", SCORE_HELP + TARGET_HELP)
@@ -613,6 +616,7 @@ def about(engine: SearchEngine) -> str:
     lines = [
         f"- **Model**: {plain(engine.encoder.describe())}",
         f"- **Combiner**: {'loaded' if engine.combiner else 'none (simple sum only)'}",
+        f"- **Zero-shot φ**: {'loaded (' + plain(engine.phi.template) + ')' if engine.phi else 'none'}",
         f"- **Index**: {plain(index.kind)}, metric {index.metric}, {len(index):,} items, "
         f"{len(index.categories())} categories" + (", exact search" if not index.tuning else ""),
         f"- **Store**: {plain(index.describe_store())}",

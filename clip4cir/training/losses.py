@@ -42,18 +42,22 @@ def contrastive_loss(query: torch.Tensor, target: torch.Tensor, scale: float | t
 
 
 class Temperature(torch.nn.Module):
-    """The logit scale: CLIP4Cir's fixed 100, or learned (started at 100, trained at its own learning rate as
-    CLIP's own training does, and kept within [MIN_SCALE, MAX_SCALE] after every step)."""
+    """The logit scale: fixed (CLIP4Cir's 100), or learned (started at ``initial``, trained at its own learning
+    rate as CLIP's own training does, and kept within [MIN_SCALE, MAX_SCALE] after every step)."""
 
-    def __init__(self, learned: bool = False):
+    def __init__(self, learned: bool = False, initial: float = LOGIT_SCALE):
         super().__init__()
-        self.learned = learned
-        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(LOGIT_SCALE)), requires_grad=learned)
+        self.learned, self.initial = learned, float(min(max(initial, MIN_SCALE), MAX_SCALE))
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(self.initial)), requires_grad=learned)
 
     def forward(self) -> float | torch.Tensor:
         if not self.learned:
-            return LOGIT_SCALE
+            return self.initial
         return self.log_scale.clamp(math.log(MIN_SCALE), math.log(MAX_SCALE)).exp()
+
+    def value(self) -> float:
+        """The scale as a number (for logs and files)."""
+        return float(torch.as_tensor(self()).detach())
 
     @torch.no_grad()
     def bound(self) -> None:

@@ -106,11 +106,11 @@ def batch_groups(train_set: TripletDataset, hard_negatives: bool) -> list | None
     return categories if hard_negatives and all(categories) and len(set(categories)) > 1 else None
 
 
-def check_batch_fits(batch_size: int, world_size: int, n: int) -> None:
+def check_batch_fits(batch_size: int, world_size: int, n: int, what: str = "training triplets") -> None:
     """One global batch (batch size × processes) must fit in the training data."""
     if batch_size * world_size > n:
         where = f" × {world_size} processes" if world_size > 1 else ""
-        raise ValueError(f"--batch-size {batch_size}{where} is larger than the {n:,} training triplets")
+        raise ValueError(f"--batch-size {batch_size}{where} is larger than the {n:,} {what}")
 
 
 def training_triplets(source, encoder: Encoder, config: RunConfig, world_size: int) -> TripletDataset:

@@ -263,7 +263,7 @@ class Trainer:
                   "loss": state["loss_sum"] / max(state["step_in_epoch"], 1), "seconds": seconds,
                   "samples_per_s": seen / seconds, "data_wait_share": waited / seconds}
         if self.task.temperature is not None:
-            record["logit_scale"] = float(self.task.temperature())
+            record["logit_scale"] = self.task.temperature.value()
         record.update(self.task.end_epoch(epoch, record["loss"]))
         if is_main and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
             try:

@@ -140,6 +140,10 @@ class Source(ABC):
     def gallery(self, split: str) -> dict[str, tuple[str, ...]]:
         """The images of a split, each with its categories."""
 
+    def texts(self, split: str) -> dict[str, tuple[str, ...]]:
+        """The texts of each image of a split (titles, descriptions: image-text pairs); empty when it has none."""
+        return {}
+
     @abstractmethod
     def path(self, image_id: str) -> str:
         """Where an image is: a file path, or a reference the source reads (e.g. a row of a Hub data set)."""

@@ -3,7 +3,8 @@
 (never copied out); a Hub data set can be streamed, for building an index of a catalog larger than the disk.
 
 Two shapes, told apart by the columns the options name:
-- a catalog: an image column, and optional id and category columns (ids default to the row number);
+- a catalog: an image column, and optional id, category and caption columns (ids default to the row number; a
+  caption column, one text or a list per row, makes it image-text pairs: titles, descriptions);
 - triplets: reference and target image columns and a caption column (one caption, or a list), optional
   category column; image ids are ``SPLIT/ROW/COLUMN``.
 Every named column must exist: a missing one is an error naming it and the columns there are.
@@ -68,6 +69,7 @@ class HubDataset(Source):
         some = next(iter(self.data.values()))
         names = list(some.features or {})
         self.triplet_shaped = reference_column in names and target_column in names
+        self.has_texts = not self.triplet_shaped and caption_column in names
         wanted = ["reference", "target", "caption"] if self.triplet_shaped else ["image"]
         wanted += [k for k in ("id", "category") if self.columns[k]]
         for key in wanted:
@@ -152,6 +154,19 @@ class HubDataset(Source):
             category = self._category(values[self.columns["category"]]) if self.columns["category"] else ()
             out.append(Triplet(f"{split}/{row}/reference", f"{split}/{row}/target", tuple(captions),
                                category[0] if category else None))
+        return out
+
+    def texts(self, split: str) -> dict[str, tuple[str, ...]]:
+        if not self.has_texts:
+            return {}
+        column, out = self.columns["caption"], {}
+        for image_id, (row, values) in zip(self.gallery(split), self._rows(split, [column])):
+            value = values[column]
+            texts = tuple(t.strip() for t in ([value] if isinstance(value, str) else list(value or []))
+                          if isinstance(t, str) and t.strip())
+            if not texts:
+                raise DataError(f"{self.spec}: split {split}, row {row}: column {column!r} holds no text")
+            out[image_id] = texts
         return out
 
     def _locate(self, image_id: str) -> tuple[str, int, str]:

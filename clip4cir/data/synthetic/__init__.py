@@ -1,11 +1,12 @@
 """Synthetic data sets in the real layouts, drawn from one garment model (``garments``): FashionIQ and CIRR
-catalogs with triplets and captions, and labelled identities. The real annotation files have no images here;
-these do."""
+catalogs with triplets, captions and titles, labelled identities, and an image-text pretraining corpus. The real
+annotation files have no images here; these do."""
 from clip4cir.data.synthetic.cirr import CIRR_SIZES, make_synthetic_cirr
+from clip4cir.data.synthetic.corpus import make_pretraining_corpus
 from clip4cir.data.synthetic.fashioniq import SIZES, make_synthetic_fashioniq
 from clip4cir.data.synthetic.identities import make_synthetic_identities
 
 SYNTHETIC_FORMAT = "clip4cir.synthetic-catalog"  # the artifact format of a generated data set folder
 
-__all__ = ["SYNTHETIC_FORMAT", "CIRR_SIZES", "SIZES", "make_synthetic_cirr", "make_synthetic_fashioniq",
-           "make_synthetic_identities"]
+__all__ = ["SYNTHETIC_FORMAT", "CIRR_SIZES", "SIZES", "make_pretraining_corpus", "make_synthetic_cirr",
+           "make_synthetic_fashioniq", "make_synthetic_identities"]

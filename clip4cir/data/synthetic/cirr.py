@@ -1,5 +1,5 @@
 """A synthetic catalog in CIRR's exact layout (``cirr/captions``, ``cirr/image_splits``, the images at the paths
-the split files give), each query with its image subset."""
+the split files give), each query with its image subset; a title of each image in ``pairs.jsonl``."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clip4cir.data.sources.fashioniq import CATEGORIES
 from clip4cir.data.synthetic.garments import (ATTRIBUTES, IMAGE_WIDTH, Catalog, Item, attrs_of, phrases,
-                                              render_all, write_json)
+                                              render_all, write_json, write_pairs)
 
 # (triplets, images) per CIRR split; "full" is CIRR's real sizes (train captions: about 28k)
 CIRR_SIZES = {
@@ -67,7 +67,7 @@ def make_synthetic_cirr(out: str | os.PathLike, size: str = "tiny", seed: int = 
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(CIRR_SIZES)}")
     out = Path(out)
     catalog = Catalog(seed)
-    jobs, counts, pair = [], {}, 0
+    jobs, counts, pair, titled = [], {}, 0, []
     for split, (n_triplets, n_images) in CIRR_SIZES[size].items():
         images, triplets = _cirr_split(catalog, split, n_triplets, n_images, pair)
         pair += len(triplets)
@@ -77,6 +77,9 @@ def make_synthetic_cirr(out: str | os.PathLike, size: str = "tiny", seed: int = 
         for item, path in images.values():
             (out / path).parent.mkdir(parents=True, exist_ok=True)
             jobs.append((item, str(out / path), IMAGE_WIDTH))
+            titled.append((item, path.removeprefix("./"), "val" if split == "val" else "test" if split == "test1"
+                           else "train"))
         counts[split] = {"triplets": len(triplets), "images": len(images)}
     render_all(jobs, workers)
+    write_pairs(out / "pairs.jsonl", titled)
     return counts

@@ -2,7 +2,8 @@
 
 Each triplet's target differs from its reference in one to three attributes, described by two FashionIQ-style
 captions; galleries hold hard distractors that differ from a target in one attribute. The attributes of every
-image are written to ``synthetic_attributes.json`` beside the FashionIQ folders.
+image are written to ``synthetic_attributes.json`` beside the FashionIQ folders, and a shop's title of each to
+``pairs.jsonl`` (image-text pairs, each image in its FashionIQ split).
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import os
 from pathlib import Path
 
 from clip4cir.data.sources.fashioniq import CATEGORIES, SPLITS
-from clip4cir.data.synthetic.garments import IMAGE_WIDTH, Catalog, Item, attrs_of, captions_for, render_all, write_json
+from clip4cir.data.synthetic.garments import (IMAGE_WIDTH, Catalog, Item, attrs_of, captions_for, render_all,
+                                              write_json, write_pairs)
 
 # (triplets, images) per split (train, val, test) and category; "full" is FashionIQ's real sizes
 SIZES = {
@@ -64,6 +66,7 @@ def make_synthetic_fashioniq(out: str | os.PathLike, size: str = "tiny", seed: i
     (out / "images").mkdir(parents=True, exist_ok=True)
     catalog = Catalog(seed)
     all_items: dict[str, Item] = {}
+    split_of: dict[str, str] = {}
     counts: dict = {}
     for category in CATEGORIES:
         for split in SPLITS:
@@ -76,7 +79,9 @@ def make_synthetic_fashioniq(out: str | os.PathLike, size: str = "tiny", seed: i
             write_json(out / "captions" / f"cap.{category}.{split}.json", triplets)
             write_json(out / "image_splits" / f"split.{category}.{split}.json", [i.id for i in items])
             all_items.update({i.id: i for i in items})
+            split_of.update({i.id: split for i in items})
             counts[f"{category}.{split}"] = {"triplets": len(triplets), "images": len(items)}
     render_all([(item, str(out / "images" / f"{item.id}.jpg"), width) for item in all_items.values()], workers)
     write_json(out / "synthetic_attributes.json", {i.id: i.attributes() for i in all_items.values()})
+    write_pairs(out / "pairs.jsonl", [(i, f"images/{i.id}.jpg", split_of[i.id]) for i in all_items.values()])
     return counts

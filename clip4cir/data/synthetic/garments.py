@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,11 @@ COLOURS = {
     "black": (25, 25, 25), "white": (245, 245, 245), "pink": (245, 140, 185), "purple": (120, 50, 150),
     "orange": (240, 130, 30), "grey": (128, 128, 128),
 }
+WIDER_COLOURS = {  # only the pretraining corpus draws these: a wider space than the catalogs'
+    "navy": (20, 30, 90), "brown": (110, 70, 40), "beige": (220, 200, 160), "teal": (20, 130, 130),
+    "maroon": (120, 20, 45), "olive": (110, 120, 40),
+}
+PALETTE = {**COLOURS, **WIDER_COLOURS}
 PATTERNS = ("plain", "striped", "dotted", "checked")
 SLEEVES = ("sleeveless", "short", "long")  # ordered from shortest
 SPECIFIC = {  # the category-specific attribute and its values
@@ -25,6 +31,8 @@ SPECIFIC = {  # the category-specific attribute and its values
     "toptee": ("print", ("none", "star", "heart")),
 }
 ATTRIBUTES = ("colour", "pattern", "sleeves", "specific")
+FRAMING = (0.06, 0.04, 0.82, 225)  # a photo's largest shift (x, y), smallest scale, darkest background
+WIDE_FRAMING = (0.1, 0.065, 0.7, 195)
 IMAGE_WIDTH = 72
 
 
@@ -49,13 +57,13 @@ class Item:
                 "sleeves": self.sleeves, SPECIFIC[self.category][0]: self.specific}
 
 
-def values_of(category: str, attribute: str) -> tuple[str, ...]:
-    return {"colour": tuple(COLOURS), "pattern": PATTERNS, "sleeves": SLEEVES,
+def values_of(category: str, attribute: str, colours: tuple[str, ...] = tuple(COLOURS)) -> tuple[str, ...]:
+    return {"colour": colours, "pattern": PATTERNS, "sleeves": SLEEVES,
             "specific": SPECIFIC[category][1]}[attribute]
 
 
 def luminance(colour: str) -> float:
-    r, g, b = COLOURS[colour]
+    r, g, b = PALETTE[colour]
     return 0.299 * r + 0.587 * g + 0.114 * b
 
 
@@ -108,11 +116,14 @@ def captions_for(rng: np.random.Generator, category: str, changes: list[tuple[st
 
 
 class Catalog:
-    """Draws items and ids from one random stream, so a seed decides everything."""
+    """Draws items and ids from one random stream, so a seed decides everything; ``wide`` draws from the wider
+    space of the pretraining corpus (more colours, looser framing and lighting)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, wide: bool = False):
         self.rng = np.random.default_rng(seed)
         self.ids: set[str] = set()
+        self.colours = tuple(PALETTE if wide else COLOURS)
+        self.framing = WIDE_FRAMING if wide else FRAMING
 
     def new_id(self) -> str:
         alphabet = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
@@ -124,20 +135,57 @@ class Catalog:
 
     def item(self, category: str, attrs: dict | None = None) -> Item:
         rng = self.rng
-        attrs = attrs or {a: str(rng.choice(values_of(category, a))) for a in ATTRIBUTES}
+        attrs = attrs or {a: str(rng.choice(values_of(category, a, self.colours))) for a in ATTRIBUTES}
+        dx, dy, scale, background = self.framing
         return Item(self.new_id(), category, attrs["colour"], attrs["pattern"], attrs["sleeves"], attrs["specific"],
-                    aspect=float(rng.uniform(1.3, 1.6)), dx=float(rng.uniform(-0.06, 0.06)),
-                    dy=float(rng.uniform(-0.04, 0.04)), scale=float(rng.uniform(0.82, 1.0)),
-                    background=int(rng.integers(225, 256)))
+                    aspect=float(rng.uniform(1.3, 1.6)), dx=float(rng.uniform(-dx, dx)), dy=float(rng.uniform(-dy, dy)),
+                    scale=float(rng.uniform(scale, 1.0)), background=int(rng.integers(background, 256)))
 
     def changed(self, category: str, attrs: dict, n_changes: int) -> tuple[dict, list[tuple[str, str, str]]]:
         new, changes = dict(attrs), []
         for attribute in self.rng.permutation(ATTRIBUTES)[:n_changes]:
             attribute = str(attribute)
-            value = str(self.rng.choice([v for v in values_of(category, attribute) if v != attrs[attribute]]))
+            value = str(self.rng.choice([v for v in values_of(category, attribute, self.colours)
+                                         if v != attrs[attribute]]))
             new[attribute] = value
             changes.append((attribute, attrs[attribute], value))
         return new, changes
+
+
+NOUNS = {"dress": ("dress", "dress", "frock"), "shirt": ("shirt", "button-up shirt", "blouse"),
+         "toptee": ("t-shirt", "top", "tee")}
+PATTERN_WORDS = {"plain": ("plain", "solid", ""), "striped": ("striped", "stripe"),
+                 "dotted": ("polka dot", "dotted", "spotted"), "checked": ("checked", "plaid", "check")}
+SLEEVE_WORDS = {"sleeveless": ("sleeveless", "with no sleeves"), "short": ("short-sleeved", "with short sleeves"),
+                "long": ("long-sleeved", "with long sleeves")}  # (before the noun, after it)
+SPECIFIC_WORDS = {"mini": ("mini", ""), "knee": ("knee-length", ""), "maxi": ("maxi", ""),
+                  "round": ("crew-neck", "with a round neck"), "v-neck": ("v-neck", "with a v neckline"),
+                  "collar": ("collared", "with a collar"), "none": ("", ""), "star": ("", "with a star print"),
+                  "heart": ("", "with a heart print")}
+
+
+def title(item: Item) -> str:
+    """A shop's title of an item, in varied wording, naming every attribute it has: a pure function of the item
+    (its own random stream, so titles never change the catalog a seed draws)."""
+    rng = np.random.default_rng(zlib.crc32(item.id.encode()))
+    noun = str(rng.choice(NOUNS[item.category]))
+    pattern = str(rng.choice(PATTERN_WORDS[item.pattern]))
+    sleeve_before, sleeve_after = SLEEVE_WORDS[item.sleeves]
+    specific_before, specific_after = SPECIFIC_WORDS[item.specific]
+    if specific_before and rng.random() < 0.5 and item.specific in ("round", "v-neck", "collar"):
+        specific_before = ""  # the neckline said after the noun
+    elif specific_before:
+        specific_after = ""
+    before = [item.colour, pattern, specific_before]
+    after = [specific_after]
+    if rng.random() < 0.5:
+        before.insert(0, sleeve_before)
+    else:
+        after.append(sleeve_after)
+    words = " ".join(w for w in before if w) + f" {noun}"
+    tail = " and ".join(w.removeprefix("with ") if n else w for n, w in enumerate(a for a in after if a))
+    text = f"{words} {tail}" if tail else words
+    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
 
 def attrs_of(item: Item) -> dict:
@@ -185,7 +233,7 @@ def render(item: Item, width: int = IMAGE_WIDTH) -> Image.Image:
     elif dress:  # straps
         for side in (-1, 1):
             draw.rectangle([p(0.5 + side * 0.12 - 0.025, 0.0), p(0.5 + side * 0.12 + 0.025, 0.1)], fill=255)
-    base = COLOURS[item.colour]
+    base = PALETTE[item.colour]
     accent = _shade(base, 0.55) if luminance(item.colour) < 100 else _shade(base, -0.45)
     fabric = Image.new("RGB", (W, H), base)
     fd = ImageDraw.Draw(fabric)
@@ -252,6 +300,16 @@ def render_all(jobs: list, workers: int | None, draw=None) -> None:
     else:
         for job in jobs:
             draw(job)
+
+
+def write_pairs(path: Path, rows: list[tuple[Item, str, str | None]]) -> None:
+    """The catalog's image-text pairs as JSON Lines: each (item, image path relative to the file, split or None)
+    with the item's title and category (what image-text training reads, clip4cir.data.sources.pairs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for item, image, split in rows:
+            row = {"image": image, "text": title(item), "category": item.category}
+            f.write(json.dumps({**row, "split": split} if split else row) + "\n")
 
 
 def write_json(path: Path, obj) -> None:

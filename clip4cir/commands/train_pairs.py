@@ -1,0 +1,53 @@
+"""Image-text training (``scripts/train_pairs.py``, ``clip4cir-train-pairs``): adapt CLIP to a catalog's own
+image-text pairs, titles or descriptions, before any triplet exists (clip4cir.training.pairs)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+from clip4cir.commands.common import POSITIVE, check_run_config, config_from_args, number, run, train, training_parser
+from clip4cir.core.errors import DataError
+from clip4cir.data.sources.base import check_images_readable, detect_kind
+from clip4cir.models.transforms import PREPROCESS_KINDS
+from clip4cir.training import pairs
+from clip4cir.training.pairs import PairsConfig, PairsTask
+from clip4cir.training.stage_one import ENCODER_CHOICES, check_batch_fits
+
+
+def parse_args(argv: Sequence[str] | None) -> PairsConfig:
+    parser = training_parser("train_pairs.py", pairs.__doc__, PairsConfig)
+    parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="both", help="which towers to train")
+    parser.add_argument("--weight-decay", type=number(0, 1e3), default=0.1)
+    parser.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction, default=True,
+                        help="learn the logit scale, from the model's own (default: yes, as CLIP does)")
+    parser.add_argument("--temperature-lr", type=POSITIVE, default=1e-3, help="the learned logit scale's own rate")
+    parser.add_argument("--preprocess", choices=PREPROCESS_KINDS, default="targetpad")
+    parser.add_argument("--target-ratio", type=number(1, 100), default=1.25,
+                        help="targetpad: pad images whose aspect ratio exceeds this")
+    args = parser.parse_args(argv)
+    if args.dataset == "auto" and detect_kind(args.data) == "folder":
+        args.dataset = "pairs"  # a folder no other kind recognises: images with sidecar texts
+    config = config_from_args(PairsConfig, args)
+    check_run_config(config)
+    source = config.source.open()
+    val = source.protocol.val_split
+    if val == "train":
+        raise DataError(f"--data {config.source.data}: {source.describe()} has no held-out split to validate on "
+                        f"(give it a val or validation split)")
+    for split in ("train", val):
+        if split not in source.splits() or not source.texts(split):
+            raise DataError(f"--data {config.source.data}: {source.describe()} has no {split} image-text pairs "
+                            f"(image,text rows, images with sidecar .txt files, or a data set with a caption column)")
+    check_batch_fits(config.batch_size, int(os.environ.get("WORLD_SIZE", "1")), len(source.texts("train")),
+                     "training images")
+    check_images_readable(source, [i for split in ("train", val) for i in source.texts(split)])
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return train(PairsTask, parse_args(argv))
+
+
+def console() -> int:
+    return run(main)

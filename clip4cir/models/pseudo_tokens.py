@@ -1,0 +1,139 @@
+"""Textual inversion for zero-shot composed retrieval (Pic2Word, SEARLE, LinCIR): φ maps a CLIP feature to a
+pseudo-word token, a vector in the text tower's token-embedding space that stands for the reference in a prompt
+such as "a photo of $ that is red"; the text tower encodes the prompt with the placeholder's embedding replaced by
+it. The query of a reference image and a caption is then one text feature, searched like a text query."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from clip4cir.core.artifacts import atomic_write
+from clip4cir.core.errors import ModelError
+from clip4cir.models.encoder import CLIPEncoder
+
+PHI_FORMAT = "clip4cir.phi"
+PLACEHOLDER = "$"
+TEMPLATE = "a photo of $ that {caption}"  # Pic2Word's and SEARLE's prompt for composed queries
+
+
+class Phi(nn.Module):
+    """φ: a feature (``dim``) → a pseudo-word token (``width``, the token embedding's size): a three-layer MLP with
+    GELU and dropout, the shape Pic2Word and SEARLE use."""
+
+    def __init__(self, dim: int, width: int, hidden: int | None = None, dropout: float = 0.5):
+        super().__init__()
+        hidden = hidden or 4 * max(dim, width)
+        self.dim, self.width, self.hidden, self.dropout = dim, width, hidden, dropout
+        self.layers = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden, width))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+    def settings(self) -> dict:
+        """What rebuilds it (a checkpoint records these)."""
+        return {"dim": self.dim, "width": self.width, "hidden": self.hidden, "dropout": self.dropout}
+
+
+def placeholder_id(encoder: CLIPEncoder) -> int:
+    """The token id of the placeholder word: one token of the encoder's tokenizer (an error if it is not)."""
+    tokens = encoder.tokenizer([PLACEHOLDER], context_length=encoder.context_length)[0]
+    inner = tokens[1:int((tokens != 0).sum()) - 1]  # between the start and end tokens
+    if len(inner) != 1:
+        raise ModelError(f"the placeholder {PLACEHOLDER!r} is {len(inner)} tokens for {encoder.describe()}, not one")
+    return int(inner[0])
+
+
+def token_width(encoder: CLIPEncoder) -> int:
+    """The size of the text tower's token embeddings (what a pseudo token must have)."""
+    embedding = getattr(encoder.model, "token_embedding", None)
+    if not isinstance(embedding, nn.Embedding):
+        raise ModelError(f"{encoder.describe()} has no token embedding to put a pseudo-word token in")
+    return embedding.embedding_dim
+
+
+def encode_with_pseudo_tokens(encoder: CLIPEncoder, texts: Sequence[str], pseudo: torch.Tensor,
+                              normalize: bool = False) -> torch.Tensor:
+    """Text features of ``texts``, each holding the placeholder at least once, with its token embedding replaced
+    by that text's row of ``pseudo`` wherever it stands (gradients flow into ``pseudo``)."""
+    tokens = encoder.tokenize(texts).to(encoder.device)
+    where = tokens == placeholder_id(encoder)
+    missing = (where.sum(1) == 0).nonzero()
+    if len(missing):
+        raise ModelError(f"text {texts[int(missing[0])]!r} holds no placeholder {PLACEHOLDER!r} for the pseudo token")
+    embeddings = encoder.model.token_embedding(tokens)
+    embeddings = torch.where(where[..., None], pseudo.to(embeddings.dtype)[:, None, :], embeddings)
+    return encoder.encode_token_embeddings(tokens, embeddings, normalize)
+
+
+def composed_prompts(captions: Sequence[str], template: str = TEMPLATE) -> list[str]:
+    """The prompt of each caption ("is red" → "a photo of $ that is red"), the caption's first letter lowered."""
+    return [template.format(caption=c.strip()[:1].lower() + c.strip()[1:]) for c in captions]
+
+
+class PseudoTokenQueries:
+    """Composed queries by textual inversion: the reference's feature → φ → the pseudo token in the prompt of the
+    caption; the prompt's text feature (normalised) is the query. Takes captions, not their features
+    (``reads_captions``: clip4cir.models.combiner.compose_queries hands it them)."""
+
+    reads_captions = True
+
+    def __init__(self, phi: Phi, encoder: CLIPEncoder, template: str = TEMPLATE):
+        self.phi, self.encoder, self.template = phi.eval(), encoder, template
+
+    @torch.inference_mode()
+    def __call__(self, reference_features: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        pseudo = self.phi(F.normalize(reference_features.float(), dim=-1).to(self.encoder.device))
+        return encode_with_pseudo_tokens(self.encoder, composed_prompts(captions, self.template), pseudo,
+                                         normalize=True)
+
+
+def save_phi(phi: Phi, path: str | os.PathLike, method: str, template: str, encoder: dict,
+             info: dict | None = None) -> None:
+    """Save atomically as ``.safetensors`` with metadata: the format, φ's settings, the method that trained it, the
+    prompt template, and the encoder it was trained for (its record: fingerprint and how to rebuild it)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in phi.state_dict().items()}
+    metadata = {"format": PHI_FORMAT, "settings": json.dumps(phi.settings()), "method": method,
+                "template": template, "encoder": json.dumps(encoder), "info": json.dumps(info or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
+             device: str | torch.device = "cpu") -> tuple[Phi, dict]:
+    """A φ file and its metadata (method, template, encoder, info); with ``encoder``, a φ trained for another
+    encoder (another fingerprint) is refused, naming both."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"φ checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ModelError(f"cannot read φ file {path}: {e}") from e
+    if meta.get("format") != PHI_FORMAT:
+        raise ModelError(f"{path} is not a clip4cir φ file (metadata 'format' is {meta.get('format')!r})")
+    phi = Phi(**json.loads(meta["settings"]))
+    phi.load_state_dict(state)
+    record = {"method": meta.get("method"), "template": meta.get("template", TEMPLATE),
+              "encoder": json.loads(meta.get("encoder", "{}")), "info": json.loads(meta.get("info", "{}"))}
+    trained_for = record["encoder"].get("fingerprint")
+    if encoder is not None and trained_for not in (None, encoder.fingerprint()):
+        raise ModelError(f"φ {path} was trained for encoder {record['encoder'].get('description', '?')} (fingerprint "
+                         f"{trained_for}), not {encoder.describe()} (fingerprint {encoder.fingerprint()})")
+    return phi.to(device).eval(), record
+
+
+def zero_shot_queries(path: str | os.PathLike, encoder: CLIPEncoder) -> PseudoTokenQueries:
+    """The composed queries of the φ file at ``path`` (its own template), for ``encoder`` (checked)."""
+    phi, record = load_phi(path, encoder, encoder.device)
+    return PseudoTokenQueries(phi, encoder, record["template"])
