@@ -38,7 +38,7 @@ TRAIN_SEED, HELD_OUT_SEED = 11, 7  # the held-out catalogs are those the base wa
 CONFIGS = {
     "smoke": {"size": "tiny", "seeds": [0], "phi_epochs": 2, "phi_batch": 16, "adapt_epochs": 1, "adapt_batch": 16,
               "epochs": 1, "batch": 8, "combiner_epochs": 2, "combiner_batch": 16},
-    "full": {"size": "demo", "seeds": [0, 1, 2], "phi_epochs": 30, "phi_batch": 256, "adapt_epochs": 6,
+    "full": {"size": "demo", "seeds": [0, 1, 2], "phi_epochs": 8, "phi_batch": 256, "adapt_epochs": 6,
              "adapt_batch": 128, "epochs": 12, "batch": 64, "combiner_epochs": 60, "combiner_batch": 256},
 }
 PHI_LR, ADAPT_LR, STAGE_ONE_LR, STAGE_TWO_LR = 1e-3, 1e-4, 1e-4, 1e-3
