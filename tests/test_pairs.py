@@ -13,6 +13,7 @@ from clip4cir.commands.train_pairs import main as train_pairs
 from clip4cir.core.errors import DataError
 from clip4cir.data.sources import open_source
 from clip4cir.data.sources.pairs import hashed_split
+from clip4cir.data.synthetic import make_synthetic_cirr
 from clip4cir.data.synthetic.garments import Catalog, title
 from clip4cir.evaluation.pairs import pair_ranks
 from clip4cir.models.encoder_file import load_encoder
@@ -93,7 +94,7 @@ def test_pairs_files_and_folders_and_their_bad_inputs(tmp_path):
         open_source(two_splits, "pairs")
 
 
-def test_synthetic_titles_name_every_attribute_and_keep_the_catalog(tiny_root):
+def test_synthetic_titles_name_every_attribute_and_keep_the_catalog(tiny_root, tmp_path):
     catalog = Catalog(3)
     for category in ("dress", "shirt", "toptee"):
         item = catalog.item(category)
@@ -104,6 +105,11 @@ def test_synthetic_titles_name_every_attribute_and_keep_the_catalog(tiny_root):
     fashioniq = open_source(tiny_root)
     for split in ("train", "val", "test"):  # every image, in its FashionIQ split
         assert {i.removeprefix("images/") for i in source.texts(split)} == set(fashioniq.gallery(split))
+    cirr = tmp_path / "cirr"
+    make_synthetic_cirr(cirr, "tiny", seed=0, workers=1)
+    cirr_pairs, cirr_source = open_source(cirr / "pairs.jsonl"), open_source(cirr)
+    for ours, theirs in (("train", "train"), ("val", "val"), ("test", "test1")):  # CIRR's images, in its splits
+        assert {i.rsplit("/", 1)[-1] for i in cirr_pairs.texts(ours)} == set(cirr_source.gallery(theirs))
     attributes = json.loads((tiny_root / "synthetic_attributes.json").read_text())
     some = next(iter(source.texts("val")))
     assert attributes[some.removeprefix("images/")]["colour"] in source.texts("val")[some][0].lower()

@@ -1,4 +1,4 @@
-"""The one trainer: every training run (stage one, stage two, learning from labels, image-text pairs) is a
+"""The one trainer: every training run (stage one, stage two, learning from labels, image-text pairs, φ) is a
 :class:`TrainingTask` that supplies its model, batches and loss; :class:`Trainer` owns the rest, the same for all:
 the run folder and its checks, the optimizer and the learned temperature's own rate, mixed precision, DDP, exact
 resume, checkpoints, the epoch loop, validation, logs and the checks that a loss or weight is a number.
