@@ -39,9 +39,11 @@ def test_pair_ranks_match_a_brute_force_reference():
     image_of_text = np.concatenate([np.arange(30), rng.integers(0, 30, 20)])  # some images have several texts
     texts = (images[image_of_text] + rng.standard_normal((50, 8)) * 1.5).astype(np.float32)
     texts[5] = texts[4] * 2  # a tie (cosine equal)
-    t2i, i2t = pair_ranks(torch.from_numpy(images), torch.from_numpy(texts), torch.from_numpy(image_of_text))
     expected_t2i, expected_i2t = brute_force_ranks(images, texts, image_of_text)
-    assert t2i.tolist() == expected_t2i and i2t.tolist() == expected_i2t
+    for chunk in (1024, 7):  # one block, and blocks that cut the images
+        t2i, i2t = pair_ranks(torch.from_numpy(images), torch.from_numpy(texts), torch.from_numpy(image_of_text),
+                              chunk)
+        assert t2i.tolist() == expected_t2i and i2t.tolist() == expected_i2t
     assert 0 < sum(r == 0 for r in expected_t2i) < 50  # neither trivial nor hopeless
 
 

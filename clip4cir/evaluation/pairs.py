@@ -17,21 +17,24 @@ from clip4cir.models.features import encode_texts, extract_image_features
 PAIR_KS = (1, 5, 10)
 
 
-def pair_ranks(image_features: torch.Tensor, text_features: torch.Tensor, image_of_text: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_ranks(image_features: torch.Tensor, text_features: torch.Tensor, image_of_text: torch.Tensor,
+               chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(0-based rank of each text's image among the images, 0-based rank of each image's best own text among the
-    texts), by cosine similarity, ties to the lower index. ``image_of_text[j]`` is the image of text j; every
-    image has at least one text."""
+    texts), by cosine similarity, ties to the lower index, images taken ``chunk_size`` at a time.
+    ``image_of_text[j]`` is the image of text j; every image has at least one text."""
     images = F.normalize(image_features.float(), dim=-1)
     texts = F.normalize(text_features.float(), dim=-1)
     text_to_image = target_ranks(texts, images, image_of_text)
-    scores = images @ texts.T  # (images, texts): each image's own texts, then how many texts beat the best one
-    own = image_of_text[None, :] == torch.arange(len(images))[:, None]
-    best = scores.masked_fill(~own, float("-inf")).max(1)
     positions = torch.arange(len(texts))
-    first_best = torch.where(own & (scores == best.values[:, None]), positions, len(texts)).min(1).values
-    before = (scores > best.values[:, None]) | ((scores == best.values[:, None]) & (positions < first_best[:, None]))
-    return text_to_image, before.sum(1)
+    image_to_text = torch.empty(len(images), dtype=torch.long)
+    for start in range(0, len(images), chunk_size):  # each image's own texts, then how many beat the best one
+        scores = images[start:start + chunk_size] @ texts.T
+        own = image_of_text[None, :] == torch.arange(start, start + len(scores))[:, None]
+        best = scores.masked_fill(~own, float("-inf")).max(1).values[:, None]
+        first_best = torch.where(own & (scores == best), positions, len(texts)).min(1).values[:, None]
+        image_to_text[start:start + len(scores)] = ((scores > best) | ((scores == best) & (positions < first_best))
+                                                    ).sum(1)
+    return text_to_image, image_to_text
 
 
 def pair_recalls(image_features: torch.Tensor, text_features: torch.Tensor, image_of_text: torch.Tensor,
