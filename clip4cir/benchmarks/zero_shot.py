@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from clip4cir.benchmarks.machine import machine
+from clip4cir.benchmarks.pipeline import percentiles_ms, timed
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import make_synthetic_cirr, make_synthetic_fashioniq
 from clip4cir.evaluation.composed import evaluate
-from clip4cir.models.combiner import combine_sum, load_combiner
+from clip4cir.models.combiner import combining_function
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.models.pseudo_tokens import zero_shot_queries
 from clip4cir.serving.demo import DEMO_DIR
@@ -76,10 +77,8 @@ def held_out(encoder_path: Path, catalogs: dict[str, Path], phi: Path | None = N
              combiner: Path | None = None) -> dict:
     """Recall on each held-out catalog's val queries, composed as the row says."""
     encoder = load_encoder(encoder_path)
-    if phi is not None:
-        combine = zero_shot_queries(phi, encoder)
-    else:
-        combine = load_combiner(combiner, encoder=encoder)[0].combine if combiner else combine_sum
+    mode = "phi" if phi is not None else "combiner" if combiner is not None else "sum"
+    combine = combining_function(encoder, combiner and str(combiner), mode, phi and str(phi))
     return {name: evaluate(encoder, open_source(root), combine=combine, progress=False)["average"]
             for name, root in catalogs.items()}
 
@@ -92,13 +91,7 @@ def query_cost(encoder_path: Path, phi: Path, repeats: int = 50) -> dict:
     reference = torch.randn(1, encoder.dim)
 
     def p50(call) -> float:
-        call()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-        return round(1000 * statistics.median(times), 2)
+        return percentiles_ms(timed(call, repeats))["p50_ms"]
     with torch.inference_mode():
         return {"text_ms": p50(lambda: encoder.encode_text(["is red with shorter sleeves"])),
                 "zero_shot_ms": p50(lambda: queries(reference, ["is red with shorter sleeves"]))}

@@ -19,8 +19,10 @@ from clip4cir.data.datasets import check_triplet_data
 from clip4cir.data.sources import SOURCES, SourceOptions
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.factory import load_model
+from clip4cir.models.transforms import PREPROCESS_KINDS
 from clip4cir.training.config import RunConfig
 from clip4cir.training.recipes import DEFAULT_RECIPE, RECIPES
+from clip4cir.training.stage_one import ENCODER_CHOICES
 from clip4cir.training.trainer import Trainer, TrainingTask
 
 C = TypeVar("C", bound=RunConfig)
@@ -147,6 +149,16 @@ def training_parser(prog: str, doc: str | None, config: type[RunConfig]) -> argp
     add_run_args(parser, config.epochs, config.batch_size, config.lr)
     add_model_args(parser)
     return parser
+
+
+def add_tower_args(parser: argparse.ArgumentParser, config: type[RunConfig]) -> None:
+    """What training the CLIP towers takes (stage one, image-text pairs): which towers, weight decay and
+    preprocessing (defaults: the config's)."""
+    parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="both", help="which towers to train")
+    parser.add_argument("--weight-decay", type=number(0, 1e3), default=config.weight_decay)
+    parser.add_argument("--preprocess", choices=PREPROCESS_KINDS, default=config.preprocess)
+    parser.add_argument("--target-ratio", type=number(1, 100), default=config.target_ratio,
+                        help="targetpad: pad images whose aspect ratio exceeds this")
 
 
 def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float | None) -> None:

@@ -6,25 +6,21 @@ import argparse
 import os
 from typing import Sequence
 
-from clip4cir.commands.common import POSITIVE, check_run_config, config_from_args, number, run, train, training_parser
+from clip4cir.commands.common import (POSITIVE, add_tower_args, check_run_config, config_from_args, run, train,
+                                      training_parser)
 from clip4cir.core.errors import DataError
 from clip4cir.data.sources.base import check_images_readable, detect_kind
-from clip4cir.models.transforms import PREPROCESS_KINDS
 from clip4cir.training import pairs
 from clip4cir.training.pairs import PairsConfig, PairsTask
-from clip4cir.training.stage_one import ENCODER_CHOICES, check_batch_fits
+from clip4cir.training.stage_one import check_batch_fits
 
 
 def parse_args(argv: Sequence[str] | None) -> PairsConfig:
     parser = training_parser("train_pairs.py", pairs.__doc__, PairsConfig)
-    parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="both", help="which towers to train")
-    parser.add_argument("--weight-decay", type=number(0, 1e3), default=0.1)
+    add_tower_args(parser, PairsConfig)
     parser.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction, default=True,
                         help="learn the logit scale, from the model's own (default: yes, as CLIP does)")
     parser.add_argument("--temperature-lr", type=POSITIVE, default=1e-3, help="the learned logit scale's own rate")
-    parser.add_argument("--preprocess", choices=PREPROCESS_KINDS, default="targetpad")
-    parser.add_argument("--target-ratio", type=number(1, 100), default=1.25,
-                        help="targetpad: pad images whose aspect ratio exceeds this")
     args = parser.parse_args(argv)
     if args.dataset == "auto" and detect_kind(args.data) == "folder":
         args.dataset = "pairs"  # a folder no other kind recognises: images with sidecar texts

@@ -18,7 +18,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -27,6 +26,7 @@ from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.features import encode_texts
 from clip4cir.models.pseudo_tokens import zero_shot_queries
+from clip4cir.models.tensor_files import read_tensor_file
 
 COMBINER_FORMAT = "clip4cir.combiner"
 COMBINER_VERSION = "1"
@@ -135,14 +135,7 @@ def save_combiner(combiner: Combiner, path: str | os.PathLike, encoder: dict | N
 
 def _read_combiner(path: Path) -> tuple[dict, dict]:
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state_dict = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise ModelError(f"cannot read combiner file {path}: {e}") from e
-        if meta.get("format") != COMBINER_FORMAT:
-            raise ModelError(f"{path} is not a clip4cir combiner file (metadata 'format' is {meta.get('format')!r})")
+        state_dict, meta = read_tensor_file(path, COMBINER_FORMAT, "combiner")
         return state_dict, {**{k: json.loads(meta.get(k, "{}")) for k in ("encoder", "data", "info")},
                             "blend": float(meta.get("blend", 1))}
     try:

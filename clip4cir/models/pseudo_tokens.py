@@ -11,13 +11,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from clip4cir.core.artifacts import atomic_write
 from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder
+from clip4cir.models.tensor_files import read_tensor_file
 
 PHI_FORMAT = "clip4cir.phi"
 PLACEHOLDER = "$"
@@ -114,14 +114,7 @@ def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"φ checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ModelError(f"cannot read φ file {path}: {e}") from e
-    if meta.get("format") != PHI_FORMAT:
-        raise ModelError(f"{path} is not a clip4cir φ file (metadata 'format' is {meta.get('format')!r})")
+    state, meta = read_tensor_file(path, PHI_FORMAT, "φ")
     phi = Phi(**json.loads(meta["settings"]))
     phi.load_state_dict(state)
     record = {"method": meta.get("method"), "template": meta.get("template", TEMPLATE),

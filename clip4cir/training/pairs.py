@@ -23,7 +23,7 @@ from clip4cir.models.encoder_file import load_encoder, save_encoder
 from clip4cir.models.factory import load_model
 from clip4cir.models.features import loader_options
 from clip4cir.training.config import RunConfig
-from clip4cir.training.losses import LOGIT_SCALE, MAX_SCALE, MIN_SCALE, Temperature, contrastive_loss
+from clip4cir.training.losses import LOGIT_SCALE, Temperature, contrastive_loss
 from clip4cir.training.samplers import EpochSampler
 from clip4cir.training.stage_one import TowerFeatures, check_batch_fits, set_train_mode, set_trainable
 from clip4cir.training.trainer import TrainingTask
@@ -114,7 +114,7 @@ class PairsTask(TrainingTask):
         scale = getattr(self.encoder.model, "logit_scale", None)
         if isinstance(scale, torch.Tensor) and self.temperature.learned:  # the model keeps what it learned, as CLIP
             with torch.no_grad():
-                scale.copy_(self.temperature.log_scale.detach().clamp(math.log(MIN_SCALE), math.log(MAX_SCALE)))
+                scale.fill_(math.log(self.temperature.value()))
             self.encoder.invalidate_fingerprint()
         save_encoder(self.encoder, path, {**info, "stage": "pairs", "encoder": self.config.encoder,
                                           "logit_scale": self.temperature.value(), "data": self.training_data()})

@@ -38,6 +38,7 @@ from clip4cir.training.config import RunConfig
 from clip4cir.training.pairs import initial_scale
 from clip4cir.training.losses import contrastive_loss
 from clip4cir.training.samplers import EpochSampler
+from clip4cir.training.stage_one import check_batch_fits
 from clip4cir.training.trainer import TrainingTask
 
 FUNCTION_WORDS = frozenset(
@@ -153,8 +154,7 @@ class PhiTask(TrainingTask):
         self.method = METHODS[c.method]()
         self.val_features: torch.Tensor | None = None
         self.keys, self.features = self.method.examples(self)
-        if c.batch_size * self.ddp.world_size > len(self.keys):
-            raise ValueError(f"--batch-size {c.batch_size} is larger than the {len(self.keys):,} training examples")
+        check_batch_fits(c.batch_size, self.ddp.world_size, len(self.keys), "training examples")
         torch.manual_seed(c.seed)
         self.phi = (load_phi(checkpoint / "model.safetensors", self.encoder, self.device)[0] if checkpoint is not None
                     else Phi(self.encoder.dim, token_width(self.encoder), dropout=c.dropout)).to(self.device)

@@ -240,6 +240,23 @@ def detect_kind(data: str) -> str:
     raise DataError(f"--data {data}: no data set kind recognises it; give --dataset ({', '.join(SOURCES)})")
 
 
+def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of a JSON Lines file; DataError naming the line otherwise."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number} is not JSON: {e}") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number} is not a JSON object")
+            rows.append((number, row))
+    return rows
+
+
 def csv_header(path: Path) -> list[str]:
     """The first row of a CSV file (empty when it is not one)."""
     try:

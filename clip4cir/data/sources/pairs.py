@@ -17,7 +17,8 @@ import zlib
 from pathlib import Path
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import SHOWN, SOURCES, FileSource, ImageFolder, Protocol, SourceKind, csv_header
+from clip4cir.data.sources.base import (SHOWN, SOURCES, FileSource, ImageFolder, Protocol, SourceKind, csv_header,
+                                        jsonl_rows)
 
 SPLITS = ("train", "val", "test")
 HELD_OUT = {"val": range(80, 90), "test": range(90, 100)}  # hash buckets of 100
@@ -60,17 +61,7 @@ def _file_rows(path: Path) -> list[tuple[int, dict]]:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             return [(reader.line_num, row) for row in reader]
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {number} is not JSON: {e}") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object")
-            rows.append((number, row))
-    return rows
+    return jsonl_rows(path)
 
 
 class ImageTextPairs(FileSource):

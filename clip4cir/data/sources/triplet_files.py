@@ -10,13 +10,13 @@ split is every image its triplets name.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import zlib
 from pathlib import Path
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import SOURCES, FileSource, ImageFolder, Protocol, SourceKind, Triplet, csv_header
+from clip4cir.data.sources.base import (SOURCES, FileSource, ImageFolder, Protocol, SourceKind, Triplet, csv_header,
+                                        jsonl_rows)
 
 OWN_PROTOCOL = Protocol("recall", (1, 5, 10, 50), per_category=False, remove_reference=True)
 FIELDS = ("reference", "caption", "target", "category", "split")
@@ -60,19 +60,7 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
                 captions = [row[k] for k in sorted(k for k in row if k and k.startswith("caption")) if row[k]]
                 rows.append((reader.line_num, {**{k: v for k, v in row.items() if v}, "caption": captions}))
             return rows
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {number} is not JSON: {e}") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object")
-            rows.append((number, row))
-    return rows
+    return jsonl_rows(path)
 
 
 def is_triplet_file(data: str) -> bool:
