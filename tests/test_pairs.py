@@ -14,7 +14,7 @@ from clip4cir.core.errors import DataError
 from clip4cir.data.sources import open_source
 from clip4cir.data.sources.pairs import hashed_split
 from clip4cir.data.synthetic import make_synthetic_cirr
-from clip4cir.data.synthetic.garments import Catalog, title
+from clip4cir.data.synthetic.garments import NOUNS, PALETTE, Catalog, title
 from clip4cir.evaluation.pairs import pair_ranks
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.training.checkpointing import RunDir, read_metrics
@@ -96,13 +96,19 @@ def test_pairs_files_and_folders_and_their_bad_inputs(tmp_path):
         open_source(two_splits, "pairs")
 
 
-def test_synthetic_titles_name_every_attribute_and_keep_the_catalog(tiny_root, tmp_path):
-    catalog = Catalog(3)
-    for category in ("dress", "shirt", "toptee"):
-        item = catalog.item(category)
+def test_synthetic_titles_name_a_true_subset_of_attributes_and_keep_the_catalog(tiny_root, tmp_path):
+    catalog, named = Catalog(3, wide=True), {"colour": 0, "sleeves": 0, "relative": 0}
+    for n in range(300):
+        item = catalog.item(("dress", "shirt", "toptee")[n % 3])
         text = title(item).lower()
-        assert item.colour in text and title(item) == title(item)
-        assert ("sleeveless" in text or "no sleeves" in text) if item.sleeves == "sleeveless" else item.sleeves in text
+        assert title(item) == title(item) and any(noun in text for noun in NOUNS[item.category])
+        assert not [c for c in PALETTE if c != item.colour and c in text.split()]  # no colour it does not have
+        named["colour"] += item.colour in text.split()
+        named["sleeves"] += any(w in text for w in ("sleeveless", "no sleeves", f"{item.sleeves} sleeves",
+                                                   f"{item.sleeves}-sleeved"))
+        named["relative"] += " that " in text
+    assert 0.75 * 300 < named["colour"] < 0.95 * 300 and 0.35 * 300 < named["sleeves"] < 0.65 * 300
+    assert 0.15 * 300 < named["relative"] < 0.35 * 300
     source = open_source(tiny_root / "pairs.jsonl")
     fashioniq = open_source(tiny_root)
     for split in ("train", "val", "test"):  # every image, in its FashionIQ split

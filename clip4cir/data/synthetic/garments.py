@@ -164,28 +164,47 @@ SPECIFIC_WORDS = {"mini": ("mini", ""), "knee": ("knee-length", ""), "maxi": ("m
                   "heart": ("", "with a heart print")}
 
 
+TITLE_NAMES = {"colour": 0.85, "pattern": 0.6, "sleeves": 0.5, "specific": 0.5}  # how often a title names each
+RELATIVE_TITLES = 0.25  # the share of titles that say their attributes in a clause ("a dress that is red")
+COMPARATIVES = ("instead", "longer", "shorter", "darker", "lighter", " one")
+
+
 def title(item: Item) -> str:
-    """A shop's title of an item, in varied wording, naming every attribute it has: a pure function of the item
-    (its own random stream, so titles never change the catalog a seed draws)."""
+    """A shop's title of an item, in varied wording, naming a random subset of its attributes (never none), some
+    in a relative clause, so the noun alone must carry the category: a pure function of the item (its own random
+    stream, so titles never change the catalog a seed draws)."""
     rng = np.random.default_rng(zlib.crc32(item.id.encode()))
     noun = str(rng.choice(NOUNS[item.category]))
-    pattern = str(rng.choice(PATTERN_WORDS[item.pattern]))
-    sleeve_before, sleeve_after = SLEEVE_WORDS[item.sleeves]
-    specific_before, specific_after = SPECIFIC_WORDS[item.specific]
+    named = [a for a in ATTRIBUTES if rng.random() < TITLE_NAMES[a]] or [str(rng.choice(ATTRIBUTES))]
+    value = attrs_of(item)
+    if rng.random() < RELATIVE_TITLES:
+        clauses = [str(rng.choice([p for p in phrases(item.category, a, value[a], value[a])
+                                   if not any(c in p for c in COMPARATIVES)])) for a in named]
+        text = f"{'a ' if rng.random() < 0.5 else ''}{noun} that " + " and ".join(clauses)
+    else:
+        text = _adjective_title(rng, item, noun, set(named))
+    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
+
+
+def _adjective_title(rng: np.random.Generator, item: Item, noun: str, named: set[str]) -> str:
+    """"red striped maxi dress with long sleeves": the named attributes around the noun."""
+    pattern = str(rng.choice(PATTERN_WORDS[item.pattern])) if "pattern" in named else ""
+    sleeve_before, sleeve_after = SLEEVE_WORDS[item.sleeves] if "sleeves" in named else ("", "")
+    specific_before, specific_after = SPECIFIC_WORDS[item.specific] if "specific" in named else ("", "")
     if specific_before and rng.random() < 0.5 and item.specific in ("round", "v-neck", "collar"):
         specific_before = ""  # the neckline said after the noun
     elif specific_before:
         specific_after = ""
-    before = [item.colour, pattern, specific_before]
+    before = [item.colour if "colour" in named else "", pattern, specific_before]
     after = [specific_after]
     if rng.random() < 0.5:
         before.insert(0, sleeve_before)
     else:
         after.append(sleeve_after)
-    words = " ".join(w for w in before if w) + f" {noun}"
+    words = " ".join(w for w in before if w)
+    words = f"{words} {noun}" if words else noun
     tail = " and ".join(w.removeprefix("with ") if n else w for n, w in enumerate(a for a in after if a))
-    text = f"{words} {tail}" if tail else words
-    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
+    return f"{words} {tail}" if tail else words
 
 
 def attrs_of(item: Item) -> dict:
