@@ -50,11 +50,13 @@ class StageTwoConfig(RecipeConfig):
     blend: bool | None = None
 
 
-def cached_batch(features: TripletFeatures, indices: torch.Tensor, seed: int, epoch: int
+def cached_batch(features: TripletFeatures, indices: torch.Tensor, seed: int, epoch: int, randomize: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(reference image, caption text, target image) features of a batch of triplets, from the cache."""
+    """(reference image, caption text, target image) features of a batch of triplets, from the cache; the
+    epoch's caption variant with caption augmentation (``randomize``), else the evaluation caption."""
     counts = (features.offsets[1:] - features.offsets[:-1])[indices]
-    variants = torch.tensor([random_caption_variant(seed, epoch, i, int(n)) for i, n in zip(indices.tolist(), counts)])
+    variants = torch.tensor([random_caption_variant(seed, epoch, i, int(n)) if randomize else 0
+                             for i, n in zip(indices.tolist(), counts)])
     return (features.image[features.reference[indices]], features.text[features.offsets[indices] + variants],
             features.image[features.target[indices]])
 
@@ -144,7 +146,8 @@ class StageTwoTask(TripletTask):
             captions = [self.train_set.caption(i) for i in batch["index"].tolist()]
             reference, text, target = encoded_batch(self.encoder, batch, captions)
         else:
-            reference, text, target = cached_batch(self.features, torch.tensor(batch), c.seed, epoch)
+            reference, text, target = cached_batch(self.features, torch.tensor(batch), c.seed, epoch,
+                                                   c.caption_augmentation)
         bank = {"bank": self.features.image, "bank_targets": self.features.target[torch.tensor(batch)]} \
             if c.gallery_negatives else {}
         loss = combiner_loss(self.forward, reference, text, target, self.amp_dtype, scale=self.temperature(),

@@ -8,6 +8,7 @@ from PIL import Image
 
 from clip4cir.commands.train_combiner import main as combiner_main
 from clip4cir.core.errors import ModelError
+from clip4cir.data.captions import eval_caption
 from clip4cir.data.datasets import TripletDataset
 from clip4cir.data.sources.fashioniq import FashionIQ
 from clip4cir.models.combiner import Combiner, load_combiner, save_combiner
@@ -111,16 +112,22 @@ def test_a_broken_cache_file_is_computed_again(tiny_root, tmp_path):
     assert hit
 
 
-def test_cached_features_equal_per_batch_encoding(tiny_root, tmp_path):
+@pytest.mark.parametrize("augment", [True, False])
+def test_cached_features_equal_per_batch_encoding(tiny_root, tmp_path, augment):
+    """With caption augmentation the cache serves the epoch's caption variant, without it the evaluation caption:
+    in both cases what encoding the batch's own captions gives."""
     encoder = create_model("cir-tiny")
-    ds = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform, randomize_captions=True, seed=3)
+    ds = TripletDataset(FashionIQ(tiny_root), "train", transform=encoder.transform, randomize_captions=augment,
+                        seed=3)
     features, _ = triplet_features(encoder, ds, tmp_path, progress=False)
     ds.set_epoch(2)
-    idx = torch.tensor([0, 5, 7])
-    cached = cached_batch(features, idx, seed=3, epoch=2)
+    idx = torch.arange(12)
+    cached = cached_batch(features, idx, seed=3, epoch=2, randomize=augment)
     items = [ds[i] for i in idx.tolist()]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("reference", "target")}
-    encoded = encoded_batch(encoder, batch, [ds.caption(i) for i in idx.tolist()])
+    captions = [ds.caption(i) for i in idx.tolist()]
+    assert (captions == [eval_caption(ds.triplets[i].captions) for i in idx.tolist()]) is not augment
+    encoded = encoded_batch(encoder, batch, captions)
     for a, b in zip(cached, encoded):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
 from clip4cir.commands.train_clip import main as train_main
+from clip4cir.commands.train_clip import parse_args
 from clip4cir.commands.train_combiner import main as combiner_main
-from clip4cir.data.captions import random_caption_variant
+from clip4cir.data.captions import eval_caption, random_caption_variant
 from clip4cir.data.datasets import TripletDataset
 from clip4cir.data.sources.fashioniq import FashionIQ
 from clip4cir.evaluation.ranking import target_ranks
@@ -23,6 +24,7 @@ from clip4cir.training.checkpointing import RunDir
 from clip4cir.training.losses import LOGIT_SCALE, Temperature, contrastive_loss
 from clip4cir.training.recipes import RECIPES
 from clip4cir.training.samplers import EpochSampler
+from clip4cir.training.stage_one import training_triplets
 from combiner.feature_cache import triplet_features
 
 
@@ -187,3 +189,20 @@ def test_plus_trains_every_component_and_records_it(tiny_root, tmp_path):
     with pytest.raises(ValueError, match="--gallery-negatives needs cached features"):
         combiner_main(["--data", str(tiny_root), "--clip-checkpoint", str(encoder), "--output", str(tmp_path / "x"),
                        "--recipe", "plus", "--reencode"])
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_caption_augmentation_draws_a_variant_each_epoch_or_always_the_evaluation_caption(tiny_root, augment):
+    encoder = create_model("cir-tiny")
+    flag = "--caption-augmentation" if augment else "--no-caption-augmentation"
+    config = parse_args(["--data", str(tiny_root), "--output", "unused", "--model", "cir-tiny", "--batch-size", "8",
+                         flag])
+    assert config.caption_augmentation is augment
+    train_set = training_triplets(FashionIQ(tiny_root), encoder, config, world_size=1)
+    read = set()
+    for epoch in range(4):
+        train_set.set_epoch(epoch)
+        read |= {(i, train_set.caption(i)) for i in range(len(train_set))}
+    evaluation = {(i, eval_caption(t.captions)) for i, t in enumerate(train_set.triplets)}
+    assert (read == evaluation) is not augment  # with it, other variants too; without, only the first
+

@@ -102,6 +102,8 @@ def add_recipe_args(parser: argparse.ArgumentParser, stage: int) -> None:
                        help="label smoothing of the cross-entropy")
     group.add_argument("--hard-negatives", action=flag, default=None,
                        help="batches of one category (same-kind negatives); data sets without categories ignore it")
+    group.add_argument("--caption-augmentation", action=flag, default=None,
+                       help="draw one of a sample's caption variants each epoch (the paper's; on in every recipe)")
     if stage == 2:
         group.add_argument("--gallery-negatives", action=flag, default=None,
                            help="every training image is a negative, not only the batch's targets")

@@ -7,6 +7,8 @@ Components (see clip4cir.training.losses and clip4cir.training.samplers.EpochSam
 - ``learn_temperature``: learn the logit scale (at its own learning rate) instead of fixing it at 100;
 - ``label_smoothing``: soften the one-hot targets of the cross-entropy;
 - ``hard_negatives``: batches of one category, so in-batch negatives are of the same kind;
+- ``caption_augmentation``: the paper's own (on in both recipes): each epoch a sample draws one of its caption
+  variants ("c1 and c2", "c2 and c1", "c1", "c2"); off, it always reads the evaluation caption;
 - stage two only: ``gallery_negatives``, every training image a negative (cached features make that cheap),
   and ``blend``, fuse the Combiner's and the sum's scores with a weight chosen on validation.
 """
@@ -25,6 +27,7 @@ class Recipe:
     learn_temperature: bool = False
     label_smoothing: float = 0.0
     hard_negatives: bool = False
+    caption_augmentation: bool = True
     gallery_negatives: bool = False
     blend: bool = False
 
@@ -48,6 +51,7 @@ class RecipeConfig(RunConfig):
     temperature_lr: float = 1e-3  # the learned logit scale's own rate (CLIP's own training gives it one)
     label_smoothing: float | None = None
     hard_negatives: bool | None = None
+    caption_augmentation: bool | None = None
 
     def __post_init__(self) -> None:
         apply_recipe(self, self.stage)

@@ -22,7 +22,6 @@ from clip4cir.models.encoder import CLIPEncoder, Encoder
 from clip4cir.models.encoder_file import load_encoder, save_encoder
 from clip4cir.models.factory import load_model
 from clip4cir.models.features import loader_options
-from clip4cir.training.config import RunConfig
 from clip4cir.training.losses import LOGIT_SCALE, Temperature, contrastive_loss
 from clip4cir.training.recipes import RecipeConfig
 from clip4cir.training.samplers import EpochSampler
@@ -113,9 +112,11 @@ def check_batch_fits(batch_size: int, world_size: int, n: int, what: str = "trai
         raise ValueError(f"--batch-size {batch_size}{where} is larger than the {n:,} {what}")
 
 
-def training_triplets(source, encoder: Encoder, config: RunConfig, world_size: int) -> TripletDataset:
-    """The training triplets with randomised captions (empty ones skipped and counted), checked to hold a batch."""
-    train_set = TripletDataset(source, "train", transform=encoder.transform, randomize_captions=True,
+def training_triplets(source, encoder: Encoder, config: RecipeConfig, world_size: int) -> TripletDataset:
+    """The training triplets, their captions randomised with caption augmentation (empty ones skipped and
+    counted), checked to hold a batch."""
+    train_set = TripletDataset(source, "train", transform=encoder.transform,
+                               randomize_captions=config.caption_augmentation,
                                seed=config.seed, skip_empty_captions=True)
     check_batch_fits(config.batch_size, world_size, len(train_set))
     return train_set
