@@ -3,9 +3,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 
+from clip4cir.benchmarks import ablation
+from clip4cir.benchmarks.paired import paired_interval, query_sampling_se
 from clip4cir.commands.benchmark import main as benchmark_main
 from clip4cir.data.sources.fashioniq import CATEGORIES, load_image_split
 
@@ -73,15 +77,22 @@ def test_labels_benchmark_reports_held_out_identities(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_reports_every_variant_on_the_held_out_catalog(tmp_path):
+def test_ablation_reports_every_variant_paired_on_the_held_out_catalog(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "ablation.py"), "--config", "smoke",
                              "--out", str(tmp_path), "--workers", "0"], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ablation-smoke.json").read_text())
-    assert {"clip4cir", "plus"} <= set(report["stage_one"]) and "+ gallery negatives" in report["stage_two"]
-    assert report["test_seed"] != 0  # reported on a catalog generated with another seed than the training one
+    assert set(report["stage_one"]) == {name for name, _ in ablation.variants(1)} >= {"clip4cir", "plus",
+                                                                                       "- caption augmentation"}
+    assert "+ gallery negatives" in report["stage_two"] and report["seeds"] == ablation.CONFIGS["smoke"]["seeds"]
+    assert report["test_seed"] != 0 and report["base"] == "demo/base/encoder.safetensors"
     for rows in (report["stage_one"], report["stage_two"], report["pipelines"]):
-        assert all(0 <= r["average/R@10"]["mean"] <= 100 for r in rows.values())
+        baseline = next(iter(rows.values()))
+        for stats_ in rows.values():  # every variant: the same steps, paired with the baseline of its seed
+            assert stats_["steps"] == baseline["steps"]
+            diffs = np.subtract(stats_["average/R@10"]["values"], baseline["average/R@10"]["values"])
+            assert stats_["paired"]["average/R@10"]["mean"] == pytest.approx(diffs.mean())
+    assert "Δ avg R@10 [95% CI]" in (tmp_path / "ablation-smoke.md").read_text()
 
 
 @pytest.mark.slow
@@ -129,3 +140,25 @@ def test_the_zero_shot_benchmark_reports_every_row_on_held_out_catalogs(tmp_path
     assert all(seconds > 0 for seconds in report["phi_seconds"].values()) and report["query_cost"]["zero_shot_ms"] > 0
     table = (tmp_path / "zero-shot-smoke.md").read_text()
     assert "| supervised CLIP4Cir (stage one + Combiner) | yes |" in table and "| lincir | no |" in table
+
+
+def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():
+    variant, baseline = [31.0, 33.5, 30.2, 34.1, 32.0], [30.0, 31.0, 30.5, 32.0, 30.9]
+    got = paired_interval(variant, baseline)
+    diffs = np.subtract(variant, baseline)
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert got["mean"] == pytest.approx(diffs.mean()) and (got["low"], got["high"]) == pytest.approx((low, high))
+    assert paired_interval(baseline, baseline)["low"] == 0 == paired_interval(baseline, baseline)["high"]
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_interval(variant, baseline[:3])
+
+
+def test_the_query_bootstrap_gives_the_standard_error_of_a_mean_difference():
+    rng = np.random.default_rng(0)
+    baseline = [{c: rng.integers(0, 2, 900).tolist() for c in ("a", "b")} for _ in range(3)]
+    assert query_sampling_se(baseline, baseline) == 0  # the same hits: no difference to resample
+    variant = [{c: [1 - h for h in run[c]] for c in run} for run in baseline]
+    diff = np.mean([[np.subtract(v[c], b[c]) for c in ("a", "b")] for v, b in zip(variant, baseline)], axis=0)
+    analytic = 100 * np.sqrt(sum(d.var() / len(d) for d in diff)) / 2  # mean of two independent category means
+    assert query_sampling_se(variant, baseline) == pytest.approx(analytic, rel=0.1)
+    assert query_sampling_se(variant[:1] * 3, baseline[:1] * 3) > query_sampling_se(variant, baseline)  # seeds average

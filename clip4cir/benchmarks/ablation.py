@@ -1,12 +1,14 @@
-"""The recipe ablation (``python scripts/ablation.py``): every variant trained from the same initial weights, with the
-same seed, epochs, batch and data, over several seeds; settings chosen on a validation split, the numbers
-reported on a held-out catalog generated with another seed (never seen while choosing).
+"""The recipe ablation (``python scripts/ablation.py``): every variant fine-tuned from the same pretrained base
+(``demo/base``, where users start: a pretrained CLIP), with the same seed, epochs, batch, data and number of
+optimizer steps (asserted), over several seeds; the best epoch chosen on the training catalog's val split, the
+numbers reported on a held-out catalog generated with another seed (never seen while choosing).
 
-Stage one: CLIP4Cir's recipe, each component of ``plus`` alone, and ``plus``; each evaluated with the Sum.
-Stage two: on the ``clip4cir`` stage-one encoder of the same seed, CLIP4Cir's Combiner recipe, each stage-two
-component alone, and ``plus``; and the whole pipelines (clip4cir then clip4cir, plus then plus). Writes
-``ablation.json`` and ``ablation.md`` (mean ± std over seeds of avg and per-category R@10/R@50, seconds per
-epoch).
+Stage one: CLIP4Cir's recipe, each component of ``plus`` alone, the paper's caption augmentation switched off,
+and ``plus``; each evaluated with the Sum. Stage two: on the ``clip4cir`` stage-one encoder of the same seed,
+CLIP4Cir's Combiner recipe, each stage-two component alone, and ``plus``; and the whole pipelines (clip4cir then
+clip4cir, plus then plus). Each variant is compared with ``clip4cir`` of the same seed: the mean paired difference
+with its 95% t interval over seeds, and the part of it the held-out queries alone would give (a bootstrap over
+queries). Writes ``ablation.json`` and ``ablation.md``.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from clip4cir.benchmarks.machine import machine
+from clip4cir.benchmarks.paired import paired_interval, query_sampling_se
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import make_synthetic_fashioniq
-from clip4cir.evaluation.composed import evaluate
+from clip4cir.evaluation.composed import rankings_of, summarize
 from clip4cir.models.combiner import combine_sum, load_combiner
 from clip4cir.models.encoder_file import load_encoder
+from clip4cir.serving.demo import DEMO_DIR
 from clip4cir.training.checkpointing import read_metrics
 from clip4cir.training.recipes import RECIPES, STAGE_TWO_ONLY
 from clip4cir.training.stage_one import StageOneConfig, StageOneTask
@@ -30,34 +34,51 @@ from clip4cir.training.trainer import train_here
 from combiner.stage_two import StageTwoConfig, StageTwoTask
 
 CONFIGS = {
-    "smoke": {"size": "tiny", "seeds": [0], "epochs": 1, "combiner_epochs": 2, "batch": 8, "combiner_batch": 16},
-    "full": {"size": "demo", "seeds": [0, 1, 2], "epochs": 12, "combiner_epochs": 60, "batch": 64,
-             "combiner_batch": 256},
+    "smoke": {"size": "tiny", "test_size": "tiny", "seeds": [0, 1], "epochs": 1, "combiner_epochs": 2, "batch": 8,
+              "combiner_batch": 16},
+    "full": {"size": "demo", "test_size": "heldout", "seeds": [0, 1, 2, 3, 4], "epochs": 5, "combiner_epochs": 60,
+             "batch": 64, "combiner_batch": 256},
 }
-STAGE_ONE_LR, STAGE_TWO_LR = 5e-4, 1e-3  # the demo model's rates: cir-tiny from random init, on the CPU
+BASE = DEMO_DIR / "base" / "encoder.safetensors"  # the pretrained base (clip4cir.commands.make_base_model)
+STAGE_ONE_LR, STAGE_TWO_LR = 1e-4, 1e-3  # the demo's rates from the base (chosen on the demo's val split)
+BASELINE = "clip4cir"
+PAPER_COMPONENTS_OFF = ("caption_augmentation",)  # the paper's own components, each measured switched off
 
 
-def components(recipe: str, only: str | None = None) -> dict:
-    """The settings of a variant: a recipe, or the clip4cir recipe with one of plus's components switched on."""
+def components(recipe: str, only: str | None = None, value=None) -> dict:
+    """The settings of a variant: a recipe, or the clip4cir recipe with one component set (plus's value unless
+    ``value``)."""
     if only is None:
         return {"recipe": recipe}
-    return {"recipe": "clip4cir", only: asdict(RECIPES["plus"])[only]}
+    return {"recipe": BASELINE, only: asdict(RECIPES["plus"])[only] if value is None else value}
 
 
 def variants(stage: int) -> list[tuple[str, dict]]:
-    """(name, settings) of the variants of a stage: each plus component that differs from clip4cir, alone."""
-    plus, paper = asdict(RECIPES["plus"]), asdict(RECIPES["clip4cir"])
+    """(name, settings) of the variants of a stage: clip4cir, each plus component that differs from it alone, each
+    of the paper's own components switched off, and plus."""
+    plus, paper = asdict(RECIPES["plus"]), asdict(RECIPES[BASELINE])
     changed = [c for c, v in plus.items() if v != paper[c] and (stage == 2 or c not in STAGE_TWO_ONLY)]
-    return [("clip4cir", components("clip4cir"))] + \
-        [(f"+ {c.replace('_', ' ')}", components("clip4cir", c)) for c in changed] + [("plus", components("plus"))]
+    return [(BASELINE, components(BASELINE))] + \
+        [(f"+ {c.replace('_', ' ')}", components(BASELINE, c)) for c in changed] + \
+        [(f"- {c.replace('_', ' ')}", components(BASELINE, c, False)) for c in PAPER_COMPONENTS_OFF] + \
+        [("plus", components("plus"))]
 
 
-def epoch_seconds(run: Path) -> float:
-    return statistics.median(r["seconds"] for r in read_metrics(run / "metrics.jsonl"))
+def run_facts(run: Path) -> dict:
+    """What the ablation keeps of a run: its median seconds per epoch and its optimizer steps in all."""
+    records = read_metrics(run / "metrics.jsonl")
+    return {"seconds_per_epoch": statistics.median(r["seconds"] for r in records), "steps": records[-1]["step"]}
+
+
+def check_equal_steps(results: dict, seed: int, stage: str) -> None:
+    """Every variant of a stage must have taken the same number of optimizer steps (the same budget)."""
+    steps = {name: runs[-1]["steps"] for name, runs in results.items() if runs}
+    if len(set(steps.values())) != 1:
+        raise RuntimeError(f"seed {seed}, {stage}: the variants took different numbers of steps {steps}")
 
 
 def run_stage_one(data: Path, out: Path, seed: int, settings: dict, cfg: dict, workers: int) -> Path:
-    config = StageOneConfig(source=SourceOptions(str(data)), output=str(out), model="cir-tiny", seed=seed,
+    config = StageOneConfig(source=SourceOptions(str(data)), output=str(out), clip_checkpoint=str(BASE), seed=seed,
                             epochs=cfg["epochs"], batch_size=cfg["batch"], lr=STAGE_ONE_LR, workers=workers,
                             quiet=True, save_best=True, device="cpu", **settings)
     train_here(StageOneTask, config)
@@ -74,21 +95,41 @@ def run_stage_two(data: Path, encoder: Path, out: Path, seed: int, settings: dic
     return out / "best.safetensors"
 
 
-def held_out(encoder_path: Path, combiner_path: Path | None, test_data: Path) -> dict:
-    """The metrics of a chosen model on the held-out catalog (its val split: items never seen)."""
+def held_out(encoder_path: Path, combiner_path: Path | None, test_data: Path, cache: Path) -> dict:
+    """The metrics of a chosen model on the held-out catalog (its val split: items never seen) and, per category,
+    whether each query's target is in its top 10 (what the query bootstrap resamples); gallery features cached
+    per encoder, since every stage-two variant of a seed ranks with the same one."""
     encoder = load_encoder(encoder_path)
     combine = load_combiner(combiner_path, encoder=encoder)[0].combine if combiner_path else combine_sum
-    return evaluate(encoder, open_source(test_data), combine=combine, progress=False)
+    source = open_source(test_data)
+    rankings = rankings_of(encoder, source, source.protocol.val_split, combine, cache, progress=False)
+    return {"metrics": summarize(rankings, source.protocol),
+            "hits": {r.name: (r.ranks < 10).int().tolist() for r in rankings}}
 
 
-def summary(runs: list[dict]) -> dict:
-    """Mean and standard deviation over seeds of every metric, and of the seconds per epoch."""
+def summary(runs: list[dict], baseline: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every metric and of the seconds per epoch; against the
+    baseline's runs of the same seeds, the paired differences of avg R@10 and R@50 (95% t interval), the query
+    bootstrap's standard error of the avg R@10 difference, and the time per epoch as a ratio (the median over
+    seeds: a seed that shared the machine with other work does not sway it)."""
     keys = [(group, metric) for group, values in runs[0]["metrics"].items() if isinstance(values, dict)
             for metric in values]
     out = {f"{g}/{m}": [r["metrics"][g][m] for r in runs] for g, m in keys}
     out["seconds_per_epoch"] = [r["seconds_per_epoch"] for r in runs]
-    return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
-            for k, v in out.items()}
+    table = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+             for k, v in out.items()}
+    table["paired"] = {m: paired_interval(out[m], [r["metrics"][m.split("/")[0]][m.split("/")[1]] for r in baseline])
+                       for m in ("average/R@10", "average/R@50")}
+    table["paired"]["query_se_R@10"] = query_sampling_se([r["hits"] for r in runs], [r["hits"] for r in baseline])
+    table["paired"]["time_ratio"] = statistics.median(r["seconds_per_epoch"] / b["seconds_per_epoch"]
+                                                      for r, b in zip(runs, baseline))
+    table["steps"] = [r["steps"] for r in runs]
+    return table
+
+
+def beats_baseline(stats: dict) -> bool:
+    """Whether a variant's paired 95% interval of avg R@10 lies above zero."""
+    return stats["paired"]["average/R@10"]["low"] > 0
 
 
 def markdown(report: dict) -> str:
@@ -98,20 +139,37 @@ def markdown(report: dict) -> str:
         s = stats[key]
         return f"{s['mean']:.2f} ± {s['std']:.2f}"
 
-    lines = [f"Machine: {report['machine']}; command: `{report['command']}`; seeds {report['seeds']}; "
-             f"held-out catalog: synthetic `{report['size']}` generated with seed {report['test_seed']} (its val "
-             f"split), best epoch chosen on the training catalog's val split.", ""]
-    for title, rows in (("Stage one (Sum), cir-tiny from random init", report["stage_one"]),
+    def delta(stats: dict, key: str) -> str:
+        p = stats["paired"][key]
+        return f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}]"
+
+    lines = [f"Machine: {report['machine']}; command: `{report['command']}`; seeds {report['seeds']}; every variant "
+             f"fine-tuned from the pretrained base `{report['base']}` ({report['epochs']} stage-one epochs, "
+             f"{report['combiner_epochs']} stage-two epochs, {report['steps']['stage_one']} and "
+             f"{report['steps']['stage_two']} optimizer steps for every variant); held-out catalog: synthetic "
+             f"`{report['test_size']}` generated with seed {report['test_seed']} ({report['queries']:,} queries of "
+             f"its val split), best epoch chosen on the training catalog's val split. Δ: the mean paired "
+             f"difference to clip4cir of the same seed, with its 95% t interval over seeds; query SE: the standard "
+             f"error the held-out queries alone give that difference (bootstrap over queries).", ""]
+    for title, rows in (("Stage one (Sum), fine-tuned from the pretrained base", report["stage_one"]),
                         ("Stage two (Combiner) on the clip4cir stage-one encoder", report["stage_two"]),
                         ("Whole pipelines (Combiner)", report["pipelines"])):
         lines += [f"### {title}", "",
-                  "| variant | avg R@10 | avg R@50 | " + " | ".join(f"{c} R@10" for c in categories) +
-                  " | s / epoch |", "|---" * (4 + len(categories)) + "|"]
+                  "| variant | avg R@10 | Δ avg R@10 [95% CI] | query SE | avg R@50 | Δ avg R@50 [95% CI] | "
+                  + " | ".join(f"{c} R@10" for c in categories) + " | s / epoch | × time |",
+                  "|---" * (8 + len(categories)) + "|"]
         for name, stats in rows.items():
-            lines.append(f"| {name} | {cell(stats, 'average/R@10')} | {cell(stats, 'average/R@50')} | "
-                         + " | ".join(cell(stats, f"{c}/R@10") for c in categories)
-                         + f" | {stats['seconds_per_epoch']['mean']:.2f} |")
+            first = name == next(iter(rows))
+            lines.append(f"| {name} | {cell(stats, 'average/R@10')} | "
+                         + ("—" if first else delta(stats, "average/R@10")) + " | "
+                         + ("—" if first else f"{stats['paired']['query_se_R@10']:.2f}") + " | "
+                         + f"{cell(stats, 'average/R@50')} | " + ("—" if first else delta(stats, "average/R@50"))
+                         + " | " + " | ".join(cell(stats, f"{c}/R@10") for c in categories)
+                         + f" | {stats['seconds_per_epoch']['mean']:.2f} | {stats['paired']['time_ratio']:.2f} |")
         lines.append("")
+    winners = report["beats_clip4cir"]
+    lines.append("Variants whose paired interval of avg R@10 lies above zero: "
+                 + (", ".join(f"{stage}: {name}" for stage, name in winners) if winners else "none") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -124,40 +182,44 @@ def run_ablation(config: str, out: Path, work: str | None = None, workers: int =
     pipelines = {"clip4cir → clip4cir": [], "plus → plus": []}
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         work_dir = Path(tmp)
-        data, test_data = work_dir / "train-catalog", work_dir / "held-out-catalog"
+        data, test_data, cache = work_dir / "train-catalog", work_dir / "held-out-catalog", work_dir / "cache"
         make_synthetic_fashioniq(data, cfg["size"], seed=0)
-        make_synthetic_fashioniq(test_data, cfg["size"], seed=1)
+        make_synthetic_fashioniq(test_data, cfg["test_size"], seed=1)
         for seed in cfg["seeds"]:
             encoders = {}
             for name, extra in variants(1):
                 run = work_dir / f"s1-{seed}-{len(encoders)}"
                 print(f"ablation: seed {seed}, stage one, {name}", flush=True)
                 encoders[name] = run_stage_one(data, run, seed, extra, cfg, workers)
-                stage_one[name].append({"metrics": held_out(encoders[name], None, test_data),
-                                        "seconds_per_epoch": epoch_seconds(run)})
+                stage_one[name].append({**held_out(encoders[name], None, test_data, cache), **run_facts(run)})
+            check_equal_steps(stage_one, seed, "stage one")
             for i, (name, extra) in enumerate(variants(2)):
                 run = work_dir / f"s2-{seed}-{i}"
                 print(f"ablation: seed {seed}, stage two, {name}", flush=True)
-                combiner = run_stage_two(data, encoders["clip4cir"], run, seed, extra, cfg, workers,
-                                         work_dir / "cache")
-                result = {"metrics": held_out(encoders["clip4cir"], combiner, test_data),
-                          "seconds_per_epoch": epoch_seconds(run)}
+                combiner = run_stage_two(data, encoders[BASELINE], run, seed, extra, cfg, workers,
+                                         cache)
+                result = {**held_out(encoders[BASELINE], combiner, test_data, cache), **run_facts(run)}
                 stage_two[name].append(result)
-                if name == "clip4cir":
+                if name == BASELINE:
                     pipelines["clip4cir → clip4cir"].append(result)
             run = work_dir / f"s2-{seed}-pipeline"
             combiner = run_stage_two(data, encoders["plus"], run, seed, components("plus"), cfg, workers,
-                                     work_dir / "cache")
-            pipelines["plus → plus"].append({"metrics": held_out(encoders["plus"], combiner, test_data),
-                                             "seconds_per_epoch": epoch_seconds(run)})
+                                     cache)
+            pipelines["plus → plus"].append({**held_out(encoders["plus"], combiner, test_data, cache),
+                                             **run_facts(run)})
+            check_equal_steps({**stage_two, **pipelines}, seed, "stage two")
     m = machine()
+    tables = {stage: {k: summary(v, rows[next(iter(rows))]) for k, v in rows.items()}
+              for stage, rows in (("stage_one", stage_one), ("stage_two", stage_two), ("pipelines", pipelines))}
     report = {"config": config, "command": f"python scripts/ablation.py --config {config}",
               "machine": f"{m['cpu']}, {m['cores']} cores", "seeds": cfg["seeds"], "size": cfg["size"],
-              "test_seed": 1, "epochs": cfg["epochs"], "combiner_epochs": cfg["combiner_epochs"],
+              "test_size": cfg["test_size"], "test_seed": 1, "base": str(BASE.relative_to(DEMO_DIR.parent)),
+              "epochs": cfg["epochs"], "combiner_epochs": cfg["combiner_epochs"],
+              "queries": sum(len(h) for h in stage_one[BASELINE][0]["hits"].values()),
+              "steps": {"stage_one": stage_one[BASELINE][0]["steps"], "stage_two": stage_two[BASELINE][0]["steps"]},
               "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
-              "seconds": round(time.perf_counter() - started, 1),
-              "stage_one": {k: summary(v) for k, v in stage_one.items()},
-              "stage_two": {k: summary(v) for k, v in stage_two.items()},
-              "pipelines": {k: summary(v) for k, v in pipelines.items()}}
+              "seconds": round(time.perf_counter() - started, 1), **tables,
+              "beats_clip4cir": [(stage, name) for stage, rows in tables.items() for name, stats in rows.items()
+                                 if name not in (BASELINE, "clip4cir → clip4cir") and beats_baseline(stats)]}
     write_report(out, stem_for("ablation", config, "full"), report, markdown)
     return report

@@ -18,6 +18,8 @@ from clip4cir.data.synthetic.garments import (IMAGE_WIDTH, Catalog, Item, attrs_
 SIZES = {
     "tiny": {c: {"train": (12, 30), "val": (8, 24), "test": (4, 12)} for c in CATEGORIES},
     "demo": {c: {"train": (400, 1000), "val": (150, 400), "test": (50, 130)} for c in CATEGORIES},
+    # a held-out catalog for benchmarks: a val split four times the demo's (1,800 queries), little else
+    "heldout": {c: {"train": (12, 30), "val": (600, 1600), "test": (4, 12)} for c in CATEGORIES},
     "full": {
         "dress": {"train": (5985, 11452), "val": (2017, 3817), "test": (2024, 3818)},
         "shirt": {"train": (5988, 19036), "val": (2038, 6346), "test": (2038, 6346)},
