@@ -3,10 +3,12 @@ word, gradients reach the pseudo token, and a text without a placeholder is an e
 import pytest
 import torch
 
+from clip4cir.commands.import_phi import main as import_phi
 from clip4cir.core.errors import ModelError
+from clip4cir.data.sources import open_source
 from clip4cir.models.factory import create_model
-from clip4cir.models.pseudo_tokens import (Phi, composed_prompts, encode_with_pseudo_tokens, placeholder_id,
-                                           token_width)
+from clip4cir.models.pseudo_tokens import (Phi, composed_prompts, encode_with_pseudo_tokens, load_phi,
+                                           placeholder_id, token_width, zero_shot_queries)
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +46,33 @@ def test_every_placeholder_takes_the_pseudo_token_and_none_is_an_error(encoder):
                                    encoder.encode_text(["dress and dress"]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ModelError, match="text 'a red dress' holds no placeholder"):
         encode_with_pseudo_tokens(encoder, ["a red dress"], pseudo)
+
+
+def test_a_searle_phi_is_imported_for_its_encoder_and_reads_features_at_their_raw_norm(encoder, tiny_root, tmp_path):
+    """SEARLE's file format ({"Phi": state}) becomes a φ file whose queries are SEARLE's own computation: φ of the
+    raw-norm feature in "a photo of $ that {caption}"; a file of another shape or kind is refused, naming it."""
+    torch.manual_seed(0)
+    published = Phi(encoder.dim, token_width(encoder), hidden=48).eval()
+    torch.save({"Phi": published.state_dict()}, tmp_path / "SEARLE_tiny.pt")
+    args = ["--model", "cir-tiny", "--data", str(tiny_root), "--norm-images", "5", "--device", "cpu"]
+    assert import_phi(["--searle", str(tmp_path / "SEARLE_tiny.pt"), "--output", str(tmp_path / "phi.safetensors")]
+                      + args) == 0
+    source = open_source(tiny_root)
+    first = sorted({i for s in source.splits() for i in source.gallery(s)})[:5]
+    with torch.no_grad():
+        raw = encoder.encode_image(torch.stack([encoder.transform(source.load_image(i)) for i in first]))
+        norm = float(raw.norm(dim=-1).mean())
+        reference = torch.nn.functional.normalize(raw[:2], dim=-1)
+        expected = encode_with_pseudo_tokens(encoder, composed_prompts(["is red", "has a collar"]),
+                                             published(reference * norm), normalize=True)
+    queries = zero_shot_queries(tmp_path / "phi.safetensors", encoder)
+    assert queries.phi.input_scale == pytest.approx(norm) and abs(norm - 1) > 0.05  # a scale that matters
+    torch.testing.assert_close(queries(reference, ["is red", "has a collar"]), expected, rtol=1e-5, atol=1e-5)
+    assert load_phi(tmp_path / "phi.safetensors")[1]["info"]["licence"] == "CC BY-NC 4.0"
+    torch.save({"Phi": Phi(encoder.dim + 1, token_width(encoder), hidden=8).state_dict()}, tmp_path / "wide.pt")
+    with pytest.raises(ModelError, match=f"maps {encoder.dim + 1}-d features"):
+        import_phi(["--searle", str(tmp_path / "wide.pt"), "--output", str(tmp_path / "x.safetensors")] + args)
+    torch.save({"phi": {}}, tmp_path / "other.pt")
+    with pytest.raises(ModelError, match="other.pt holds no SEARLE φ"):
+        import_phi(["--searle", str(tmp_path / "other.pt"), "--output", str(tmp_path / "x.safetensors")] + args)
+    assert not (tmp_path / "x.safetensors").exists()

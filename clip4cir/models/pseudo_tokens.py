@@ -26,12 +26,15 @@ TEMPLATE = "a photo of $ that {caption}"  # Pic2Word's and SEARLE's prompt for c
 
 class Phi(nn.Module):
     """φ: a feature (``dim``) → a pseudo-word token (``width``, the token embedding's size): a three-layer MLP with
-    GELU and dropout, the shape Pic2Word and SEARLE use."""
+    GELU and dropout, the shape Pic2Word and SEARLE use. ``input_scale``: the norm of the features it reads (1: a
+    φ trained here on unit features; a published φ trained on raw CLIP features: their mean norm)."""
 
-    def __init__(self, dim: int, width: int, hidden: int | None = None, dropout: float = 0.5):
+    def __init__(self, dim: int, width: int, hidden: int | None = None, dropout: float = 0.5,
+                 input_scale: float = 1.0):
         super().__init__()
         hidden = hidden or 4 * max(dim, width)
         self.dim, self.width, self.hidden, self.dropout = dim, width, hidden, dropout
+        self.input_scale = input_scale
         self.layers = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
                                     nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
                                     nn.Linear(hidden, width))
@@ -41,7 +44,8 @@ class Phi(nn.Module):
 
     def settings(self) -> dict:
         """What rebuilds it (a checkpoint records these)."""
-        return {"dim": self.dim, "width": self.width, "hidden": self.hidden, "dropout": self.dropout}
+        return {"dim": self.dim, "width": self.width, "hidden": self.hidden, "dropout": self.dropout,
+                "input_scale": self.input_scale}
 
 
 def placeholder_id(encoder: CLIPEncoder) -> int:
@@ -92,7 +96,8 @@ class PseudoTokenQueries:
 
     @torch.inference_mode()
     def __call__(self, reference_features: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        pseudo = self.phi(F.normalize(reference_features.float(), dim=-1).to(self.encoder.device))
+        unit = F.normalize(reference_features.float(), dim=-1).to(self.encoder.device)
+        pseudo = self.phi(unit * self.phi.input_scale)
         return encode_with_pseudo_tokens(self.encoder, composed_prompts(captions, self.template), pseudo,
                                          normalize=True)
 
@@ -124,6 +129,37 @@ def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
         raise ModelError(f"φ {path} was trained for encoder {record['encoder'].get('description', '?')} (fingerprint "
                          f"{trained_for}), not {encoder.describe()} (fingerprint {encoder.fingerprint()})")
     return phi.to(device).eval(), record
+
+
+def read_searle_phi(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state of a φ published by SEARLE (a torch file ``{"Phi": state_dict}``, CC BY-NC 4.0), read as tensors
+    only (``weights_only``); an error naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"SEARLE φ {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{path} is not a torch checkpoint SEARLE wrote ({type(e).__name__}: {e})") from e
+    state = checkpoint.get("Phi") if isinstance(checkpoint, dict) else None
+    expected = {f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    if not isinstance(state, dict) or set(state) != expected:
+        raise ModelError(f"{path} holds no SEARLE φ (a 'Phi' entry with {', '.join(sorted(expected))})")
+    return state
+
+
+def published_phi(state: dict[str, torch.Tensor], encoder: CLIPEncoder, input_scale: float) -> Phi:
+    """A φ from a published state (:func:`read_searle_phi`), checked to fit ``encoder``: it reads the encoder's
+    features and writes tokens of its text tower's width."""
+    dim, hidden, width = state["layers.0.weight"].shape[1], state["layers.0.weight"].shape[0], \
+        state["layers.6.weight"].shape[0]
+    if (dim, width) != (encoder.dim, token_width(encoder)):
+        raise ModelError(f"this φ maps {dim}-d features to {width}-d tokens; {encoder.describe()} has {encoder.dim}-d "
+                         f"features and {token_width(encoder)}-d tokens (SEARLE publishes φ for ViT-B-32 and "
+                         f"ViT-L-14 with --pretrained openai)")
+    phi = Phi(dim, width, hidden, input_scale=input_scale)
+    phi.load_state_dict(state)
+    return phi.eval()
 
 
 def zero_shot_queries(path: str | os.PathLike, encoder: CLIPEncoder) -> PseudoTokenQueries:
