@@ -24,6 +24,7 @@ from clip4cir.retrieval.search import SearchEngine, top10_agreement
 from clip4cir.data.sources import open_source
 from clip4cir.serving import service
 from clip4cir.serving.batching import BatchedTowers
+from clip4cir.serving.demo import DEMO_DIR
 from clip4cir.serving.ui import serve
 
 
@@ -190,3 +191,14 @@ def test_the_json_api_is_documented(served):
     assert "/api/search" in schema["paths"]
     assert "post" in schema["paths"]["/api/search"]
     assert urllib.request.urlopen(f"{served}/api/docs", timeout=30).status == 200
+
+
+def test_the_shipped_demo_finds_what_a_description_names():
+    """The offline demo's text search: "a red striped dress" gives dresses first, most of the top five red and
+    striped (the catalog's own attributes, drawn by the generator, are the truth)."""
+    engine = service.load_engine(service.Options(device="cpu"))
+    attributes = json.loads((DEMO_DIR / "catalog" / "synthetic_attributes.json").read_text())
+    hits = engine.text_search("a red striped dress", k=10).hits
+    assert hits[0].categories == ["dress"] and sum(h.categories == ["dress"] for h in hits) >= 8
+    assert sum(attributes[h.id]["colour"] == "red" and attributes[h.id]["pattern"] == "striped"
+               for h in hits[:5]) >= 3
