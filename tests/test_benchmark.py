@@ -11,6 +11,7 @@ from scipy import stats
 from clip4cir.benchmarks import ablation
 from clip4cir.benchmarks.paired import paired_interval, query_sampling_se
 from clip4cir.commands.benchmark import main as benchmark_main
+from clip4cir.data.synthetic.fashioniq import SIZES
 from clip4cir.data.sources.fashioniq import CATEGORIES, load_image_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,11 +88,13 @@ def test_ablation_reports_every_variant_paired_on_the_held_out_catalog(tmp_path)
     assert "+ gallery negatives" in report["stage_two"] and report["seeds"] == ablation.CONFIGS["smoke"]["seeds"]
     assert report["test_seed"] != 0 and report["base"] == "demo/base/encoder.safetensors"
     for rows in (report["stage_one"], report["stage_two"], report["pipelines"]):
-        baseline = next(iter(rows.values()))
-        for stats_ in rows.values():  # every variant: the same steps, paired with the baseline of its seed
-            assert stats_["steps"] == baseline["steps"]
-            diffs = np.subtract(stats_["average/R@10"]["values"], baseline["average/R@10"]["values"])
+        for stats_ in rows.values():  # every variant paired with the baseline of its own seed
+            diffs = np.subtract(stats_["average/R@10"]["values"], next(iter(rows.values()))["average/R@10"]["values"])
             assert stats_["paired"]["average/R@10"]["mean"] == pytest.approx(diffs.mean())
+    train = sum(SIZES["tiny"][c]["train"][0] for c in CATEGORIES)  # every triplet each epoch, whole batches
+    smoke = ablation.CONFIGS["smoke"]
+    assert report["steps"] == {"stage_one": smoke["epochs"] * (train // smoke["batch"]),
+                               "stage_two": smoke["combiner_epochs"] * (train // smoke["combiner_batch"])}
     assert "Δ avg R@10 [95% CI]" in (tmp_path / "ablation-smoke.md").read_text()
 
 
@@ -148,9 +151,13 @@ def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     diffs = np.subtract(variant, baseline)
     low, high = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
     assert got["mean"] == pytest.approx(diffs.mean()) and (got["low"], got["high"]) == pytest.approx((low, high))
+    wider = paired_interval(variant, baseline, query_se=stats.sem(diffs))  # a query sample as uncertain as seeds
+    assert wider["high"] - wider["mean"] == pytest.approx(np.sqrt(2) * (high - diffs.mean()))
     assert paired_interval(baseline, baseline)["low"] == 0 == paired_interval(baseline, baseline)["high"]
-    with pytest.raises(ValueError, match="same seeds"):
+    with pytest.raises(ValueError, match="same seeds, two or more"):
         paired_interval(variant, baseline[:3])
+    with pytest.raises(ValueError, match="same seeds, two or more"):
+        paired_interval(variant[:1], baseline[:1])
 
 
 def test_the_query_bootstrap_gives_the_standard_error_of_a_mean_difference():

@@ -206,3 +206,16 @@ def test_caption_augmentation_draws_a_variant_each_epoch_or_always_the_evaluatio
     evaluation = {(i, eval_caption(t.captions)) for i, t in enumerate(train_set.triplets)}
     assert (read == evaluation) is not augment  # with it, other variants too; without, only the first
 
+
+
+def test_a_run_made_before_caption_augmentation_existed_resumes_with_it_on(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_root), "--output", str(out), "--model", "cir-tiny", "--batch-size", "8", "--workers",
+            "0", "--quiet"]
+    assert train_main(args + ["--epochs", "1"]) == 0
+    params = json.loads((out / "params.json").read_text())
+    del params["caption_augmentation"]  # what an older version wrote
+    (out / "params.json").write_text(json.dumps(params))
+    assert train_main(args + ["--epochs", "2", "--resume"]) == 0
+    with pytest.raises(Exception, match="--caption-augmentation was None, now False"):
+        train_main(args + ["--epochs", "3", "--resume", "--no-caption-augmentation"])

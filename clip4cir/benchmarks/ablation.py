@@ -5,10 +5,10 @@ numbers reported on a held-out catalog generated with another seed (never seen w
 
 Stage one: CLIP4Cir's recipe, each component of ``plus`` alone, the paper's caption augmentation switched off,
 and ``plus``; each evaluated with the Sum. Stage two: on the ``clip4cir`` stage-one encoder of the same seed,
-CLIP4Cir's Combiner recipe, each stage-two component alone, and ``plus``; and the whole pipelines (clip4cir then
-clip4cir, plus then plus). Each variant is compared with ``clip4cir`` of the same seed: the mean paired difference
-with its 95% t interval over seeds, and the part of it the held-out queries alone would give (a bootstrap over
-queries). Writes ``ablation.json`` and ``ablation.md``.
+CLIP4Cir's Combiner recipe, each component alone (caption augmentation switched off), and ``plus``; and the
+whole pipelines (clip4cir then clip4cir, plus then plus). Each variant is compared with ``clip4cir`` of the same
+seed: the mean paired difference with a 95% interval over the seeds' spread and the held-out query sample's (a
+bootstrap over queries). Writes ``ablation.json`` and ``ablation.md``.
 """
 from __future__ import annotations
 
@@ -97,30 +97,38 @@ def run_stage_two(data: Path, encoder: Path, out: Path, seed: int, settings: dic
 
 def held_out(encoder_path: Path, combiner_path: Path | None, test_data: Path, cache: Path) -> dict:
     """The metrics of a chosen model on the held-out catalog (its val split: items never seen) and, per category,
-    whether each query's target is in its top 10 (what the query bootstrap resamples); gallery features cached
-    per encoder, since every stage-two variant of a seed ranks with the same one."""
+    the rank of each query's target (what the query bootstrap resamples); gallery features cached per encoder,
+    since every stage-two variant of a seed ranks with the same one."""
     encoder = load_encoder(encoder_path)
     combine = load_combiner(combiner_path, encoder=encoder)[0].combine if combiner_path else combine_sum
     source = open_source(test_data)
     rankings = rankings_of(encoder, source, source.protocol.val_split, combine, cache, progress=False)
     return {"metrics": summarize(rankings, source.protocol),
-            "hits": {r.name: (r.ranks < 10).int().tolist() for r in rankings}}
+            "ranks": {r.name: r.ranks.tolist() for r in rankings}}
+
+
+def hits(run: dict, k: int) -> dict:
+    """Per category, 1 for each query whose target ranks in the top ``k``."""
+    return {name: [int(r < k) for r in ranks] for name, ranks in run["ranks"].items()}
 
 
 def summary(runs: list[dict], baseline: list[dict]) -> dict:
     """Mean and standard deviation over seeds of every metric and of the seconds per epoch; against the
-    baseline's runs of the same seeds, the paired differences of avg R@10 and R@50 (95% t interval), the query
-    bootstrap's standard error of the avg R@10 difference, and the time per epoch as a ratio (the median over
-    seeds: a seed that shared the machine with other work does not sway it)."""
+    baseline's runs of the same seeds, the paired differences of avg R@10 and R@50 with their 95% intervals (the
+    seeds' spread and the query sample's, from a bootstrap over queries), and the time per epoch as a ratio (the
+    median over seeds: a seed that shared the machine with other work does not sway it)."""
     keys = [(group, metric) for group, values in runs[0]["metrics"].items() if isinstance(values, dict)
             for metric in values]
     out = {f"{g}/{m}": [r["metrics"][g][m] for r in runs] for g, m in keys}
     out["seconds_per_epoch"] = [r["seconds_per_epoch"] for r in runs]
     table = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
              for k, v in out.items()}
-    table["paired"] = {m: paired_interval(out[m], [r["metrics"][m.split("/")[0]][m.split("/")[1]] for r in baseline])
-                       for m in ("average/R@10", "average/R@50")}
-    table["paired"]["query_se_R@10"] = query_sampling_se([r["hits"] for r in runs], [r["hits"] for r in baseline])
+    table["paired"] = {}
+    for k in (10, 50):
+        metric = f"average/R@{k}"
+        query_se = query_sampling_se([hits(r, k) for r in runs], [hits(b, k) for b in baseline])
+        table["paired"][metric] = paired_interval(out[metric], [b["metrics"]["average"][f"R@{k}"] for b in baseline],
+                                                  query_se)
     table["paired"]["time_ratio"] = statistics.median(r["seconds_per_epoch"] / b["seconds_per_epoch"]
                                                       for r, b in zip(runs, baseline))
     table["steps"] = [r["steps"] for r in runs]
@@ -149,26 +157,29 @@ def markdown(report: dict) -> str:
              f"{report['steps']['stage_two']} optimizer steps for every variant); held-out catalog: synthetic "
              f"`{report['test_size']}` generated with seed {report['test_seed']} ({report['queries']:,} queries of "
              f"its val split), best epoch chosen on the training catalog's val split. Δ: the mean paired "
-             f"difference to clip4cir of the same seed, with its 95% t interval over seeds; query SE: the standard "
-             f"error the held-out queries alone give that difference (bootstrap over queries).", ""]
+             f"difference to clip4cir of the same seed, with its 95% interval (t, {len(report['seeds']) - 1} degrees "
+             f"of freedom) over both standard errors: the seeds' and the held-out query sample's (a bootstrap over "
+             f"queries).", ""]
     for title, rows in (("Stage one (Sum), fine-tuned from the pretrained base", report["stage_one"]),
                         ("Stage two (Combiner) on the clip4cir stage-one encoder", report["stage_two"]),
                         ("Whole pipelines (Combiner)", report["pipelines"])):
         lines += [f"### {title}", "",
-                  "| variant | avg R@10 | Δ avg R@10 [95% CI] | query SE | avg R@50 | Δ avg R@50 [95% CI] | "
+                  "| variant | avg R@10 | Δ avg R@10 [95% CI] | SE seeds / queries | avg R@50 | Δ avg R@50 [95% CI] | "
                   + " | ".join(f"{c} R@10" for c in categories) + " | s / epoch | × time |",
                   "|---" * (8 + len(categories)) + "|"]
         for name, stats in rows.items():
             first = name == next(iter(rows))
             lines.append(f"| {name} | {cell(stats, 'average/R@10')} | "
                          + ("—" if first else delta(stats, "average/R@10")) + " | "
-                         + ("—" if first else f"{stats['paired']['query_se_R@10']:.2f}") + " | "
+                         + ("—" if first else f"{stats['paired']['average/R@10']['seed_se']:.2f} / "
+                                              f"{stats['paired']['average/R@10']['query_se']:.2f}") + " | "
                          + f"{cell(stats, 'average/R@50')} | " + ("—" if first else delta(stats, "average/R@50"))
                          + " | " + " | ".join(cell(stats, f"{c}/R@10") for c in categories)
                          + f" | {stats['seconds_per_epoch']['mean']:.2f} | {stats['paired']['time_ratio']:.2f} |")
         lines.append("")
     winners = report["beats_clip4cir"]
-    lines.append("Variants whose paired interval of avg R@10 lies above zero: "
+    lines.append("Variants whose paired interval of avg R@10 lies above zero (each interval on its own, not "
+                 "corrected for the number of variants compared): "
                  + (", ".join(f"{stage}: {name}" for stage, name in winners) if winners else "none") + ".")
     return "\n".join(lines) + "\n"
 
@@ -215,7 +226,7 @@ def run_ablation(config: str, out: Path, work: str | None = None, workers: int =
               "machine": f"{m['cpu']}, {m['cores']} cores", "seeds": cfg["seeds"], "size": cfg["size"],
               "test_size": cfg["test_size"], "test_seed": 1, "base": str(BASE.relative_to(DEMO_DIR.parent)),
               "epochs": cfg["epochs"], "combiner_epochs": cfg["combiner_epochs"],
-              "queries": sum(len(h) for h in stage_one[BASELINE][0]["hits"].values()),
+              "queries": sum(len(r) for r in stage_one[BASELINE][0]["ranks"].values()),
               "steps": {"stage_one": stage_one[BASELINE][0]["steps"], "stage_two": stage_two[BASELINE][0]["steps"]},
               "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
               "seconds": round(time.perf_counter() - started, 1), **tables,

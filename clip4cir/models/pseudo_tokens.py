@@ -26,15 +26,15 @@ TEMPLATE = "a photo of $ that {caption}"  # Pic2Word's and SEARLE's prompt for c
 
 class Phi(nn.Module):
     """φ: a feature (``dim``) → a pseudo-word token (``width``, the token embedding's size): a three-layer MLP with
-    GELU and dropout, the shape Pic2Word and SEARLE use. ``input_scale``: the norm of the features it reads (1: a
-    φ trained here on unit features; a published φ trained on raw CLIP features: their mean norm)."""
+    GELU and dropout, the shape Pic2Word and SEARLE use. ``raw_input``: it reads the encoder's features as they
+    come (SEARLE's published φ) rather than normalised (a φ trained here)."""
 
     def __init__(self, dim: int, width: int, hidden: int | None = None, dropout: float = 0.5,
-                 input_scale: float = 1.0):
+                 raw_input: bool = False):
         super().__init__()
         hidden = hidden or 4 * max(dim, width)
         self.dim, self.width, self.hidden, self.dropout = dim, width, hidden, dropout
-        self.input_scale = input_scale
+        self.raw_input = raw_input
         self.layers = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
                                     nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
                                     nn.Linear(hidden, width))
@@ -45,7 +45,7 @@ class Phi(nn.Module):
     def settings(self) -> dict:
         """What rebuilds it (a checkpoint records these)."""
         return {"dim": self.dim, "width": self.width, "hidden": self.hidden, "dropout": self.dropout,
-                "input_scale": self.input_scale}
+                "raw_input": self.raw_input}
 
 
 def placeholder_id(encoder: CLIPEncoder) -> int:
@@ -96,8 +96,8 @@ class PseudoTokenQueries:
 
     @torch.inference_mode()
     def __call__(self, reference_features: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        unit = F.normalize(reference_features.float(), dim=-1).to(self.encoder.device)
-        pseudo = self.phi(unit * self.phi.input_scale)
+        features = reference_features.float().to(self.encoder.device)
+        pseudo = self.phi(features if self.phi.raw_input else F.normalize(features, dim=-1))
         return encode_with_pseudo_tokens(self.encoder, composed_prompts(captions, self.template), pseudo,
                                          normalize=True)
 
@@ -131,9 +131,12 @@ def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
     return phi.to(device).eval(), record
 
 
+SEARLE_ENCODERS = {"ViT-B-32": 512, "ViT-L-14": 768}  # the encoders SEARLE published φ for (openai weights)
+
+
 def read_searle_phi(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state of a φ published by SEARLE (a torch file ``{"Phi": state_dict}``, CC BY-NC 4.0), read as tensors
-    only (``weights_only``); an error naming the file when it is not one."""
+    only (``weights_only``), its layers checked to chain; an error naming the file when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"SEARLE φ {path} does not exist")
@@ -145,19 +148,31 @@ def read_searle_phi(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     expected = {f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
     if not isinstance(state, dict) or set(state) != expected:
         raise ModelError(f"{path} holds no SEARLE φ (a 'Phi' entry with {', '.join(sorted(expected))})")
+    w0, w3, w6 = (state[f"layers.{i}.weight"] for i in (0, 3, 6))
+    chained = w0.ndim == w3.ndim == w6.ndim == 2 and w3.shape == (w0.shape[0], w0.shape[0]) and \
+        w6.shape[1] == w0.shape[0] and all(state[f"layers.{i}.bias"].shape == (w.shape[0],)
+                                           for i, w in ((0, w0), (3, w3), (6, w6)))
+    if not chained:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
+        raise ModelError(f"{path}: φ's layers do not chain ({shapes})")
     return state
 
 
-def published_phi(state: dict[str, torch.Tensor], encoder: CLIPEncoder, input_scale: float) -> Phi:
-    """A φ from a published state (:func:`read_searle_phi`), checked to fit ``encoder``: it reads the encoder's
-    features and writes tokens of its text tower's width."""
+def published_phi(state: dict[str, torch.Tensor], encoder: CLIPEncoder, any_encoder: bool = False) -> Phi:
+    """A φ from SEARLE's state (:func:`read_searle_phi`) for ``encoder``, which must be one SEARLE trained for
+    (CLIP ViT-B-32 or ViT-L-14, OpenAI's weights, not fine-tuned) unless ``any_encoder``, and must fit its
+    features and token width."""
+    source = encoder.source
+    if not any_encoder and (source.get("model") not in SEARLE_ENCODERS or source.get("pretrained") != "openai"
+                            or source.get("checkpoint")):
+        raise ModelError(f"SEARLE's φ was trained for CLIP {' or '.join(SEARLE_ENCODERS)} with --pretrained openai, "
+                         f"not {encoder.describe()}")
     dim, hidden, width = state["layers.0.weight"].shape[1], state["layers.0.weight"].shape[0], \
         state["layers.6.weight"].shape[0]
     if (dim, width) != (encoder.dim, token_width(encoder)):
         raise ModelError(f"this φ maps {dim}-d features to {width}-d tokens; {encoder.describe()} has {encoder.dim}-d "
-                         f"features and {token_width(encoder)}-d tokens (SEARLE publishes φ for ViT-B-32 and "
-                         f"ViT-L-14 with --pretrained openai)")
-    phi = Phi(dim, width, hidden, input_scale=input_scale)
+                         f"features and {token_width(encoder)}-d tokens")
+    phi = Phi(dim, width, hidden, raw_input=True)
     phi.load_state_dict(state)
     return phi.eval()
 

@@ -34,6 +34,8 @@ KEEP_CHECKPOINTS = 2
 # the settings --resume may change: how long, how often to save or validate, where, how fast; every other setting
 # (the objective, the batches, the model, the data) must be what the run started with
 MAY_CHANGE_ON_RESUME = ("epochs", "save_every", "save_best", "val_every", "workers", "output", "cache_dir")
+# settings added after runs were made: a params.json without one ran with this value
+ADDED_SETTINGS = {"caption_augmentation": True}
 RUN_FILES = ("params.json", "metrics.jsonl", "best.safetensors", "checkpoints")
 
 
@@ -113,7 +115,7 @@ class RunDir:
             saved = read_json(self.params_file, "--resume")
             now = json.loads(json.dumps(params, default=str))  # as params.json holds them
             changed = [k for k in sorted((set(now) | set(saved)) - {"training_data"})
-                       if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != now.get(k)]
+                       if k not in MAY_CHANGE_ON_RESUME and saved.get(k, ADDED_SETTINGS.get(k)) != now.get(k)]
             if changed:
                 what = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
                 free = ", --".join(k.replace("_", "-") for k in MAY_CHANGE_ON_RESUME)

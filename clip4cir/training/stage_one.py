@@ -123,8 +123,9 @@ def training_triplets(source, encoder: Encoder, config: RecipeConfig, world_size
 
 
 class TripletTask(TrainingTask):
-    """What both composed-retrieval stages share: the training triplets (with randomised captions), the logit
-    scale of the recipe, batches of one category with hard negatives, the caption draw of each epoch."""
+    """What both composed-retrieval stages share: the training triplets (captions randomised with caption
+    augmentation), the logit scale of the recipe, batches of one category with hard negatives, the caption draw
+    of each epoch."""
 
     config: RecipeConfig
 

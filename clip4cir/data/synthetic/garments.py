@@ -170,9 +170,10 @@ COMPARATIVES = ("instead", "longer", "shorter", "darker", "lighter", " one")
 
 
 def title(item: Item) -> str:
-    """A shop's title of an item, in varied wording, naming a random subset of its attributes (never none), some
-    in a relative clause, so the noun alone must carry the category: a pure function of the item (its own random
-    stream, so titles never change the catalog a seed draws)."""
+    """A shop's title of an item, in varied wording, naming a random subset of its attributes (about 1 in 600 is
+    the bare noun: a plain pattern or no print can have no word), some in a relative clause, so the noun alone
+    must carry the category: a pure function of the item (its own random stream, so titles never change the
+    catalog a seed draws)."""
     rng = np.random.default_rng(zlib.crc32(item.id.encode()))
     noun = str(rng.choice(NOUNS[item.category]))
     named = [a for a in ATTRIBUTES if rng.random() < TITLE_NAMES[a]] or [str(rng.choice(ATTRIBUTES))]
