@@ -24,6 +24,7 @@ from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import make_synthetic_fashioniq
 from clip4cir.evaluation.composed import rankings_of, summarize
+from clip4cir.evaluation.ranking import RECALL_KS
 from clip4cir.models.combiner import combine_sum, load_combiner
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.serving.demo import DEMO_DIR
@@ -124,7 +125,7 @@ def summary(runs: list[dict], baseline: list[dict]) -> dict:
     table = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
              for k, v in out.items()}
     table["paired"] = {}
-    for k in (10, 50):
+    for k in RECALL_KS:
         metric = f"average/R@{k}"
         query_se = query_sampling_se([hits(r, k) for r in runs], [hits(b, k) for b in baseline])
         table["paired"][metric] = paired_interval(out[metric], [b["metrics"]["average"][f"R@{k}"] for b in baseline],

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clip4cir.commands.common import add_model_args, encoder_from_args, run
-from clip4cir.models.pseudo_tokens import TEMPLATE, published_phi, read_searle_phi, save_phi
+from clip4cir.models.pseudo_tokens import TEMPLATE, check_published_phi, read_searle_phi, save_phi
 
 log = logging.getLogger(__name__)
 SEARLE_LICENCE = "CC BY-NC 4.0"
@@ -29,9 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "reads features it never saw, at your risk")
     add_model_args(parser)
     args = parser.parse_args(argv)
-    state = read_searle_phi(args.searle)  # before the model loads: a wrong file fails at once
+    phi = read_searle_phi(args.searle)  # before the model loads: a wrong file fails at once
     encoder = encoder_from_args(args)
-    phi = published_phi(state, encoder, args.any_encoder)
+    check_published_phi(phi, encoder, args.any_encoder)
     save_phi(phi, args.output, "searle", TEMPLATE, encoder.record(),
              {"source": Path(args.searle).name, "licence": SEARLE_LICENCE})
     log.info("wrote %s: SEARLE's φ (%s) for %s", args.output, SEARLE_LICENCE, encoder.describe())

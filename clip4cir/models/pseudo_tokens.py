@@ -131,12 +131,12 @@ def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
     return phi.to(device).eval(), record
 
 
-SEARLE_ENCODERS = {"ViT-B-32": 512, "ViT-L-14": 768}  # the encoders SEARLE published φ for (openai weights)
+SEARLE_ENCODERS = ("ViT-B-32", "ViT-L-14")  # the encoders SEARLE published φ for (openai weights)
 
 
-def read_searle_phi(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state of a φ published by SEARLE (a torch file ``{"Phi": state_dict}``, CC BY-NC 4.0), read as tensors
-    only (``weights_only``), its layers checked to chain; an error naming the file when it is not one."""
+def read_searle_phi(path: str | os.PathLike) -> Phi:
+    """A φ published by SEARLE (a torch file ``{"Phi": state_dict}``, CC BY-NC 4.0), read as tensors only
+    (``weights_only``) into a φ that reads raw features; an error naming the file when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"SEARLE φ {path} does not exist")
@@ -148,33 +148,27 @@ def read_searle_phi(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     expected = {f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
     if not isinstance(state, dict) or set(state) != expected:
         raise ModelError(f"{path} holds no SEARLE φ (a 'Phi' entry with {', '.join(sorted(expected))})")
-    w0, w3, w6 = (state[f"layers.{i}.weight"] for i in (0, 3, 6))
-    chained = w0.ndim == w3.ndim == w6.ndim == 2 and w3.shape == (w0.shape[0], w0.shape[0]) and \
-        w6.shape[1] == w0.shape[0] and all(state[f"layers.{i}.bias"].shape == (w.shape[0],)
-                                           for i, w in ((0, w0), (3, w3), (6, w6)))
-    if not chained:
+    first, last = state["layers.0.weight"], state["layers.6.weight"]
+    try:
+        phi = Phi(first.shape[1], last.shape[0], first.shape[0], raw_input=True)
+        phi.load_state_dict(state)
+    except (IndexError, RuntimeError) as e:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
-        raise ModelError(f"{path}: φ's layers do not chain ({shapes})")
-    return state
+        raise ModelError(f"{path}: φ's layers do not chain ({shapes})") from e
+    return phi.eval()
 
 
-def published_phi(state: dict[str, torch.Tensor], encoder: CLIPEncoder, any_encoder: bool = False) -> Phi:
-    """A φ from SEARLE's state (:func:`read_searle_phi`) for ``encoder``, which must be one SEARLE trained for
-    (CLIP ViT-B-32 or ViT-L-14, OpenAI's weights, not fine-tuned) unless ``any_encoder``, and must fit its
-    features and token width."""
+def check_published_phi(phi: Phi, encoder: CLIPEncoder, any_encoder: bool = False) -> None:
+    """A published φ must be for an encoder SEARLE trained for (CLIP ViT-B-32 or ViT-L-14, OpenAI's weights, not
+    fine-tuned) unless ``any_encoder``, and must fit its features and token width."""
     source = encoder.source
     if not any_encoder and (source.get("model") not in SEARLE_ENCODERS or source.get("pretrained") != "openai"
                             or source.get("checkpoint")):
         raise ModelError(f"SEARLE's φ was trained for CLIP {' or '.join(SEARLE_ENCODERS)} with --pretrained openai, "
                          f"not {encoder.describe()}")
-    dim, hidden, width = state["layers.0.weight"].shape[1], state["layers.0.weight"].shape[0], \
-        state["layers.6.weight"].shape[0]
-    if (dim, width) != (encoder.dim, token_width(encoder)):
-        raise ModelError(f"this φ maps {dim}-d features to {width}-d tokens; {encoder.describe()} has {encoder.dim}-d "
-                         f"features and {token_width(encoder)}-d tokens")
-    phi = Phi(dim, width, hidden, raw_input=True)
-    phi.load_state_dict(state)
-    return phi.eval()
+    if (phi.dim, phi.width) != (encoder.dim, token_width(encoder)):
+        raise ModelError(f"this φ maps {phi.dim}-d features to {phi.width}-d tokens; {encoder.describe()} has "
+                         f"{encoder.dim}-d features and {token_width(encoder)}-d tokens")
 
 
 def zero_shot_queries(path: str | os.PathLike, encoder: CLIPEncoder) -> PseudoTokenQueries:
