@@ -137,12 +137,15 @@ def test_the_zero_shot_benchmark_reports_every_row_on_held_out_catalogs(tmp_path
     report = json.loads((tmp_path / "zero-shot-smoke.json").read_text())
     assert set(report["rows"]) == {"Sum, no training", "pic2word", "lincir", "catalog adaptation, Sum",
                                    "catalog adaptation + pic2word", "catalog adaptation + lincir",
+                                   "mined title triplets, stage one, Sum", "mined title triplets, stage one + Combiner",
                                    "supervised CLIP4Cir (stage one + Combiner)"}
     for row in report["rows"].values():
         assert {"fashioniq/R@10", "cirr/R@10"} <= set(row) and all(0 <= s["mean"] <= 100 for s in row.values())
     assert all(seconds > 0 for seconds in report["phi_seconds"].values()) and report["query_cost"]["zero_shot_ms"] > 0
+    assert report["mining_seconds"] > 0 and all(int(n.replace(",", "")) > 0 for n in report["mined"].split(" / "))
     table = (tmp_path / "zero-shot-smoke.md").read_text()
-    assert "| supervised CLIP4Cir (stage one + Combiner) | yes |" in table and "| lincir | no |" in table
+    assert "| supervised CLIP4Cir (stage one + Combiner) | the catalog's |" in table and "| lincir | none |" in table
+    assert "| mined title triplets, stage one, Sum | mined from titles |" in table
 
 
 def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():

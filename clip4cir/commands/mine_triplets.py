@@ -1,0 +1,60 @@
+"""Mine triplets from a catalog's titles (``scripts/mine_triplets.py``, ``clip4cir-mine-triplets``): for a shop
+with image-text pairs and no triplets, write a triplet file that stage one and the Combiner train on as they are
+(clip4cir.training.triplet_mining)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, run,
+                                      source_options, whole)
+from clip4cir.core.errors import DataError
+from clip4cir.data.sources.base import check_images_readable, detect_kind
+from clip4cir.training import triplet_mining
+from clip4cir.training.triplet_mining import check_output, mine_triplets
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mine_triplets.py", description=f"{__doc__}\n\n{triplet_mining.__doc__}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(parser)
+    add_model_args(parser)
+    parser.add_argument("--output", required=True, help="the triplet file to write (.jsonl; must not exist)")
+    parser.add_argument("--per-reference", type=whole(1, 100), default=2,
+                        help="one-word edits drawn for each image's title (default 2)")
+    parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if not args.model and not args.clip_checkpoint:
+        raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+    check_output(args.output)
+    if args.dataset == "auto" and detect_kind(args.data) == "folder":
+        args.dataset = "pairs"  # a folder no other kind recognises: images with sidecar texts
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    source = source_options(args).open()
+    if source.kind != "pairs":
+        raise DataError(f"--data {args.data}: mining reads image-text pairs over an image folder (a .jsonl/.csv of "
+                        f"image,text rows or images with sidecar .txt files), not {source.describe()}")
+    splits = [s for s in ("train", source.protocol.val_split) if s in source.splits()]
+    check_images_readable(source, [i for split in splits for i in source.texts(split)])
+    counts = mine_triplets(encoder_from_args(args), source, args.output, args.per_reference, args.seed,
+                           args.workers, not args.quiet)
+    folder = "" if source.images.root.resolve() == Path(args.output).resolve().parent else \
+        f" --images {source.images.root}"
+    log.info("wrote %s: %s train and %s val triplets; train on them: python scripts/train_clip.py --data %s%s "
+             "--output RUN (then scripts/train_combiner.py)", args.output, f"{counts['train']:,}",
+             f"{counts['val']:,}", args.output, folder)
+    return 0
+
+
+def console() -> int:
+    return run(main)
