@@ -34,16 +34,17 @@ from clip4cir.training.pairs import PairsConfig, PairsTask
 from clip4cir.training.stage_one import StageOneConfig, StageOneTask
 from clip4cir.training.textual_inversion import METHODS, PhiConfig, PhiTask
 from clip4cir.training.trainer import train_here
-from clip4cir.training.triplet_mining import mine_triplets
+from clip4cir.training.triplet_mining import mine_triplets, plan_triplets
 from combiner.stage_two import StageTwoConfig, StageTwoTask
 
 BASE = DEMO_DIR / "base" / "encoder.safetensors"
 TRAIN_SEED, HELD_OUT_SEED = 11, 7  # the held-out catalogs are those the base was measured on: never trained on
-CONFIGS = {
-    "smoke": {"size": "tiny", "seeds": [0], "phi_epochs": 2, "phi_batch": 16, "adapt_epochs": 1, "adapt_batch": 16,
-              "epochs": 1, "batch": 8, "combiner_epochs": 2, "combiner_batch": 16},
-    "full": {"size": "demo", "seeds": [0, 1, 2], "phi_epochs": 8, "phi_batch": 256, "adapt_epochs": 6,
-             "adapt_batch": 128, "epochs": 12, "batch": 64, "combiner_epochs": 60, "combiner_batch": 256},
+CONFIGS = {  # size: the training catalog (small: enough titles to mine); held_out: the catalogs reported on
+    "smoke": {"size": "small", "held_out": "tiny", "seeds": [0], "phi_epochs": 2, "phi_batch": 16, "adapt_epochs": 1,
+              "adapt_batch": 16, "epochs": 1, "batch": 8, "combiner_epochs": 2, "combiner_batch": 16},
+    "full": {"size": "demo", "held_out": "demo", "seeds": [0, 1, 2], "phi_epochs": 8, "phi_batch": 256,
+             "adapt_epochs": 6, "adapt_batch": 128, "epochs": 12, "batch": 64, "combiner_epochs": 60,
+             "combiner_batch": 256},
 }
 PHI_LR, ADAPT_LR, STAGE_ONE_LR, STAGE_TWO_LR = 1e-3, 1e-4, 1e-4, 1e-3
 SUPERVISED = "supervised CLIP4Cir (stage one + Combiner)"
@@ -144,8 +145,8 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
         data = tmp / "train-catalog"
         make_synthetic_fashioniq(data, cfg["size"], seed=TRAIN_SEED)
         catalogs = {"fashioniq": tmp / "held-out-fashioniq", "cirr": tmp / "held-out-cirr"}
-        make_synthetic_fashioniq(catalogs["fashioniq"], cfg["size"], seed=HELD_OUT_SEED)
-        make_synthetic_cirr(catalogs["cirr"], cfg["size"], seed=HELD_OUT_SEED)
+        make_synthetic_fashioniq(catalogs["fashioniq"], cfg["held_out"], seed=HELD_OUT_SEED)
+        make_synthetic_cirr(catalogs["cirr"], cfg["held_out"], seed=HELD_OUT_SEED)
         pairs = data / "pairs.jsonl"
         rows["Sum, no training"] = [held_out(BASE, catalogs)] * len(cfg["seeds"])
         for seed in cfg["seeds"]:
@@ -162,8 +163,9 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
                         base_phi = phi
                     rows.setdefault(name, []).append(held_out(encoder, catalogs, phi=phi))
             t0 = time.perf_counter()
-            counts = mine_triplets(load_encoder(BASE), open_source(str(pairs)), data / f"mined-{seed}.jsonl",
-                                   seed=seed, workers=workers, progress=False)
+            source = open_source(str(pairs))
+            counts = mine_triplets(load_encoder(BASE), source, plan_triplets(source, seed=seed),
+                                   data / f"mined-{seed}.jsonl", workers=workers, progress=False)
             mining_seconds.append(time.perf_counter() - t0)
             mined.append(counts)
             stage_one, combiner = supervised(data / f"mined-{seed}.jsonl", tmp / f"mined-{seed}", seed, cfg, workers)

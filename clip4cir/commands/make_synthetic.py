@@ -37,8 +37,8 @@ def identity_args(parser: argparse.ArgumentParser) -> None:
 GENERATORS = {
     "fashioniq": Generator(
         "Generate a synthetic catalog in FashionIQ's exact layout.", "captions/, image_splits/, images/",
-        sizes(SIZES, "tiny: seconds, for tests; demo: a few thousand images; heldout: a 4,800-image val split for "
-                     "benchmarks; full: FashionIQ's split sizes"),
+        sizes(SIZES, "tiny: seconds, for tests; small: about 1,400 images; demo: a few thousand; heldout: a "
+                     "4,800-image val split for benchmarks; full: FashionIQ's split sizes"),
         lambda out, a: make_synthetic_fashioniq(out, a.size, a.seed, a.workers),
         lambda c: f"{sum(v['triplets'] for v in c.values()):,} triplets and "
                   f"{sum(v['images'] for v in c.values()):,} split entries"),

@@ -11,10 +11,9 @@ from typing import Sequence
 
 from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, run,
                                       source_options, whole)
-from clip4cir.core.errors import DataError
 from clip4cir.data.sources.base import check_images_readable, detect_kind
 from clip4cir.training import triplet_mining
-from clip4cir.training.triplet_mining import check_output, mine_triplets
+from clip4cir.training.triplet_mining import check_output, mine_triplets, plan_triplets
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +40,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     source = source_options(args).open()
-    if source.kind != "pairs":
-        raise DataError(f"--data {args.data}: mining reads image-text pairs over an image folder (a .jsonl/.csv of "
-                        f"image,text rows or images with sidecar .txt files), not {source.describe()}")
-    splits = [s for s in ("train", source.protocol.val_split) if s in source.splits()]
-    check_images_readable(source, [i for split in splits for i in source.texts(split)])
-    counts = mine_triplets(encoder_from_args(args), source, args.output, args.per_reference, args.seed,
-                           args.workers, not args.quiet)
+    plan = plan_triplets(source, args.per_reference, args.seed)  # the titles first: text only
+    check_images_readable(source, [i for split in plan for i in source.texts(split)])
+    counts = mine_triplets(encoder_from_args(args), source, plan, args.output, args.workers, not args.quiet)
     folder = "" if source.images.root.resolve() == Path(args.output).resolve().parent else \
         f" --images {source.images.root}"
     log.info("wrote %s: %s train and %s val triplets; train on them: python scripts/train_clip.py --data %s%s "

@@ -17,6 +17,8 @@ from clip4cir.data.synthetic.garments import (IMAGE_WIDTH, Catalog, Item, attrs_
 # (triplets, images) per split (train, val, test) and category; "full" is FashionIQ's real sizes
 SIZES = {
     "tiny": {c: {"train": (12, 30), "val": (8, 24), "test": (4, 12)} for c in CATEGORIES},
+    # enough titles per category to tell which words replace which (mining triplets from them), in a minute
+    "small": {c: {"train": (100, 300), "val": (60, 150), "test": (4, 12)} for c in CATEGORIES},
     "demo": {c: {"train": (400, 1000), "val": (150, 400), "test": (50, 130)} for c in CATEGORIES},
     # a held-out catalog for benchmarks: a val split four times the demo's (1,800 queries), little else
     "heldout": {c: {"train": (12, 30), "val": (600, 1600), "test": (4, 12)} for c in CATEGORIES},
