@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, number, run,
-                                      source_options, whole)
+from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, check_encoder_given,
+                                      encoder_from_args, number, run, source_options, whole)
 from clip4cir.core.distributed import Dist, run_distributed
 from clip4cir.core.errors import CatalogIndexError
 from clip4cir.models.combiner import combining_function
@@ -62,8 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "images together")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    if not args.model and not args.clip_checkpoint:
-        raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+    check_encoder_given(args.model, args.clip_checkpoint)
     if (args.store == "milvus") != bool(args.milvus_uri and args.collection) or \
             (args.store != "milvus" and (args.milvus_uri or args.collection)):
         raise ValueError("--store milvus takes --milvus-uri URI and --collection NAME (and only it does)")

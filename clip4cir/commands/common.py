@@ -183,14 +183,19 @@ def add_run_args(parser: argparse.ArgumentParser, epochs: int, batch_size: int, 
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def check_encoder_given(model: str | None, clip_checkpoint: str | None) -> None:
+    """Every tool that encodes needs an architecture or a checkpoint."""
+    if not (model or clip_checkpoint):
+        raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+
+
 def check_run_config(config: RunConfig) -> None:
     """Reject impossible settings every trainer takes, before anything is written or loaded."""
     if Path(config.output).exists() and not Path(config.output).is_dir():
         raise DataError(f"--output {config.output} is a file; give a folder for the run")
     if config.source.streaming:
         raise ValueError("--streaming reads images in order: it builds indexes; training needs random access")
-    if not (config.model or config.clip_checkpoint):
-        raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+    check_encoder_given(config.model, config.clip_checkpoint)
 
 
 def check_triplet_run(config: RunConfig) -> None:

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, run,
-                                      source_options, whole)
+from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, check_encoder_given,
+                                      encoder_from_args, run, source_options, whole)
 from clip4cir.data.sources.base import check_images_readable, detect_kind
 from clip4cir.training import triplet_mining
 from clip4cir.training.triplet_mining import check_output, mine_triplets, plan_triplets
@@ -29,8 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if not args.model and not args.clip_checkpoint:
-        raise ValueError("give the encoder: --model NAME [--pretrained TAG] or --clip-checkpoint PATH")
+    check_encoder_given(args.model, args.clip_checkpoint)
     check_output(args.output)
     if args.dataset == "auto" and detect_kind(args.data) == "folder":
         args.dataset = "pairs"  # a folder no other kind recognises: images with sidecar texts

@@ -173,9 +173,9 @@ def plan_triplets(source: Source, per_reference: int = 2, seed: int = 0) -> Plan
         groups = [(titles, titles.edits(per_reference, seed)) for titles in
                   (CategoryTitles(splits[split], words[c]) for c, splits in by_category.items() if split in splits)]
         plan[split] = [(titles, edits) for titles, edits in groups if edits]
-        texts = source.texts(split)
         if not plan[split]:
-            raise DataError(f"{source.describe()}: no one-word edit of the {len(texts):,} {split} titles has a target "
+            titled = sum(len(titles.images) for titles, _ in groups)
+            raise DataError(f"{source.describe()}: no one-word edit of the {titled:,} {split} titles has a target "
                             f"image (two titles of one category that differ in one word, two values of one attribute)")
     return plan
 
