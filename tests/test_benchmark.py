@@ -135,13 +135,17 @@ def test_the_zero_shot_benchmark_reports_every_row_on_held_out_catalogs(tmp_path
                              "smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "zero-shot-smoke.json").read_text())
-    assert set(report["rows"]) == {"Sum, no training", "pic2word", "lincir", "catalog adaptation, Sum",
-                                   "catalog adaptation + pic2word", "catalog adaptation + lincir",
+    phi_rows = {f"{adapted}{method}{added}" for adapted in ("", "catalog adaptation + ")
+                for method in ("pic2word", "lincir") for added in ("", " + Sum")}
+    assert set(report["rows"]) == {"Sum, no training", "catalog adaptation, Sum", *phi_rows,
                                    "mined title triplets, stage one, Sum", "mined title triplets, stage one + Combiner",
                                    "supervised CLIP4Cir (stage one + Combiner)"}
+    for method, choice in report["sum_weights"].items():  # chosen on the dev catalogs, among the weights tried
+        assert choice["dev R@10"][f"{choice['chosen']:g}"] == max(choice["dev R@10"].values())
     for row in report["rows"].values():
         assert {"fashioniq/R@10", "cirr/R@10"} <= set(row) and all(0 <= s["mean"] <= 100 for s in row.values())
     assert all(seconds > 0 for seconds in report["phi_seconds"].values()) and report["query_cost"]["zero_shot_ms"] > 0
+    assert report["query_cost"]["zero_shot_sum_ms"] > 0
     assert report["mining_seconds"] > 0 and all(int(n.replace(",", "")) > 0 for n in report["mined"].split(" / "))
     table = (tmp_path / "zero-shot-smoke.md").read_text()
     assert "| supervised CLIP4Cir (stage one + Combiner) | the catalog's |" in table and "| lincir | none |" in table

@@ -1,14 +1,20 @@
 """Pseudo-word tokens: a prompt encoded with the placeholder's embedding replaced is exactly the prompt with that
-word, gradients reach the pseudo token, and a text without a placeholder is an error."""
+word, gradients reach the pseudo token, a text without a placeholder is an error, and φ + Sum queries are the
+two queries' normalised weighted sum."""
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from clip4cir.commands.import_phi import main as import_phi
 from clip4cir.core.errors import ModelError
 from clip4cir.data.sources import open_source
 from clip4cir.models.factory import create_model
+from clip4cir.models.feature_sum import combine_sum
+from clip4cir.models.features import encode_texts
 from clip4cir.models.pseudo_tokens import (Phi, composed_prompts, encode_with_pseudo_tokens, load_phi,
-                                           placeholder_id, token_width, zero_shot_queries)
+                                           placeholder_id, save_phi, token_width, zero_shot_queries)
+from clip4cir.models.tensor_files import read_tensor_file
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,43 @@ def test_every_placeholder_takes_the_pseudo_token_and_none_is_an_error(encoder):
                                    encoder.encode_text(["dress and dress"]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ModelError, match="text 'a red dress' holds no placeholder"):
         encode_with_pseudo_tokens(encoder, ["a red dress"], pseudo)
+
+
+def test_plain_texts_encoded_in_the_same_pass_keep_their_own_tokens(encoder):
+    word = int(encoder.tokenizer(["dress"])[0][1])
+    pseudo = encoder.model.token_embedding.weight[[word]].detach()
+    with torch.no_grad():
+        got = encode_with_pseudo_tokens(encoder, ["a photo of $"], pseudo, plain=["a red dress", "has a $ sign"])
+        expected = encoder.encode_text(["a photo of dress", "a red dress", "has a $ sign"])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # the plain "$" is not replaced
+
+
+def test_phi_plus_sum_queries_add_the_sum_query_at_the_recorded_weight(encoder, tmp_path):
+    torch.manual_seed(0)
+    phi = Phi(encoder.dim, token_width(encoder), hidden=32).eval()
+    path = tmp_path / "phi.safetensors"
+    save_phi(phi, path, "pic2word", "a photo of $ that {caption}", encoder.record(), sum_weight=1.5)
+    assert load_phi(path, encoder)[1]["sum_weight"] == 1.5
+    reference, captions = torch.randn(3, encoder.dim), ["is red", "has much longer sleeves and is a maxi dress", "x"]
+    alone = zero_shot_queries(path, encoder, sum_weight=0)(reference, captions)
+    with torch.no_grad():
+        expected_alone = encode_with_pseudo_tokens(encoder, composed_prompts(captions), phi(F.normalize(reference)),
+                                                   normalize=True)
+        expected = F.normalize(expected_alone + 1.5 * combine_sum(reference, encode_texts(encoder, captions)), dim=-1)
+    torch.testing.assert_close(alone, expected_alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zero_shot_queries(path, encoder)(reference, captions), expected, rtol=1e-5, atol=1e-5)
+    assert zero_shot_queries(path, encoder).describe() == "a photo of $ that {caption}, + 1.5 × Sum"
+
+    # a φ file written before the weight was recorded queries with φ alone, as it did; a broken weight is refused
+    state, meta = read_tensor_file(path, "clip4cir.phi", "φ")
+    older = {k: v for k, v in meta.items() if k != "sum_weight"}
+    save_file(load_file(str(path)), str(tmp_path / "older.safetensors"), metadata=older)
+    torch.testing.assert_close(zero_shot_queries(tmp_path / "older.safetensors", encoder)(reference, captions),
+                               expected_alone, rtol=1e-5, atol=1e-5)
+    for bad in ("-1", "nan", "heavy"):
+        save_file(state, str(tmp_path / "bad.safetensors"), metadata={**meta, "sum_weight": bad})
+        with pytest.raises(ModelError, match=f"bad.safetensors: sum_weight '{bad}' is not a number ≥ 0"):
+            load_phi(tmp_path / "bad.safetensors")
 
 
 def test_a_searle_phi_is_imported_for_its_encoder_and_reads_raw_features(encoder, tiny_root, tmp_path):

@@ -17,7 +17,8 @@ from clip4cir.data.captions import eval_caption, random_caption_variant
 from clip4cir.data.datasets import TripletDataset
 from clip4cir.data.sources.fashioniq import FashionIQ
 from clip4cir.evaluation.ranking import target_ranks
-from clip4cir.models.combiner import Combiner, combine_sum, load_combiner
+from clip4cir.models.combiner import Combiner, load_combiner
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
 from clip4cir.training.checkpointing import RunDir

@@ -47,12 +47,13 @@ def test_each_method_learns_and_inverts_held_out_images_better(method, tiny_root
     out = tmp_path / "run"
     assert train_phi(["--data", str(data), "--method", method, "--clip-checkpoint", str(encoder_file),
                       "--epochs", "8", "--batch-size", "32", "--lr", "1e-3", "--output", str(out),
-                      "--save-best"] + BASE) == 0
+                      "--sum-weight", "2.5", "--save-best"] + BASE) == 0
     log = read_metrics(out / "metrics.jsonl")
     assert log[-1]["loss"] < log[0]["loss"]
     encoder = load_model(checkpoint=str(encoder_file))
     phi, record = load_phi(out / "best.safetensors", encoder)
     assert record["method"] == method and record["template"] == "a photo of $ that {caption}"
+    assert record["sum_weight"] == 2.5  # what the queries are made with, as the command was told
     source = open_source(data)
     val = extract_image_features(encoder, GalleryDataset(source, "val", transform=encoder.transform), progress=False)[1]
     before = inversion_recall(Phi(encoder.dim, token_width(encoder)), encoder, val)

@@ -25,7 +25,8 @@ from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import make_synthetic_fashioniq
 from clip4cir.evaluation.composed import rankings_of, summarize
 from clip4cir.evaluation.ranking import RECALL_KS
-from clip4cir.models.combiner import combine_sum, load_combiner
+from clip4cir.models.combiner import load_combiner
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.serving.demo import DEMO_DIR
 from clip4cir.training.checkpointing import read_metrics

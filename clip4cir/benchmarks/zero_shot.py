@@ -5,9 +5,11 @@ Trained on one synthetic FashionIQ-layout catalog (its train split: images and t
 and catalog adaptation, which choose their epoch on its held-out images without any triplet; its triplets for
 the supervised pipeline, which chooses its epoch on its val triplets); reported on the val queries of two
 catalogs drawn with another seed and never seen (FashionIQ and CIRR layouts). Rows: the Sum of the base's
-features without training; each φ (``pic2word``: from images, ``lincir``: from titles); catalog adaptation
-(image-text training on the titles) with the Sum and with each φ; CLIP4Cir trained on triplets mined from the
-titles (clip4cir.training.triplet_mining; stage one with the Sum, and with the Combiner); and the supervised
+features without training; each φ (``pic2word``: from images, ``lincir``: from titles), its queries alone and
+with the Sum query added (the Sum's weight chosen on dev catalogs of a third seed, from the first seed's φ);
+catalog adaptation (image-text training on the titles) with the Sum and with each φ (alone and + Sum); CLIP4Cir
+trained on triplets mined from the titles (clip4cir.training.triplet_mining; stage one with the Sum, and with the
+Combiner); and the supervised
 CLIP4Cir pipeline on the catalog's own triplets (stage one, then the Combiner). Mean ± std over seeds; φ's
 training time and a query's cost beside a text search's.
 """
@@ -39,6 +41,8 @@ from combiner.stage_two import StageTwoConfig, StageTwoTask
 
 BASE = DEMO_DIR / "base" / "encoder.safetensors"
 TRAIN_SEED, HELD_OUT_SEED = 11, 7  # the held-out catalogs are those the base was measured on: never trained on
+DEV_SEED = 5  # the catalogs the Sum's weight in φ + Sum queries is chosen on (neither trained nor reported on)
+SUM_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 CONFIGS = {  # size: the training catalog (small: enough titles to mine); held_out: the catalogs reported on
     "smoke": {"size": "small", "held_out": "tiny", "seeds": [0], "phi_epochs": 2, "phi_batch": 16, "adapt_epochs": 1,
               "adapt_batch": 16, "epochs": 1, "batch": 8, "combiner_epochs": 2, "combiner_batch": 16},
@@ -81,27 +85,39 @@ def supervised(data: Path, out: Path, seed: int, cfg: dict, workers: int) -> tup
 
 
 def held_out(encoder_path: Path, catalogs: dict[str, Path], phi: Path | None = None,
-             combiner: Path | None = None) -> dict:
-    """Recall on each held-out catalog's val queries, composed as the row says."""
+             combiner: Path | None = None, sum_weight: float = 0.0) -> dict:
+    """Recall on each held-out catalog's val queries, composed as the row says (φ's queries with the Sum query ×
+    ``sum_weight`` added)."""
     encoder = load_encoder(encoder_path)
-    mode = "phi" if phi is not None else "combiner" if combiner is not None else "sum"
-    combine = combining_function(encoder, combiner and str(combiner), mode, phi and str(phi))
+    combine = (zero_shot_queries(phi, encoder, sum_weight) if phi is not None else
+               combining_function(encoder, combiner and str(combiner), "sum" if combiner is None else "combiner"))
     return {name: evaluate(encoder, open_source(root), combine=combine, progress=False)["average"]
             for name, root in catalogs.items()}
 
 
-def query_cost(encoder_path: Path, phi: Path, repeats: int = 50) -> dict:
+def choose_sum_weight(encoder_path: Path, phi: Path, dev: dict[str, Path]) -> dict:
+    """The Sum's weight in φ + Sum queries: of ``SUM_WEIGHTS``, the one with the best mean R@10 over the dev
+    catalogs (FashionIQ's average, CIRR's), and every weight's score."""
+    scores = {w: statistics.mean(m["R@10"] for m in held_out(encoder_path, dev, phi=phi, sum_weight=w).values())
+              for w in SUM_WEIGHTS}
+    return {"chosen": max(scores, key=scores.get), "dev R@10": {f"{w:g}": v for w, v in scores.items()}}
+
+
+def query_cost(encoder_path: Path, phi: Path, sum_weight: float, repeats: int = 50) -> dict:
     """Milliseconds per single query (p50): a text search's text feature, against a zero-shot composed query's
-    (φ's forward pass and the prompt's text feature)."""
+    (φ's forward pass and the prompt's text feature), alone and with the Sum query (the caption's text feature)."""
     encoder = load_encoder(encoder_path)
-    queries = zero_shot_queries(phi, encoder)
     reference = torch.randn(1, encoder.dim)
 
     def p50(call) -> float:
         return percentiles_ms(timed(call, repeats))["p50_ms"]
+    cost = {}
     with torch.inference_mode():
-        return {"text_ms": p50(lambda: encoder.encode_text(["is red with shorter sleeves"])),
-                "zero_shot_ms": p50(lambda: queries(reference, ["is red with shorter sleeves"]))}
+        cost["text_ms"] = p50(lambda: encoder.encode_text(["is red with shorter sleeves"]))
+        for key, weight in (("zero_shot_ms", 0.0), ("zero_shot_sum_ms", sum_weight)):
+            queries = zero_shot_queries(phi, encoder, weight)
+            cost[key] = p50(lambda: queries(reference, ["is red with shorter sleeves"]))
+    return cost
 
 
 def summary(values: list[dict]) -> dict:
@@ -128,7 +144,14 @@ def markdown(report: dict) -> str:
               f"seed); mining triplets from the titles {report['mining_seconds']:.0f} s ({report['mined']} "
               f"triplets, train / val, mean per seed). One query: a text search's text feature {cost['text_ms']} ms, "
               f"a zero-shot composed query "
-              f"(φ and the prompt's text feature) {cost['zero_shot_ms']} ms (p50, cir-tiny, this CPU)."]
+              f"(φ and the prompt's text feature) {cost['zero_shot_ms']} ms, with the Sum query added (the "
+              f"caption's text feature too) {cost['zero_shot_sum_ms']} ms (p50, cir-tiny, this CPU).",
+              "", f"The Sum's weight in the \"+ Sum\" rows (query = normalise(φ's query + w × the Sum query)), chosen "
+              f"from {', '.join(f'{w:g}' for w in SUM_WEIGHTS)} by the mean R@10 of the first seed's φ on the "
+              f"base over catalogs drawn with seed {DEV_SEED} (neither trained nor reported on): "
+              + "; ".join(f"{m} w = {c['chosen']:g} (dev R@10 "
+                          + ", ".join(f"{w}: {v:.1f}" for w, v in c["dev R@10"].items()) + ")"
+                          for m, c in report["sum_weights"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +170,10 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
         catalogs = {"fashioniq": tmp / "held-out-fashioniq", "cirr": tmp / "held-out-cirr"}
         make_synthetic_fashioniq(catalogs["fashioniq"], cfg["held_out"], seed=HELD_OUT_SEED)
         make_synthetic_cirr(catalogs["cirr"], cfg["held_out"], seed=HELD_OUT_SEED)
+        dev = {"fashioniq": tmp / "dev-fashioniq", "cirr": tmp / "dev-cirr"}
+        make_synthetic_fashioniq(dev["fashioniq"], cfg["held_out"], seed=DEV_SEED)
+        make_synthetic_cirr(dev["cirr"], cfg["held_out"], seed=DEV_SEED)
+        sum_weights: dict[str, dict] = {}
         pairs = data / "pairs.jsonl"
         rows["Sum, no training"] = [held_out(BASE, catalogs)] * len(cfg["seeds"])
         for seed in cfg["seeds"]:
@@ -160,8 +187,12 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
                                     cfg, workers)
                     if encoder == BASE:
                         phi_seconds[method].append(time.perf_counter() - t0)
-                        base_phi = phi
+                        base_phi = method, phi
+                        if method not in sum_weights:  # chosen once, from the first seed's φ on the base
+                            sum_weights[method] = choose_sum_weight(BASE, phi, dev)
                     rows.setdefault(name, []).append(held_out(encoder, catalogs, phi=phi))
+                    rows.setdefault(f"{name} + Sum", []).append(
+                        held_out(encoder, catalogs, phi=phi, sum_weight=sum_weights[method]["chosen"]))
             t0 = time.perf_counter()
             source = open_source(str(pairs))
             counts = mine_triplets(load_encoder(BASE), source, plan_triplets(source, seed=seed),
@@ -173,7 +204,7 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
             rows.setdefault(MINED_COMBINER, []).append(held_out(stage_one, catalogs, combiner=combiner))
             stage_one, combiner = supervised(data, tmp / f"supervised-{seed}", seed, cfg, workers)
             rows.setdefault(SUPERVISED, []).append(held_out(stage_one, catalogs, combiner=combiner))
-        cost = query_cost(BASE, base_phi)
+        cost = query_cost(BASE, base_phi[1], sum_weights[base_phi[0]]["chosen"])
     m = machine()
     report = {"config": config, "command": f"python scripts/benchmark.py zero-shot --config {config}",
               "machine": f"{m['cpu']}, {m['cores']} cores", "seeds": cfg["seeds"], "size": cfg["size"],
@@ -181,6 +212,7 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
                            "stage_two_lr": STAGE_TWO_LR},
               "rows": {name: summary(values) for name, values in rows.items()},
               "phi_seconds": {k: statistics.mean(v) for k, v in phi_seconds.items()}, "query_cost": cost,
+              "sum_weights": sum_weights,
               "mining_seconds": statistics.mean(mining_seconds),
               "mined": " / ".join(f"{statistics.mean(c[k] for c in mined):,.0f}" for k in mined[0]),
               "seconds": round(time.perf_counter() - started, 1)}

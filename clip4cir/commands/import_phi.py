@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from clip4cir.commands.common import add_model_args, encoder_from_args, run
+from clip4cir.commands.common import add_model_args, encoder_from_args, number, run
 from clip4cir.models.pseudo_tokens import TEMPLATE, check_published_phi, read_searle_phi, save_phi
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--any-encoder", action="store_true",
                         help="accept an encoder SEARLE did not train for (a fine-tuned CLIP, another tag): φ then "
                              "reads features it never saw, at your risk")
+    parser.add_argument("--sum-weight", type=number(0, 100), default=0.0,
+                        help="queries add the Sum query × this (default 0: φ alone, as SEARLE published it)")
     add_model_args(parser)
     args = parser.parse_args(argv)
     phi = read_searle_phi(args.searle)  # before the model loads: a wrong file fails at once
     encoder = encoder_from_args(args)
     check_published_phi(phi, encoder, args.any_encoder)
     save_phi(phi, args.output, "searle", TEMPLATE, encoder.record(),
-             {"source": Path(args.searle).name, "licence": SEARLE_LICENCE})
+             {"source": Path(args.searle).name, "licence": SEARLE_LICENCE}, args.sum_weight)
     log.info("wrote %s: SEARLE's φ (%s) for %s", args.output, SEARLE_LICENCE, encoder.describe())
     return 0
 

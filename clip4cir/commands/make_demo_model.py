@@ -19,7 +19,8 @@ from clip4cir.core.artifacts import atomic_write, atomic_write_text, is_artifact
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import SYNTHETIC_FORMAT, make_synthetic_fashioniq
 from clip4cir.evaluation.composed import evaluate
-from clip4cir.models.combiner import combine_sum, load_combiner
+from clip4cir.models.combiner import load_combiner
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.serving.demo import DEMO_DIR, DEMO_SEED, write_demo_catalog
 from clip4cir.training.stage_one import StageOneConfig, StageOneTask

@@ -19,6 +19,8 @@ def parse_args(argv: Sequence[str] | None) -> PhiConfig:
     parser.add_argument("--dropout", type=number(0, 1, high_open=True), default=0.5, help="φ's dropout")
     parser.add_argument("--noise", type=number(0, 100), default=1.0,
                         help="lincir: the largest noise added to a text feature, relative to its norm")
+    parser.add_argument("--sum-weight", type=number(0, 100), default=PhiConfig.sum_weight,
+                        help="queries add the Sum query (reference + caption features) × this; 0: φ alone")
     args = parser.parse_args(argv)
     config = config_from_args(PhiConfig, args)
     check_run_config(config)

@@ -22,7 +22,8 @@ from clip4cir.core.errors import DataError
 from clip4cir.data.captions import count_empty_captions, eval_caption
 from clip4cir.data.sources import Protocol, Source, Triplet
 from clip4cir.evaluation.ranking import recall_at_k, subset_ranks, target_ranks, top_k
-from clip4cir.models.combiner import Combine, combine_sum, compose_queries
+from clip4cir.models.combiner import Combine, compose_queries
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.features import check_finite, gallery_features
 

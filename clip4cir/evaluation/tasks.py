@@ -25,7 +25,8 @@ from clip4cir.evaluation.labels import label_metrics
 from clip4cir.evaluation.pairs import pair_metrics
 from clip4cir.evaluation.ranking import recall_at_k
 from clip4cir.models.category_probe import predict_category, train_probe
-from clip4cir.models.combiner import Combine, combine_sum, compose_queries
+from clip4cir.models.combiner import Combine, compose_queries
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.factory import load_model
 from clip4cir.models.features import extract_image_features

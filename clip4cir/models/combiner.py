@@ -24,6 +24,7 @@ from torch import nn
 from clip4cir.core.artifacts import atomic_write
 from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import encode_texts
 from clip4cir.models.pseudo_tokens import zero_shot_queries
 from clip4cir.models.tensor_files import read_tensor_file
@@ -32,11 +33,6 @@ COMBINER_FORMAT = "clip4cir.combiner"
 COMBINER_VERSION = "1"
 log = logging.getLogger(__name__)
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def combine_sum(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """CLIP4Cir's Sum combining function: normalise(image feature + text feature)."""
-    return F.normalize(image_features + text_features, dim=-1)
 
 
 class Combiner(nn.Module):

@@ -1,10 +1,12 @@
 """Textual inversion for zero-shot composed retrieval (Pic2Word, SEARLE, LinCIR): φ maps a CLIP feature to a
 pseudo-word token, a vector in the text tower's token-embedding space that stands for the reference in a prompt
 such as "a photo of $ that is red"; the text tower encodes the prompt with the placeholder's embedding replaced by
-it. The query of a reference image and a caption is then one text feature, searched like a text query."""
+it. The query of a reference image and a caption is then one text feature, searched like a text query; with a Sum
+weight w it is normalise(that feature + w × the Sum query), an ensemble of the two ways of composing the query."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +19,7 @@ from torch import nn
 from clip4cir.core.artifacts import atomic_write
 from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.tensor_files import read_tensor_file
 
 PHI_FORMAT = "clip4cir.phi"
@@ -66,16 +69,19 @@ def token_width(encoder: CLIPEncoder) -> int:
 
 
 def encode_with_pseudo_tokens(encoder: CLIPEncoder, texts: Sequence[str], pseudo: torch.Tensor,
-                              normalize: bool = False) -> torch.Tensor:
+                              normalize: bool = False, plain: Sequence[str] = ()) -> torch.Tensor:
     """Text features of ``texts``, each holding the placeholder at least once, with its token embedding replaced
-    by that text's row of ``pseudo`` wherever it stands (gradients flow into ``pseudo``)."""
-    tokens = encoder.tokenize(texts).to(encoder.device)
+    by that text's row of ``pseudo`` wherever it stands (gradients flow into ``pseudo``); then those of the
+    ``plain`` texts (as they are), encoded in the same pass."""
+    tokens = encoder.tokenize(list(texts) + list(plain)).to(encoder.device)
     where = tokens == placeholder_id(encoder)
-    missing = (where.sum(1) == 0).nonzero()
+    missing = (where[:len(texts)].sum(1) == 0).nonzero()
     if len(missing):
         raise ModelError(f"text {texts[int(missing[0])]!r} holds no placeholder {PLACEHOLDER!r} for the pseudo token")
+    where[len(texts):] = False
     embeddings = encoder.model.token_embedding(tokens)
-    embeddings = torch.where(where[..., None], pseudo.to(embeddings.dtype)[:, None, :], embeddings)
+    rows = torch.cat([pseudo.to(embeddings.dtype), embeddings.new_zeros(len(plain), embeddings.shape[-1])])
+    embeddings = torch.where(where[..., None], rows[:, None, :], embeddings)
     return encoder.encode_token_embeddings(tokens, embeddings, normalize)
 
 
@@ -86,36 +92,49 @@ def composed_prompts(captions: Sequence[str], template: str = TEMPLATE) -> list[
 
 class PseudoTokenQueries:
     """Composed queries by textual inversion: the reference's feature → φ → the pseudo token in the prompt of the
-    caption; the prompt's text feature (normalised) is the query. Takes captions, not their features
-    (``reads_captions``: clip4cir.models.combiner.compose_queries hands it them)."""
+    caption; the prompt's text feature (normalised) is the query, plus ``sum_weight`` × the Sum query of the
+    reference and the caption's text feature when that is above 0 (then normalised again). Takes captions, not
+    their features (``reads_captions``: clip4cir.models.combiner.compose_queries hands it them)."""
 
     reads_captions = True
 
-    def __init__(self, phi: Phi, encoder: CLIPEncoder, template: str = TEMPLATE):
-        self.phi, self.encoder, self.template = phi.eval(), encoder, template
+    def __init__(self, phi: Phi, encoder: CLIPEncoder, template: str = TEMPLATE, sum_weight: float = 0.0):
+        self.phi, self.encoder, self.template, self.sum_weight = phi.eval(), encoder, template, sum_weight
+
+    def describe(self) -> str:
+        """The prompt template, and the Sum's weight when the query adds it."""
+        return self.template + (f", + {self.sum_weight:g} × Sum" if self.sum_weight else "")
 
     @torch.inference_mode()
     def __call__(self, reference_features: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         features = reference_features.float().to(self.encoder.device)
         pseudo = self.phi(features if self.phi.raw_input else F.normalize(features, dim=-1))
-        return encode_with_pseudo_tokens(self.encoder, composed_prompts(captions, self.template), pseudo,
-                                         normalize=True)
+        prompts = composed_prompts(captions, self.template)
+        if not self.sum_weight:
+            return encode_with_pseudo_tokens(self.encoder, prompts, pseudo, normalize=True)
+        # the captions' own text features (the Sum's) in the prompts' pass: one text-tower call per batch of queries
+        both = encode_with_pseudo_tokens(self.encoder, prompts, pseudo, plain=captions).float()
+        queries, text = F.normalize(both[:len(prompts)], dim=-1), both[len(prompts):]
+        return F.normalize(queries + self.sum_weight * combine_sum(features, text), dim=-1)
 
 
 def save_phi(phi: Phi, path: str | os.PathLike, method: str, template: str, encoder: dict,
-             info: dict | None = None) -> None:
+             info: dict | None = None, sum_weight: float = 0.0) -> None:
     """Save atomically as ``.safetensors`` with metadata: the format, φ's settings, the method that trained it, the
-    prompt template, and the encoder it was trained for (its record: fingerprint and how to rebuild it)."""
+    prompt template and the Sum's weight its queries are made with, and the encoder it was trained for (its
+    record: fingerprint and how to rebuild it)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in phi.state_dict().items()}
     metadata = {"format": PHI_FORMAT, "settings": json.dumps(phi.settings()), "method": method,
-                "template": template, "encoder": json.dumps(encoder), "info": json.dumps(info or {})}
+                "template": template, "sum_weight": repr(float(sum_weight)), "encoder": json.dumps(encoder),
+                "info": json.dumps(info or {})}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
              device: str | torch.device = "cpu") -> tuple[Phi, dict]:
-    """A φ file and its metadata (method, template, encoder, info); with ``encoder``, a φ trained for another
-    encoder (another fingerprint) is refused, naming both."""
+    """A φ file and its metadata (method, template, Sum weight, encoder, info); with ``encoder``, a φ trained for
+    another encoder (another fingerprint) is refused, naming both. A file written before the Sum weight was
+    recorded makes queries of φ alone (weight 0), as it did then."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"φ checkpoint {path} does not exist")
@@ -123,12 +142,24 @@ def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
     phi = Phi(**json.loads(meta["settings"]))
     phi.load_state_dict(state)
     record = {"method": meta.get("method"), "template": meta.get("template", TEMPLATE),
+              "sum_weight": read_sum_weight(meta.get("sum_weight", "0"), path),
               "encoder": json.loads(meta.get("encoder", "{}")), "info": json.loads(meta.get("info", "{}"))}
     trained_for = record["encoder"].get("fingerprint")
     if encoder is not None and trained_for not in (None, encoder.fingerprint()):
         raise ModelError(f"φ {path} was trained for encoder {record['encoder'].get('description', '?')} (fingerprint "
                          f"{trained_for}), not {encoder.describe()} (fingerprint {encoder.fingerprint()})")
     return phi.to(device).eval(), record
+
+
+def read_sum_weight(text: str, path: Path) -> float:
+    """The Sum weight recorded in a φ file: a finite number ≥ 0 (an error naming the file otherwise)."""
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = float("nan")
+    if not math.isfinite(weight) or weight < 0:
+        raise ModelError(f"φ {path}: sum_weight {text!r} is not a number ≥ 0")
+    return weight
 
 
 SEARLE_ENCODERS = ("ViT-B-32", "ViT-L-14")  # the encoders SEARLE published φ for (openai weights)
@@ -171,7 +202,10 @@ def check_published_phi(phi: Phi, encoder: CLIPEncoder, any_encoder: bool = Fals
                          f"{encoder.dim}-d features and {token_width(encoder)}-d tokens")
 
 
-def zero_shot_queries(path: str | os.PathLike, encoder: CLIPEncoder) -> PseudoTokenQueries:
-    """The composed queries of the φ file at ``path`` (its own template), for ``encoder`` (checked)."""
+def zero_shot_queries(path: str | os.PathLike, encoder: CLIPEncoder,
+                      sum_weight: float | None = None) -> PseudoTokenQueries:
+    """The composed queries of the φ file at ``path`` (its own template and Sum weight, unless ``sum_weight`` is
+    given), for ``encoder`` (checked)."""
     phi, record = load_phi(path, encoder, encoder.device)
-    return PseudoTokenQueries(phi, encoder, record["template"])
+    return PseudoTokenQueries(phi, encoder, record["template"],
+                              record["sum_weight"] if sum_weight is None else sum_weight)

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from clip4cir.core.artifacts import atomic_write
 from clip4cir.core.distributed import Dist, barrier
 from clip4cir.data.captions import eval_caption
-from clip4cir.models.combiner import Combine, combine_sum
+from clip4cir.models.combiner import Combine
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import encode_texts
 from clip4cir.retrieval.vector_store import KINDS
 from clip4cir.core.errors import BusyError, Clip4CirError, DataError, StoreError

@@ -18,7 +18,8 @@ from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError, UnknownItemError
 from clip4cir.data.images import load_image
 from clip4cir.models.category_probe import predict_category
-from clip4cir.models.combiner import Combiner, combine_sum, load_combiner
+from clip4cir.models.combiner import Combiner, load_combiner
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.runtime import Towers
 from clip4cir.models.factory import check_same_encoder, encoder_from_record

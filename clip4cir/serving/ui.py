@@ -616,7 +616,7 @@ def about(engine: SearchEngine) -> str:
     lines = [
         f"- **Model**: {plain(engine.encoder.describe())}",
         f"- **Combiner**: {'loaded' if engine.combiner else 'none (simple sum only)'}",
-        f"- **Zero-shot φ**: {'loaded (' + plain(engine.phi.template) + ')' if engine.phi else 'none'}",
+        f"- **Zero-shot φ**: {'loaded (' + plain(engine.phi.describe()) + ')' if engine.phi else 'none'}",
         f"- **Index**: {plain(index.kind)}, metric {index.metric}, {len(index):,} items, "
         f"{len(index.categories())} categories" + (", exact search" if not index.tuning else ""),
         f"- **Store**: {plain(index.describe_store())}",

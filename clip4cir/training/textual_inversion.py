@@ -9,8 +9,10 @@ CLIP feature into a pseudo-word token while the encoder stays frozen, by one of 
   own feature with noise of random strength (so that φ also takes image features, which lie elsewhere); the
   result's text feature must be the original's (1 - cosine).
 
-Validated on the data set's composed val queries when it has them, else by how well "a photo of $" finds each val
-image among the others (inversion R@K). The φ file records its method, prompt template and encoder.
+Queries add the Sum query × ``--sum-weight`` (0: φ alone, as the papers query; the two ways of composing miss
+different targets, and together find more). Validated on the data set's composed val queries when it has them,
+else by how well "a photo of $" finds each val image among the others (inversion R@K). The φ file records its
+method, prompt template, Sum weight and encoder.
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class PhiConfig(RunConfig):
     dropout: float = 0.5
     noise: float = 1.0  # lincir: the noise's largest norm, relative to the (unit) feature's
     template: str = TEMPLATE
+    sum_weight: float = 1.5  # queries add the Sum query × this (chosen on dev catalogs: benchmark/zero-shot.md)
 
 
 class Method:
@@ -185,7 +188,7 @@ class PhiTask(TrainingTask):
     def validate(self) -> dict:
         self.phi.eval()
         if any(t.target for t in self.source.triplets(self.source.protocol.val_split)):
-            queries = PseudoTokenQueries(self.phi, self.encoder, self.config.template)
+            queries = PseudoTokenQueries(self.phi, self.encoder, self.config.template, self.config.sum_weight)
             metrics = evaluate(self.encoder, self.source, combine=queries, workers=self.config.workers,
                                progress=not self.config.quiet)
             return {"average": metrics["average"], "score": metrics["score"]}
@@ -198,7 +201,7 @@ class PhiTask(TrainingTask):
 
     def write_model(self, path: Path, info: dict) -> None:
         save_phi(self.phi, path, self.config.method, self.config.template, self.encoder.record(),
-                 {**info, "data": self.training_data()})
+                 {**info, "data": self.training_data()}, self.config.sum_weight)
 
     def weights(self) -> Iterable[torch.Tensor]:
         return self.phi.parameters()
