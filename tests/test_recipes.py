@@ -218,5 +218,5 @@ def test_a_run_made_before_caption_augmentation_existed_resumes_with_it_on(tiny_
     del params["caption_augmentation"]  # what an older version wrote
     (out / "params.json").write_text(json.dumps(params))
     assert train_main(args + ["--epochs", "2", "--resume"]) == 0
-    with pytest.raises(Exception, match="--caption-augmentation was None, now False"):
+    with pytest.raises(Exception, match="--caption-augmentation was True, now False"):
         train_main(args + ["--epochs", "3", "--resume", "--no-caption-augmentation"])

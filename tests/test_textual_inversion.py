@@ -64,11 +64,38 @@ def test_each_method_learns_and_inverts_held_out_images_better(method, tiny_root
     assert evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(encoder_file), "--phi",
                           str(out / "best.safetensors"), "--json", str(metrics)] + BASE[:3]) == 0
     result = json.loads(metrics.read_text())
-    assert result["phi"] and 0 <= result["average"]["R@10"] <= 100
+    assert result["phi"] and 0 <= result["average"]["R@10"] <= 100 and result["phi_sum_weight"] == 2.5
+    alone = tmp_path / "alone.json"  # the file's weight overridden: φ's queries alone rank otherwise
+    assert evaluate_main(["--data", str(tiny_root), "--clip-checkpoint", str(encoder_file), "--phi",
+                          str(out / "best.safetensors"), "--sum-weight", "0", "--json", str(alone)] + BASE[:3]) == 0
+    alone = json.loads(alone.read_text())
+    assert alone["phi_sum_weight"] == 0 and alone["average"] != result["average"]
     other = tmp_path / "other.safetensors"
     save_encoder(create_model("cir-tiny", seed=1), other)
     with pytest.raises(ModelError, match="was trained for encoder"):
         load_phi(out / "best.safetensors", load_model(checkpoint=str(other)))
+
+
+def test_a_phi_run_made_before_the_sum_weight_existed_resumes_with_phi_alone(tiny_root, encoder_file, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_root / "pairs.jsonl"), "--clip-checkpoint", str(encoder_file), "--batch-size", "32",
+            "--output", str(out)] + BASE
+    assert train_phi(args + ["--epochs", "1"]) == 0
+    params = json.loads((out / "params.json").read_text())
+    del params["sum_weight"]  # what an older version wrote: its queries were φ's alone
+    (out / "params.json").write_text(json.dumps(params))
+    assert run(train_phi, args + ["--epochs", "2", "--resume"]) == 2
+    assert "--sum-weight was 0.0, now 1.5" in capsys.readouterr().err
+    assert train_phi(args + ["--epochs", "2", "--resume", "--sum-weight", "0"]) == 0
+    newest = sorted((out / "checkpoints").iterdir())[-1] / "model.safetensors"
+    assert load_phi(newest)[1]["sum_weight"] == 0
+
+
+def test_evaluate_weighs_the_sum_only_in_phis_queries(tiny_root, encoder_file, capsys):
+    assert run(evaluate_main, ["--data", str(tiny_root), "--clip-checkpoint", str(encoder_file), "--sum-weight",
+                               "1"] + BASE[:3]) == 2
+    assert "--sum-weight weighs the Sum in φ's queries: it needs --phi (the mode is sum)" in capsys.readouterr().err
 
 
 def test_lincir_needs_texts_and_says_so(tiny_root, encoder_file, tmp_path, capsys):

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, run, source_options,
-                                      whole)
+from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, number, run,
+                                      source_options, whole)
 from clip4cir.core.artifacts import atomic_write_text, check_output_file, json_file_matches, resolve
 from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import DataError
@@ -83,6 +83,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
     parser.add_argument("--phi", help="zero-shot: a φ checkpoint (scripts/train_phi.py), composing queries by "
                         "textual inversion")
+    parser.add_argument("--sum-weight", type=number(0, 100),
+                        help="--mode phi: add the Sum query × this to φ's (default: the weight in φ's file; "
+                             "0: φ alone)")
     parser.add_argument("--mode", choices=["sum", "combiner", "phi"], help="combining function (default: combiner "
                         "when --combiner is given, phi when --phi is, else sum)")
     parser.add_argument("--split", help="default: the data set's validation split (val)")
@@ -145,8 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     encoder = encoder_from_args(args)
     mode = args.mode or ("combiner" if args.combiner else "phi" if args.phi else "sum")
+    if args.sum_weight is not None and mode != "phi":
+        raise ValueError(f"--sum-weight weighs the Sum in φ's queries: it needs --phi (the mode is {mode})")
     if args.task in COMPOSING:
-        request.combine = combining_function(encoder, args.combiner, mode, args.phi)
+        request.combine = combining_function(encoder, args.combiner, mode, args.phi, args.sum_weight)
     result = TASKS[args.task](encoder, source, request)
     if args.dump:
         lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]
@@ -164,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "data": source.record(), "protocol": protocol.name, "model": encoder.describe(),
                                "combiner": args.combiner if mode == "combiner" and args.task in COMPOSING else None,
                                "phi": args.phi if mode == "phi" and args.task in COMPOSING else None,
+                               **({"phi_sum_weight": request.combine.sum_weight}
+                                  if mode == "phi" and args.task in COMPOSING else {}),
                                "seconds": time.perf_counter() - start})
     return 0
 

@@ -168,15 +168,16 @@ def load_combiner(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: str,
-                       phi_path: str | None = None) -> Combine:
-    """``sum``; the Combiner at ``combiner_path``; or (``phi``) the textual inversion at ``phi_path``: each checked
-    to have been trained on this encoder's features."""
+                       phi_path: str | None = None, sum_weight: float | None = None) -> Combine:
+    """``sum``; the Combiner at ``combiner_path``; or (``phi``) the textual inversion at ``phi_path`` (with the Sum
+    query × ``sum_weight`` added; default: the weight in its file): each checked to have been trained on this
+    encoder's features."""
     if mode == "sum":
         return combine_sum
     if mode == "phi":
         if not phi_path:
             raise ModelError("--mode phi needs --phi PATH (a φ trained by scripts/train_phi.py)")
-        return zero_shot_queries(phi_path, encoder)
+        return zero_shot_queries(phi_path, encoder, sum_weight)
     if not combiner_path:
         raise ModelError("--mode combiner needs --combiner PATH (a stage-two checkpoint)")
     return load_combiner(combiner_path, encoder.device, encoder)[0].combine

@@ -307,6 +307,7 @@ class App:
                                             "words", elem_id="mode", info="Fused: a trained network merges them "
                                                                           "(best); simple sum: their features added"
                                             + ("; zero-shot: the picture as a word in the sentence"
+                                               + (", plus the simple sum" if self.engine.phi.sum_weight else "")
                                                if self.engine.phi is not None else ""))
                             target_id = gr.Textbox(visible=False, label="Known target")
                         with gr.Column(scale=3, min_width=300, elem_id="composed-results-column"):

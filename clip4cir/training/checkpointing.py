@@ -35,7 +35,7 @@ KEEP_CHECKPOINTS = 2
 # (the objective, the batches, the model, the data) must be what the run started with
 MAY_CHANGE_ON_RESUME = ("epochs", "save_every", "save_best", "val_every", "workers", "output", "cache_dir")
 # settings added after runs were made: a params.json without one ran with this value
-ADDED_SETTINGS = {"caption_augmentation": True}
+ADDED_SETTINGS = {"caption_augmentation": True, "sum_weight": 0.0}
 RUN_FILES = ("params.json", "metrics.jsonl", "best.safetensors", "checkpoints")
 
 
@@ -117,7 +117,8 @@ class RunDir:
             changed = [k for k in sorted((set(now) | set(saved)) - {"training_data"})
                        if k not in MAY_CHANGE_ON_RESUME and saved.get(k, ADDED_SETTINGS.get(k)) != now.get(k)]
             if changed:
-                what = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
+                what = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k, ADDED_SETTINGS.get(k))!r}, now "
+                                 f"{now.get(k)!r}" for k in changed)
                 free = ", --".join(k.replace("_", "-") for k in MAY_CHANGE_ON_RESUME)
                 raise DataError(f"--resume: {what} ({self.params_file}); a resumed run keeps its objective, batches, "
                                 f"model and data; only --{free} may change")
