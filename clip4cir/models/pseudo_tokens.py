@@ -113,6 +113,7 @@ class PseudoTokenQueries:
         if not self.sum_weight:
             return encode_with_pseudo_tokens(self.encoder, prompts, pseudo, normalize=True)
         # the captions' own text features (the Sum's) in the prompts' pass: one text-tower call per batch of queries
+        # (in the encoder's own precision: on a GPU, Sum mode's come under autocast and differ by its rounding)
         both = encode_with_pseudo_tokens(self.encoder, prompts, pseudo, plain=captions).float()
         queries, text = F.normalize(both[:len(prompts)], dim=-1), both[len(prompts):]
         return F.normalize(queries + self.sum_weight * combine_sum(features, text), dim=-1)
