@@ -16,7 +16,11 @@ from clip4cir.data.sources import open_source
 from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model, load_model
 from clip4cir.models.features import extract_image_features
-from clip4cir.models.pseudo_tokens import Phi, PseudoTokenQueries, load_phi, save_phi, token_width
+from clip4cir.evaluation.composed import rankings_of
+from clip4cir.evaluation.ranking import recall_at_k
+from clip4cir.models.feature_sum import combine_sum
+from clip4cir.models.pseudo_tokens import (Phi, PseudoTokenQueries, load_phi, save_phi, token_width,
+                                           zero_shot_queries)
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items
 from clip4cir.retrieval.search import SearchEngine
@@ -70,6 +74,12 @@ def test_each_method_learns_and_inverts_held_out_images_better(method, tiny_root
                           str(out / "best.safetensors"), "--sum-weight", "0", "--json", str(alone)] + BASE[:3]) == 0
     alone = json.loads(alone.read_text())
     assert alone["phi_sum_weight"] == 0 and alone["average"] != result["average"]
+    # its queries (+ Sum, the file's weight) put more targets first than the Sum does (R@10 is 100 on so tiny a case)
+    triplets = open_source(tiny_root)
+    first = {name: recall_at_k(torch.cat([r.ranks for r in rankings_of(encoder, triplets, "val", combine,
+                                                                       progress=False)]), (1,))["R@1"]
+             for name, combine in (("sum", combine_sum), ("phi", zero_shot_queries(out / "best.safetensors", encoder)))}
+    assert first["phi"] > first["sum"], first
     other = tmp_path / "other.safetensors"
     save_encoder(create_model("cir-tiny", seed=1), other)
     with pytest.raises(ModelError, match="was trained for encoder"):
