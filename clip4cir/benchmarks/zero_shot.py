@@ -84,21 +84,22 @@ def supervised(data: Path, out: Path, seed: int, cfg: dict, workers: int) -> tup
     return encoder, out / "stage2" / "best.safetensors"
 
 
-def held_out(encoder_path: Path, catalogs: dict[str, Path], phi: Path | None = None,
+def held_out(encoder_path: Path, catalogs: dict[str, Path], features: Path, phi: Path | None = None,
              combiner: Path | None = None, sum_weight: float = 0.0) -> dict:
     """Recall on each held-out catalog's val queries, composed as the row says (φ's queries with the Sum query ×
-    ``sum_weight`` added)."""
+    ``sum_weight`` added); the galleries' features cached in ``features`` (each encoder's computed once)."""
     encoder = load_encoder(encoder_path)
-    combine = (zero_shot_queries(phi, encoder, sum_weight) if phi is not None else
-               combining_function(encoder, combiner and str(combiner), "sum" if combiner is None else "combiner"))
-    return {name: evaluate(encoder, open_source(root), combine=combine, progress=False)["average"]
+    mode = "phi" if phi is not None else "combiner" if combiner is not None else "sum"
+    combine = combining_function(encoder, combiner and str(combiner), mode, phi and str(phi), sum_weight)
+    return {name: evaluate(encoder, open_source(root), combine=combine, cache_dir=features, progress=False)["average"]
             for name, root in catalogs.items()}
 
 
-def choose_sum_weight(encoder_path: Path, phi: Path, dev: dict[str, Path]) -> dict:
+def choose_sum_weight(encoder_path: Path, phi: Path, dev: dict[str, Path], features: Path) -> dict:
     """The Sum's weight in φ + Sum queries: of ``SUM_WEIGHTS``, the one with the best mean R@10 over the dev
     catalogs (FashionIQ's average, CIRR's), and every weight's score."""
-    scores = {w: statistics.mean(m["R@10"] for m in held_out(encoder_path, dev, phi=phi, sum_weight=w).values())
+    scores = {w: statistics.mean(m["R@10"] for m in
+                                 held_out(encoder_path, dev, features, phi=phi, sum_weight=w).values())
               for w in SUM_WEIGHTS}
     return {"chosen": max(scores, key=scores.get), "dev R@10": {f"{w:g}": v for w, v in scores.items()}}
 
@@ -174,12 +175,13 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
         make_synthetic_fashioniq(dev["fashioniq"], cfg["held_out"], seed=DEV_SEED)
         make_synthetic_cirr(dev["cirr"], cfg["held_out"], seed=DEV_SEED)
         sum_weights: dict[str, dict] = {}
+        features = tmp / "features"
         pairs = data / "pairs.jsonl"
-        rows["Sum, no training"] = [held_out(BASE, catalogs)] * len(cfg["seeds"])
+        rows["Sum, no training"] = [held_out(BASE, catalogs, features)] * len(cfg["seeds"])
         for seed in cfg["seeds"]:
             print(f"zero-shot: seed {seed}", flush=True)
             adapted = adapt(pairs, tmp / f"adapt-{seed}", seed, cfg, workers)
-            rows.setdefault("catalog adaptation, Sum", []).append(held_out(adapted, catalogs))
+            rows.setdefault("catalog adaptation, Sum", []).append(held_out(adapted, catalogs, features))
             for method in METHODS.names():
                 for name, encoder in ((method, BASE), (f"catalog adaptation + {method}", adapted)):
                     t0 = time.perf_counter()
@@ -189,10 +191,10 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
                         phi_seconds[method].append(time.perf_counter() - t0)
                         base_phi = method, phi
                         if method not in sum_weights:  # chosen once, from the first seed's φ on the base
-                            sum_weights[method] = choose_sum_weight(BASE, phi, dev)
-                    rows.setdefault(name, []).append(held_out(encoder, catalogs, phi=phi))
+                            sum_weights[method] = choose_sum_weight(BASE, phi, dev, features)
+                    rows.setdefault(name, []).append(held_out(encoder, catalogs, features, phi=phi))
                     rows.setdefault(f"{name} + Sum", []).append(
-                        held_out(encoder, catalogs, phi=phi, sum_weight=sum_weights[method]["chosen"]))
+                        held_out(encoder, catalogs, features, phi=phi, sum_weight=sum_weights[method]["chosen"]))
             t0 = time.perf_counter()
             source = open_source(str(pairs))
             counts = mine_triplets(load_encoder(BASE), source, plan_triplets(source, seed=seed),
@@ -200,10 +202,10 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
             mining_seconds.append(time.perf_counter() - t0)
             mined.append(counts)
             stage_one, combiner = supervised(data / f"mined-{seed}.jsonl", tmp / f"mined-{seed}", seed, cfg, workers)
-            rows.setdefault(MINED_SUM, []).append(held_out(stage_one, catalogs))
-            rows.setdefault(MINED_COMBINER, []).append(held_out(stage_one, catalogs, combiner=combiner))
+            rows.setdefault(MINED_SUM, []).append(held_out(stage_one, catalogs, features))
+            rows.setdefault(MINED_COMBINER, []).append(held_out(stage_one, catalogs, features, combiner=combiner))
             stage_one, combiner = supervised(data, tmp / f"supervised-{seed}", seed, cfg, workers)
-            rows.setdefault(SUPERVISED, []).append(held_out(stage_one, catalogs, combiner=combiner))
+            rows.setdefault(SUPERVISED, []).append(held_out(stage_one, catalogs, features, combiner=combiner))
         cost = query_cost(BASE, base_phi[1], sum_weights[base_phi[0]]["chosen"])
     m = machine()
     report = {"config": config, "command": f"python scripts/benchmark.py zero-shot --config {config}",
