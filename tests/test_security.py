@@ -18,7 +18,7 @@ from clip4cir.commands.build_index import main as build_main
 from clip4cir.commands.evaluate import main as evaluate_main
 from clip4cir.commands.train_clip import main as train_main
 from clip4cir.commands.train_combiner import main as combiner_main
-from clip4cir.core.artifacts import write_folder
+from clip4cir.core.artifacts import OWNER_MARK, write_folder
 from clip4cir.core.errors import ArtifactError, CatalogIndexError, DataError, ModelError
 from clip4cir.data.images import load_image
 from clip4cir.data.sources import open_source
@@ -217,6 +217,7 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     dead = 2 ** 22 + 12345  # above the default pid_max: no such process
     leftover = tmp_path / f".thing.tmp-{dead}-abcd1234"
     leftover.mkdir()
+    (leftover / OWNER_MARK).write_text(json.dumps({"written_by": "clip4cir", "role": "temporary"}))
     (leftover / "big.bin").write_bytes(b"0" * 100)
     mine = tmp_path / f".thing.tmp-{os.getpid()}-abcd1234"  # this process's own: perhaps being written
     mine.mkdir()

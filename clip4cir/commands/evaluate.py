@@ -12,7 +12,7 @@ from typing import Sequence
 
 from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, number, run,
                                       source_options, whole)
-from clip4cir.core.artifacts import atomic_write_text, check_output_file, json_file_matches, resolve
+from clip4cir.core.artifacts import check_distinct_outputs, check_output_file, resolve, write_output_text
 from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import DataError
 from clip4cir.evaluation.composed import query_records, test_predictions
@@ -20,29 +20,8 @@ from clip4cir.evaluation.table import TABLE_ENCODERS, ablation_table
 from clip4cir.evaluation.tasks import TASKS, EvalRequest
 from clip4cir.models.combiner import combining_function
 
-WRITTEN_BY = "clip4cir evaluate"  # the mark of a --json file this command wrote (it may replace only those)
+WRITTEN_BY = "clip4cir evaluate"  # who wrote a --json file (it is replaced only while unchanged)
 PREDICTION_FILES = ("recall_submission.json", "recall_subset_submission.json", "predictions.json")
-
-
-def is_metrics_file(path: Path) -> bool:
-    return json_file_matches(path, lambda v: isinstance(v, dict) and v.get("written_by") == WRITTEN_BY)
-
-
-def is_dump_file(path: Path) -> bool:
-    """A --dump: JSON lines of query records (reference, captions and the top ids)."""
-    return json_file_matches(path, lambda v: isinstance(v, dict) and {"reference", "captions", "top10"} <= set(v),
-                             lines=True)
-
-
-def is_predictions_file(path: Path) -> bool:
-    """A test-server file this command writes: CIRR's (version and metric) or the top-50 lists per category."""
-    def accept(v) -> bool:
-        if not isinstance(v, dict):
-            return False
-        if "version" in v and "metric" in v:
-            return True
-        return all(isinstance(q, list) and all(isinstance(r, dict) and "top50" in r for r in q) for q in v.values())
-    return json_file_matches(path, accept)
 
 
 def parse_pairs(text: str | None, flag: str) -> dict[str, str]:
@@ -57,7 +36,7 @@ def parse_pairs(text: str | None, flag: str) -> dict[str, str]:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
+    write_output_text(path, json.dumps(obj, indent=1))
 
 
 COMPOSING = ("composed", "category")  # the tasks that compose queries (and so use --combiner)
@@ -115,16 +94,21 @@ def check_outputs(args: argparse.Namespace, testing: bool, test_split: str) -> N
     the user's."""
     if args.predictions and not testing:
         raise ValueError(f"--predictions writes the test server's files: use it with --split {test_split}")
-    for flag, is_ours in (("json", is_metrics_file), ("dump", is_dump_file)):
+    inputs = {f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in ("clip_checkpoint", "combiner", "phi",
+                                                                             "data", "images")}
+    for flag in ("--table-checkpoints", "--table-combiners"):
+        pairs = parse_pairs(getattr(args, flag[2:].replace("-", "_")), flag)
+        inputs.update({f"{flag} {key}": path for key, path in pairs.items()})
+    for flag in ("json", "dump"):
         if getattr(args, flag):
-            setattr(args, flag, check_output_file(getattr(args, flag), f"--{flag}", is_ours, args.overwrite))
+            setattr(args, flag, check_output_file(getattr(args, flag), f"--{flag}", args.overwrite, inputs))
+    check_distinct_outputs({"--json": args.json, "--dump": args.dump})
     if args.predictions:
         args.predictions = resolve(args.predictions)
         if args.predictions.exists() and not args.predictions.is_dir():
             raise DataError(f"--predictions {args.predictions} is a file; give a folder")
-        for name in PREDICTION_FILES:
-            if (args.predictions / name).exists():
-                check_output_file(args.predictions / name, "--predictions", is_predictions_file, args.overwrite)
+        for name in PREDICTION_FILES if args.predictions.is_dir() else ():
+            check_output_file(args.predictions / name, "--predictions", args.overwrite, inputs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = TASKS[args.task](encoder, source, request)
     if args.dump:
         lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]
-        atomic_write_text(args.dump, "".join(line + "\n" for line in lines))
+        write_output_text(args.dump, "".join(line + "\n" for line in lines))
     if args.task == "composed" and testing:
         folder = Path(args.predictions)
         folder.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,16 @@ then ``manifest.json`` (the format, every file's size and hashes, and the record
 encoder and data it was made from) is written last, then one rename puts the folder in place. A folder is only
 ever replaced when it is an artifact of the same format, so a user's folder is never deleted or overwritten.
 :func:`read_manifest` checks the format and every file before anything is used.
+
+Nothing is deleted on the strength of its name alone: a temporary folder, a working folder (:func:`owned_folder`)
+and an output file (:func:`record_written`) carry the tool's own mark (a marker file inside, or the hash of what
+was written), checked before removal or replacement, and a symbolic link is never followed to delete.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -19,7 +24,10 @@ from typing import Callable
 
 from clip4cir.core.errors import ArtifactError
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+OWNER_MARK = ".clip4cir-owner.json"  # inside every folder the tools made and may delete (temporary or working)
 MANIFEST_VERSION = 1
 FULL_HASH_LIMIT = 64 * 2 ** 20  # files up to this size are hashed in full when read; larger ones by samples
 SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 64 * 1024
@@ -69,12 +77,83 @@ def clean_stale_temporaries(path: Path) -> int:
         pid = _pid_of(leftover, "tmp")
         if pid is None or pid == os.getpid() or _alive(pid):  # this process's may be in the making (threads)
             continue
-        if leftover.is_dir() and not leftover.is_symlink():
+        if leftover.is_symlink() or (leftover.is_dir() and not (_marked(leftover, "temporary")
+                                                                 or _complete_unlisted(leftover))):
+            continue  # not something a write of this tool left (a user's folder or link under such a name)
+        if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _marked(folder: Path, role: str) -> bool:
+    """Whether ``folder`` (a real folder, not a link) carries the mark this project puts in folders it makes for
+    ``role`` ("temporary", "encoding"), so that it may delete them."""
+    if folder.is_symlink() or not folder.is_dir() or (folder / OWNER_MARK).is_symlink():
+        return False
+    try:
+        return read_json(folder / OWNER_MARK, "owner mark").get("role") == role
+    except ArtifactError:
+        return False
+
+
+def _complete_unlisted(folder: Path) -> bool:
+    """A folder artifact this tool finished but a kill kept from its rename (its mark already taken off): a
+    manifest of the tool's and no file it does not list."""
+    return (folder / MANIFEST).is_file() and "format" in _manifest_or_empty(folder) and not foreign_files(folder)
+
+
+def _manifest_or_empty(folder: Path) -> dict:
+    try:
+        return read_json(folder / MANIFEST, "artifact")
+    except ArtifactError:
+        return {}
+
+
+def _mark(folder: Path, role: str) -> None:
+    (folder / OWNER_MARK).write_text(json.dumps({"written_by": "clip4cir", "role": role}), encoding="utf-8")
+
+
+def make_temporary_folder(path: Path) -> Path:
+    """A new hidden temporary sibling folder of ``path``, marked as this tool's (see :func:`_marked`)."""
+    tmp = temp_path(path)
+    tmp.mkdir()
+    _mark(tmp, "temporary")
+    return tmp
+
+
+def owned_folder(path: Path, role: str, flag: str = "--output") -> Path:
+    """The working folder ``path`` of ``role``, made and marked now, or one this tool made before (its mark
+    checked); ArtifactError, before any work, when something else has that name (a user's folder or file, or a
+    symbolic link: never written through or deleted)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ArtifactError(f"{flag}: {path} is in the way (a {'link' if path.is_symlink() else 'file'} not made "
+                            f"by this tool, where it keeps its {role} work): it is left untouched; move it or "
+                            f"choose another {flag}")
+    if path.is_dir():
+        if not _marked(path, role):
+            raise ArtifactError(f"{flag}: {path} exists and was not made by this tool (it keeps its {role} work "
+                                f"under that name): it is left untouched; move it or choose another {flag}")
+        return path
+    path.mkdir(parents=True)
+    _mark(path, role)
+    return path
+
+
+def remove_owned_folder(path: Path, role: str, allowed: Callable[[str], bool]) -> None:
+    """Delete a working folder this tool made (:func:`owned_folder`): only when it carries the mark and holds
+    nothing but the marker and files ``allowed`` names (at any depth, no links); else ArtifactError, nothing
+    deleted."""
+    if not _marked(path, role):
+        raise ArtifactError(f"refusing to delete {path}: it does not carry this tool's mark")
+    foreign = [p.relative_to(path).as_posix() for p in path.rglob("*")
+               if p.is_symlink() or (p.is_file() and p.name != OWNER_MARK and not allowed(p.name))]
+    if foreign:
+        raise ArtifactError(f"keeping {path}: it holds files this tool did not write "
+                            f"({', '.join(sorted(foreign)[:5])})")
+    shutil.rmtree(path)
 
 
 def glob_escape(name: str) -> str:
@@ -160,7 +239,7 @@ def _recover(path: Path) -> None:
             continue
         if not path.exists() and (old / MANIFEST).is_file():
             os.replace(old, path)
-        elif path.exists():
+        elif path.exists() and not old.is_symlink() and (old / MANIFEST).is_file():
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -177,7 +256,7 @@ def is_artifact(path: str | os.PathLike, format: str) -> bool:
 def foreign_files(path: Path) -> list[str]:
     """The files inside an artifact folder that its manifest does not list (a user's, put there later)."""
     try:
-        listed = set(read_json(path / MANIFEST, "artifact").get("files", {})) | {MANIFEST}
+        listed = set(read_json(path / MANIFEST, "artifact").get("files", {})) | {MANIFEST, OWNER_MARK}
     except ArtifactError:
         return []
     return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
@@ -212,31 +291,79 @@ def check_destination(path: str | os.PathLike, format: str, flag: str = "--outpu
     return path
 
 
-def check_output_file(path: str | os.PathLike, flag: str, is_ours: Callable[[Path], bool],
-                      overwrite: bool = False) -> Path:
-    """Before the work whose result it will hold: refuse an output file that would replace a file this tool did
-    not write (``is_ours`` recognises the tool's files by their content), unless ``overwrite``; its folder must
-    exist. Returns the path to write, symbolic links resolved."""
+def input_file(path: str | os.PathLike, what: str, error: type[Exception] = ArtifactError) -> Path:
+    """A file the run reads, checked to be a regular file: one message for each way it is not (missing, a
+    folder, a FIFO or device), naming it as ``what``."""
+    path = Path(path)
+    if not str(path).strip():
+        raise error(f"{what}: the path is empty")
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder; give the file")
+    if not path.is_file():
+        raise error(f"{what} {path} is not a regular file (a FIFO, socket or device?)")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where the tools keep what they may make again (caches, the record of the files they wrote):
+    ``$CLIP4CIR_CACHE``, else ``~/.cache/clip4cir``."""
+    return Path(os.environ.get("CLIP4CIR_CACHE") or Path.home() / ".cache" / "clip4cir")
+
+
+def _written_record(path: Path) -> Path:
+    return cache_dir() / "written" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+
+
+def write_output_text(path: str | os.PathLike, text: str) -> None:
+    """Write an output file atomically and record the hash of what was written, so that a later run replaces it
+    only while it still holds exactly that (:func:`written_unchanged`)."""
+    path = resolve(path)
+    atomic_write_text(path, text)
+    try:
+        atomic_write_text(_written_record(path), json.dumps({"path": str(path), "sha256": _full_digest(path)}))
+    except OSError as e:  # no writable cache: the file is written; replacing it later will need --overwrite
+        log.warning("could not record the hash of %s (%s): replacing it later will need --overwrite", path, e)
+
+
+def written_unchanged(path: Path) -> bool:
+    """Whether ``path`` holds exactly what a tool of this project last wrote there (its recorded hash)."""
+    try:
+        return read_json(_written_record(path), "record").get("sha256") == _full_digest(path)
+    except (ArtifactError, OSError):
+        return False
+
+
+def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = False,
+                      inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """Before the work whose result it will hold: refuse an output file that is one of the run's ``inputs``
+    (flag: path; even with ``overwrite``), or that would replace a file that is not exactly what this project
+    wrote there (a user's, or one edited since), unless ``overwrite``; its folder must exist. Returns the path to
+    write, symbolic links resolved."""
     given, path = path, resolve(path)
+    for input_flag, input_path in (inputs or {}).items():
+        if input_path and resolve(input_path) == path:
+            raise ArtifactError(f"{flag} {given} is also the {input_flag} this run reads: choose another name")
     if path.is_dir():
         raise ArtifactError(f"{flag} {given} is a folder; give a file name")
     if not path.parent.is_dir():
         raise ArtifactError(f"{flag} {given}: the folder {path.parent} does not exist")
-    if path.exists() and path.stat().st_size and not overwrite and not is_ours(path):
-        raise ArtifactError(f"{flag} {given} exists and is not a file this tool wrote: it is left untouched; "
-                            f"choose another name, or pass --overwrite to replace it")
+    if path.exists() and path.stat().st_size and not overwrite and not written_unchanged(path):
+        raise ArtifactError(f"{flag} {given} exists and is not a file this tool wrote (or it was changed since): "
+                            f"it is left untouched; choose another name, or pass --overwrite to replace it")
     return path
 
 
-def json_file_matches(path: Path, accept: Callable[[object], bool], lines: bool = False) -> bool:
-    """Whether a file holds JSON (its first line, with ``lines``) that ``accept`` recognises; a file that is not
-    JSON (an image, say) is not."""
-    try:
-        with open(path, "rb") as f:
-            text = f.readline() if lines else f.read(256 * 2 ** 20)
-        return bool(accept(json.loads(text.decode("utf-8"))))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+def check_distinct_outputs(outputs: dict[str, Path | None]) -> None:
+    """Refuse two output flags naming the same file (one would replace the other)."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if resolve(path) in seen:
+            raise ArtifactError(f"{flag} and {seen[resolve(path)]} name the same file {path}: give each its own")
+        seen[resolve(path)] = flag
 
 
 def write_folder(path: str | os.PathLike, format: str, write: Callable[[Path], None],
@@ -246,16 +373,16 @@ def write_folder(path: str | os.PathLike, format: str, write: Callable[[Path], N
     manifest."""
     path = check_destination(path, format, flag)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    tmp.mkdir()
+    tmp = make_temporary_folder(path)
     try:
         write(tmp)
         files = {}
-        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != OWNER_MARK):
             _fsync_file(file)
             files[file.relative_to(tmp).as_posix()] = file_record(file)
         manifest = {"format": format, "version": MANIFEST_VERSION, "files": files, **(records or {})}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        (tmp / OWNER_MARK).unlink()  # a kill from here on leaves a complete artifact, which _recover handles
         _fsync_dir(tmp)
         if path.is_dir() and any(path.iterdir()):  # an artifact of this format, only the tool's files (checked)
             check_destination(path, format, flag)  # again: a file may have been put there while this one was written
@@ -304,7 +431,7 @@ def remove_artifact(path: str | os.PathLike, format: str) -> None:
     """Delete a folder, but only one this project committed as an artifact of ``format``: first renamed to a
     temporary name (one step), then removed, so a kill midway leaves no half artifact under its own name."""
     path = Path(path)
-    if not is_artifact(path, format):
+    if path.is_symlink() or not is_artifact(path, format):
         raise ArtifactError(f"refusing to delete {path}: it is not a {format} made by this tool")
     extra = foreign_files(path)
     if extra:
@@ -312,6 +439,7 @@ def remove_artifact(path: str | os.PathLike, format: str) -> None:
                             f"({', '.join(extra[:5])})")
     doomed = temp_path(path)
     os.replace(path, doomed)
+    _mark(doomed, "temporary")  # a kill midway leaves a marked temporary, which the next write clears
     shutil.rmtree(doomed)
 
 

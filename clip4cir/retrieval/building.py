@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from clip4cir.core.artifacts import atomic_write
+from clip4cir.core.artifacts import atomic_write, owned_folder, remove_owned_folder
 from clip4cir.core.distributed import Dist, barrier
 from clip4cir.data.captions import eval_caption
 from clip4cir.models.combiner import Combine
 from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import encode_texts
 from clip4cir.retrieval.vector_store import KINDS
-from clip4cir.core.errors import BusyError, Clip4CirError, DataError, StoreError
+from clip4cir.core.errors import ArtifactError, BusyError, Clip4CirError, DataError, StoreError
 from clip4cir.core.fingerprints import digest
 from clip4cir.data.sources import Source
 from clip4cir.models.category_probe import train_probe
@@ -118,26 +118,55 @@ def build_index(encoder: Encoder, source: Source, items: Sequence[Item], output:
                 message: Callable[[str], None] = log.info) -> tuple[AnyIndex | None, list[Item]]:
     """Encode the items and write their index to ``output``; returns the index (None on processes other than the
     main one) and the items whose image could not be read. DataError when none can be read: an empty index is
-    never a result, and an index already at ``output`` stays as it was."""
+    never a result, and an index already at ``output`` stays as it was. The chunks are kept in
+    ``.NAME.encoding`` beside the output, a folder this tool marks as its own: a folder or link of that name
+    that it did not make is refused before any work, never written into or deleted."""
     output = CatalogIndex.check_destination(output)
-    work = output.parent / f".{output.name}.encoding" / digest(encoder.fingerprint(), items_fingerprint(items))
+    root = output.parent / f".{output.name}.encoding"
+    work = root / digest(encoder.fingerprint(), items_fingerprint(items))
     if ddp.is_main:
+        owned_folder(root, "encoding")
         clear_other_encodings(work)
+        owned_folder(work, "encoding")
+    barrier()
     try:
-        return _build(encoder, source, items, output, work, options, record, ddp, message)
+        index, unreadable = _build(encoder, source, items, output, work, options, record, ddp, message)
     except Clip4CirError as e:  # refused: nothing to resume (an interruption, or a vector database that failed,
         if ddp.is_main and not isinstance(e, (StoreError, BusyError)):  # keeps the chunks for the next run)
-            shutil.rmtree(work.parent, ignore_errors=True)
+            remove_encoding(work)
         raise
+    if ddp.is_main:
+        remove_encoding(work)  # the chunks this build made, now in the committed index
+    return index, unreadable
+
+
+ENCODING_FILES = re.compile(r"chunk-\d{6}\.pt|features\.npy|\.chunk-\d{6}\.pt\.tmp-\d+-\w+")
+
+
+def remove_encoding(work: Path) -> None:
+    """Delete a build's chunks and then, when nothing else is left in it, the encoding folder; what is not the
+    tool's own stays (a warning says so)."""
+    try:
+        remove_owned_folder(work, "encoding", ENCODING_FILES.fullmatch)
+    except ArtifactError as e:
+        log.warning("%s", e)
+        return
+    try:
+        remove_owned_folder(work.parent, "encoding", lambda name: False)
+    except ArtifactError:  # it still holds another build's encoding (kept, and said) or a file of the user's
+        return
 
 
 def clear_other_encodings(work: Path) -> None:
     """Remove the encodings an earlier build of this output left for another encoder or catalog: they can never
-    be resumed (this build's own, ``work``, is resumed)."""
-    if work.parent.is_dir():
-        for other in work.parent.iterdir():
-            if other != work:
-                shutil.rmtree(other, ignore_errors=True)
+    be resumed (this build's own, ``work``, is resumed). Only folders the tool marked, holding only its chunk
+    files, are removed."""
+    for other in work.parent.iterdir():
+        if other != work and other.is_dir() and not other.is_symlink():
+            try:
+                remove_owned_folder(other, "encoding", ENCODING_FILES.fullmatch)
+            except ArtifactError as e:
+                log.warning("%s", e)
 
 
 def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path, work: Path,
@@ -167,7 +196,6 @@ def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path
         target_recall=options.target_recall, queries=queries, progress=message if options.progress else None,
         **options.knobs(), **options.store_options)
     del features
-    shutil.rmtree(work.parent)  # the chunks this build made, now in the committed index
     return index, unreadable
 
 

@@ -182,7 +182,7 @@ def plan_triplets(source: Source, per_reference: int = 2, seed: int = 0) -> Plan
 
 def check_output(output: str | os.PathLike) -> Path:
     """The triplet file to write: a new .jsonl file in a folder that exists and can be written."""
-    path = check_output_file(output, "--output", is_ours=lambda _: False)
+    path = check_output_file(output, "--output")
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"--output {output}: the triplet file is JSON Lines; name it .jsonl")
     if path.exists():
