@@ -15,7 +15,7 @@ from clip4cir.commands.train_clip import main as train_main
 from clip4cir.core.errors import DataError, ModelError, NonFiniteError
 from clip4cir.data.datasets import TripletDataset
 from clip4cir.data.sources.fashioniq import FashionIQ
-from clip4cir.models.encoder_file import load_encoder
+from clip4cir.models.encoder_file import load_encoder, read_encoder_metadata
 from clip4cir.models.factory import create_model
 from clip4cir.training.checkpointing import RunDir, read_metrics
 from clip4cir.training.losses import contrastive_loss
@@ -129,6 +129,8 @@ def test_training_writes_run_files_and_resume_is_exact(tiny_root, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["average"] == pytest.approx(b["average"])
     same_weights(last_model(full), last_model(part))
     same_weights(full / "best.safetensors", part / "best.safetensors")
+    # the resumed run records where its weights came from, not its own checkpoint (pruned later)
+    assert read_encoder_metadata(last_model(part))["source"] == read_encoder_metadata(last_model(full))["source"]
 
 
 def test_a_diverging_run_stops_at_the_step_and_keeps_nothing_broken(tiny_root, tmp_path):

@@ -1,6 +1,7 @@
-"""Reading image files: any mode becomes RGB, huge files are refused before they are decoded, special files
-(FIFOs, devices) are never opened for reading, reads have a time limit, and a corrupt, truncated or non-image
-file is a DataError naming it."""
+"""Reading image files: any mode becomes RGB, turned upright as its EXIF orientation says (a phone photo stored
+sideways), huge files are refused before they are decoded, decoding is bounded in pixels at once across threads,
+special files (FIFOs, devices) are never opened for reading, reads have a time limit, and a corrupt, truncated or
+non-image file is a DataError naming it."""
 from __future__ import annotations
 
 import io
@@ -8,11 +9,13 @@ import math
 import os
 import stat
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clip4cir.core.errors import DataError
+from clip4cir.core.errors import BusyError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused before they are decoded (a JPEG is decoded smaller)
@@ -20,6 +23,36 @@ MAX_SIDE = 4096  # larger images are downscaled before preprocessing
 MAX_FILE_BYTES = 512 * 2 ** 20  # no image file of a catalog or an upload is larger
 READ_TIMEOUT = 30.0  # seconds a file may take to read (a stalled network share fails instead of hanging)
 JPEG_SCALES = (1, 2, 4, 8)  # the reductions a JPEG decoder offers
+ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned
+DECODE_PIXELS = 2 * MAX_IMAGE_PIXELS  # pixels being decoded at once in a process, all threads together
+DECODE_WAIT = 30.0  # seconds a decode waits for its share of DECODE_PIXELS before the caller is told to retry
+Image.MAX_IMAGE_PIXELS = None  # decode_image's own limits apply (PIL's would refuse a JPEG it can decode smaller)
+
+
+class PixelBudget:
+    """At most ``limit`` pixels decoded at once across threads (a decode waits for its share): memory stays
+    bounded under any number of concurrent large images."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int, timeout: float = DECODE_WAIT) -> Iterator[None]:
+        pixels = min(pixels, self.limit)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + pixels <= self.limit, timeout):
+                raise BusyError("too many large images are being read at once; try again in a moment")
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+DECODING = PixelBudget(DECODE_PIXELS)
 
 
 def read_file(path: str | os.PathLike, limit: int = MAX_FILE_BYTES, timeout: float = READ_TIMEOUT) -> bytes:
@@ -73,21 +106,23 @@ def _draft_size(width: int, height: int) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Decode image bytes as RGB, whatever the mode; ``name`` (the file) is what error messages show. A JPEG
-    over MAX_IMAGE_PIXELS is decoded at a reduced scale; other huge images are refused before decoding."""
+def decode_image(data: bytes, name: str, max_side: int = MAX_SIDE) -> Image.Image:
+    """Decode image bytes as RGB, whatever the mode, upright, at most ``max_side`` pixels a side; ``name`` (the
+    file) is what error messages show. A JPEG over MAX_IMAGE_PIXELS or larger than needed is decoded at a reduced
+    scale; other huge images are refused before decoding."""
     too_big = (f"image {name} has more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels, the limit "
                f"(scale it down first)")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS and image.format == "JPEG":
+            if image.format == "JPEG":
                 size = _draft_size(image.width, image.height)
-                if size is not None:
-                    image.draft("RGB", size)  # decode at 1/2, 1/4 or 1/8 of the size
+                if size is not None:  # decode at 1/2, 1/4 or 1/8 of the size where that is still max_side
+                    image.draft("RGB", min(size, _side_fit(image.size, max_side)))
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise DataError(too_big)
-            image.load()
-            return to_rgb(image)
+            with DECODING.hold(image.width * image.height):
+                image.load()
+                return to_rgb(image, max_side)
     except Image.DecompressionBombError as e:
         raise DataError(too_big) from e
     except UnidentifiedImageError as e:
@@ -98,10 +133,16 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         raise DataError(f"cannot read image {name}: {e}") from e
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def _side_fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """The size of an image of ``size`` scaled to fit ``max_side`` (never enlarged)."""
+    scale = min(1.0, max_side / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
     """Open an image file as RGB (see :func:`read_file` and :func:`decode_image`); a special, huge, corrupt,
     truncated or non-image file raises DataError naming it."""
-    return decode_image(read_file(path), str(path))
+    return decode_image(read_file(path), str(path), max_side)
 
 
 def check_image_file(path: str | os.PathLike) -> None:
@@ -127,11 +168,14 @@ def check_image_file(path: str | os.PathLike) -> None:
                 raise DataError(f"image {path} is truncated (its {kind} end marker is missing)")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (RGBA, LA, P, L, CMYK, I;16 ...) to RGB; transparency becomes white."""
-    if max(image.size) > MAX_SIDE:
+def to_rgb(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
+    """Convert any PIL mode (RGBA, LA, P, L, CMYK, I;16 ...) to RGB, upright as its EXIF orientation says, at most
+    ``max_side`` pixels a side; transparency becomes white."""
+    if (image.getexif().get(ORIENTATION) or 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if max(image.size) > max_side:
         image = image.copy()
-        image.thumbnail((MAX_SIDE, MAX_SIDE))
+        image.thumbnail((max_side, max_side))
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:

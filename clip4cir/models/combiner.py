@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from clip4cir.core.artifacts import atomic_write
+from clip4cir.core.artifacts import atomic_write, input_file
 from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.feature_sum import combine_sum
@@ -150,9 +150,7 @@ def load_combiner(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a Combiner from this project's ``.safetensors`` or CLIP4Cir's ``combiner.pt`` (``{"epoch",
     "Combiner": state_dict}``); returns it in evaluation mode and its metadata. With ``encoder``, a Combiner
     trained on another encoder's features (or of another feature size) is refused, naming both files."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"combiner checkpoint {path} does not exist")
+    path = input_file(path, "combiner checkpoint", ModelError)
     state_dict, meta = _read_combiner(path)
     projection_dim, feature_dim = state_dict["text_projection_layer.weight"].shape
     hidden_dim = state_dict["combiner_layer.weight"].shape[0]

@@ -13,6 +13,7 @@ import open_clip
 import torch
 from open_clip.pretrained import get_pretrained_cfg
 
+from clip4cir.core.artifacts import input_file
 from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder, Encoder
 from clip4cir.models.encoder_file import load_encoder
@@ -81,9 +82,7 @@ def create_model(name: str, pretrained: str | None = None, seed: int = 0,
 def load_checkpoint(path: str | Path, preprocess_kind: str = "targetpad", target_ratio: float = 1.25,
                     device: str | torch.device = "cpu") -> Encoder:
     """An encoder from this project's ``.safetensors``, a CLIP4Cir ``tuned_clip_*.pt`` or an OpenAI state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
+    path = input_file(path, "checkpoint", ModelError)
     if path.suffix == ".safetensors":
         return load_encoder(path, device=device)
     return load_openai_checkpoint(path, preprocess_kind, target_ratio, device)

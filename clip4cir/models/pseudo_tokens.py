@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from clip4cir.core.artifacts import atomic_write
+from clip4cir.core.artifacts import atomic_write, input_file
 from clip4cir.core.errors import ModelError
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.feature_sum import combine_sum
@@ -136,9 +136,7 @@ def load_phi(path: str | os.PathLike, encoder: CLIPEncoder | None = None,
     """A φ file and its metadata (method, template, Sum weight, encoder, info); with ``encoder``, a φ trained for
     another encoder (another fingerprint) is refused, naming both. A file written before the Sum weight was
     recorded makes queries of φ alone (weight 0), as it did then."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"φ checkpoint {path} does not exist")
+    path = input_file(path, "φ checkpoint", ModelError)
     state, meta = read_tensor_file(path, PHI_FORMAT, "φ")
     phi = Phi(**json.loads(meta["settings"]))
     phi.load_state_dict(state)
@@ -169,9 +167,7 @@ SEARLE_ENCODERS = ("ViT-B-32", "ViT-L-14")  # the encoders SEARLE published φ f
 def read_searle_phi(path: str | os.PathLike) -> Phi:
     """A φ published by SEARLE (a torch file ``{"Phi": state_dict}``, CC BY-NC 4.0), read as tensors only
     (``weights_only``) into a φ that reads raw features; an error naming the file when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"SEARLE φ {path} does not exist")
+    path = input_file(path, "SEARLE φ", ModelError)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -67,9 +67,11 @@ class LabelTask(TrainingTask):
 
     def setup(self, checkpoint: Path | None) -> None:
         c = self.config
-        self.encoder = load_encoder(checkpoint / "model.safetensors", self.device) if checkpoint is not None else \
-            load_model(c.model, c.pretrained, c.clip_checkpoint, c.seed, "squarepad", device=self.device,
-                       embed_dim=c.embed_dim)
+        if checkpoint is not None:
+            self.encoder = load_encoder(checkpoint / "model.safetensors", self.device, record_path=False)
+        else:
+            self.encoder = load_model(c.model, c.pretrained, c.clip_checkpoint, c.seed, "squarepad",
+                                      device=self.device, embed_dim=c.embed_dim)
         self.train_set = LabelledImageDataset(self.source, "train", self.encoder.transform)
         model = self.encoder.model
         self.trainable = set_trainable(model, "image") if self.encoder.has_text else list(model.parameters())

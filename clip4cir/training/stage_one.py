@@ -157,7 +157,7 @@ class StageOneTask(TripletTask):
     def setup(self, checkpoint: Path | None) -> None:
         c = self.config
         if checkpoint is not None:
-            self.encoder = load_encoder(checkpoint / "model.safetensors", self.device)
+            self.encoder = load_encoder(checkpoint / "model.safetensors", self.device, record_path=False)
         else:
             self.encoder = load_model(c.model, c.pretrained, c.clip_checkpoint, c.seed, c.preprocess, c.target_ratio,
                                       self.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -105,6 +106,8 @@ class SourceOptions:
     streaming: bool = False
 
     def open(self) -> "Source":
+        if not str(self.data or "").strip():  # "" would be the current folder
+            raise DataError("--data is empty: give a data set, a triplet or label file, or an image folder")
         kind = detect_kind(str(self.data)) if self.dataset in ("auto", None) else self.dataset
         return SOURCES[kind].open(self)
 
@@ -226,6 +229,17 @@ SOURCES: Registry[SourceKind] = Registry("--dataset")
 ANNOTATION_FILES = (".jsonl", ".csv")
 
 
+def special_kind(path: Path) -> str:
+    """What a path that is not a regular file is, as a message says it."""
+    if not path.exists():
+        return "a link to nothing" if path.is_symlink() else "missing"
+    mode = path.stat().st_mode
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode) else
+            "not a regular file")
+    return f"{kind}{', through a link' if path.is_symlink() else ''}: not an image file"
+
+
 def detect_kind(data: str) -> str:
     """The registered kind that recognises ``data`` (a fallback kind only when no other does)."""
     if not data.startswith("hf://") and not Path(data).exists():
@@ -290,7 +304,7 @@ def image_files(root: Path) -> tuple[list[Path], list[str]]:
             if path.is_file():
                 found.append(path)
             else:
-                problems.append(f"{path} (a link to nothing)")
+                problems.append(f"{path} ({special_kind(path)})")
         for name in subfolders:
             if not (Path(folder) / name).exists():
                 problems.append(f"{Path(folder) / name} (a link to nothing)")

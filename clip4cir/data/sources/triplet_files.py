@@ -52,9 +52,11 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or "reference" not in reader.fieldnames:
-                raise DataError(f"{path}: the CSV header must name the columns {', '.join(FIELDS)} "
-                                f"(got {reader.fieldnames})")
+            missing = [c for c in ("reference", "caption", "target") if not any(
+                (name or "").startswith(c) for name in (reader.fieldnames or []))]
+            if missing:
+                raise DataError(f"{path}: the CSV header has no {', '.join(repr(c) for c in missing)} column (it "
+                                f"must name the columns {', '.join(FIELDS)}; got {reader.fieldnames})")
             rows = []
             for row in reader:
                 captions = [row[k] for k in sorted(k for k in row if k and k.startswith("caption")) if row[k]]
