@@ -177,7 +177,7 @@ def test_the_json_api_answers_like_the_engine(engine, served):
     ({"kind": "text", "caption": "red", "category": "hats"}, 404, "'hats'"),
     ({"kind": "text", "caption": ""}, 400, "caption is empty"),
     ({"kind": "image", "image_base64": base64.b64encode(b"not an image").decode()}, 400, "not an image"),
-    ({"kind": "image", "image_base64": "A" * (21 * 2 ** 20 * 4 // 3)}, 413, "20 MB"),
+    ({"kind": "image", "image_base64": "A" * ((20 * 2 ** 20 + 3000) * 4 // 3)}, 413, "20 MB"),
     ({"kind": "text", "caption": "red", "k": 0}, 422, "greater than or equal to 1"),
     ({"kind": "nothing"}, 422, "composed"),
 ])

@@ -45,8 +45,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", default=env("CLIP4CIR_SHARE", "") in ("1", "true", "True"),
                         help="also serve through a Gradio share link")
     parser.add_argument("--host", default=env("CLIP4CIR_HOST"), help="e.g. 0.0.0.0 to serve the network")
-    parser.add_argument("--port", type=whole(1, 65_535), default=int(env("CLIP4CIR_PORT", "0")) or None)
-    return parser.parse_args(argv)
+    parser.add_argument("--port", type=whole(1, 65_535), help="default: CLIP4CIR_PORT, else the first free from 7860")
+    args = parser.parse_args(argv)
+    if args.port is None and env("CLIP4CIR_PORT"):
+        try:
+            args.port = whole(1, 65_535)(env("CLIP4CIR_PORT"))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"CLIP4CIR_PORT: {e}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # bad paths, models, indexes: one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = serve(engine, cache_root(options), args.host, args.port, args.share)
+    try:
+        app = serve(engine, cache_root(options), args.host, args.port, args.share)
+    except OSError as e:  # the port is taken (Gradio: "Cannot find empty port"), or the host cannot be bound
+        where = f"port {args.port}" if args.port else "a free port from 7860"
+        print(f"error: cannot serve on {where}{f' of {args.host}' if args.host else ''}: it is in use or cannot be "
+              f"bound ({e.strerror or type(e).__name__}); choose another --port (or CLIP4CIR_PORT)", file=sys.stderr)
+        return 2
     if args.share and not app.share_url:
         print("could not create a Gradio share link (no connection to the share server?); "
               f"the app keeps running locally at {app.local_url}", file=sys.stderr)

@@ -45,3 +45,13 @@ class StoreUnavailableError(BusyError):
 
 class StoreError(Clip4CirError):
     """The vector database refused a request (its credentials, a collection it lacks): HTTP 502."""
+
+
+SHOWN_CHARS = 80  # the most of a user's value an error message repeats
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A value as an error message quotes it: its repr, cut to ``limit`` characters (a 100,000-character id is
+    not echoed back whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value)):,} characters)"

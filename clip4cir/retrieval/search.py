@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from clip4cir.core.device import resolve_device
-from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError, UnknownItemError
+from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError, UnknownItemError, shown
 from clip4cir.data.images import load_image
 from clip4cir.models.category_probe import predict_category
 from clip4cir.models.combiner import Combiner, load_combiner
@@ -29,6 +29,7 @@ from clip4cir.retrieval.stores import AnyIndex, load_index
 from clip4cir.retrieval.threads import apply_serving_threads
 
 MAX_K = 10_000
+MAX_CAPTION_CHARS = 1_000  # a caption is cut here before tokenizing (the encoder reads 77 tokens, far fewer)
 MODES = ("combiner", "sum", "phi")  # phi: zero-shot, a pseudo-word token of the reference (no triplets)
 
 
@@ -102,8 +103,12 @@ class SearchEngine:
         caption = (caption or "").strip()
         if not caption:
             raise SearchError("the caption is empty")
+        length, caption = len(caption), caption[:MAX_CAPTION_CHARS]  # cut before tokenizing: far past 77 tokens
         n_tokens = self.encoder.count_tokens(caption)
-        if n_tokens > self.encoder.context_length:
+        if length > MAX_CAPTION_CHARS:
+            notes.append(f"the caption has {length:,} characters; only its first {self.encoder.context_length} "
+                         f"tokens were used")
+        elif n_tokens > self.encoder.context_length:
             notes.append(f"the caption has {n_tokens} tokens; only the first {self.encoder.context_length} were used")
         return caption
 
@@ -134,7 +139,7 @@ class SearchEngine:
             notes.append(f"predicted category: {predicted}")
             return predicted
         if category not in self.index.categories():
-            raise UnknownItemError(f"unknown category {category!r}; this catalog has "
+            raise UnknownItemError(f"unknown category {shown(category)}; this catalog has "
                                    f"{', '.join(self.index.categories()) or 'none'}")
         return category
 
@@ -143,7 +148,7 @@ class SearchEngine:
         and a note says so), or the image's."""
         if reference_id:
             if reference_id not in self.index:
-                raise UnknownItemError(f"unknown item id {reference_id!r} (not in this catalog)")
+                raise UnknownItemError(f"unknown item id {shown(reference_id)} (not in this catalog)")
             if image is not None:
                 notes.append(f"both an image and a catalog id were given: searched with the item {reference_id}")
             return torch.from_numpy(self.index.feature(reference_id))
@@ -166,13 +171,13 @@ class SearchEngine:
         """Each argument a string or None (a number or a list where text belongs is an error naming it)."""
         for name, value in values.items():
             if value is not None and not isinstance(value, str):
-                raise SearchError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+                raise SearchError(f"{name} must be a string, got {type(value).__name__} {shown(value)}")
 
     def _check_k(self, k: int) -> None:
         """k is a whole number from 1 to 10,000 (or the catalog's size, if smaller): never truncated or clamped."""
         largest = min(MAX_K, len(self.index))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= largest:
-            raise SearchError(f"k must be a whole number from 1 to {largest:,} (the number of results), got {k!r}")
+            raise SearchError(f"k must be a whole number from 1 to {largest:,} (the number of results), got {shown(k)}")
 
     # ---- queries --------------------------------------------------------------------------------------------
     def composed_search(self, caption: str, image: Image.Image | str | os.PathLike | None = None,
@@ -184,7 +189,7 @@ class SearchEngine:
         self._check_types(caption=caption, reference_id=reference_id, category=category, mode=mode)
         self._check_k(k)
         if mode not in MODES:
-            raise SearchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            raise SearchError(f"unknown mode {shown(mode)}; choose from {', '.join(MODES)}")
         if mode == "combiner" and self.combiner is None:
             raise SearchError("no Combiner is loaded: use mode 'sum' or load a stage-two checkpoint")
         if mode == "phi" and self.phi is None:

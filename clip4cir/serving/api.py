@@ -33,7 +33,7 @@ def add_named_api(engine: SearchEngine) -> None:
         try:
             return records(search(), base_url(request))
         except Clip4CirError as e:  # a bad query, a busy server, a vector database that does not answer
-            raise gr.Error(str(e)) from None
+            raise gr.Error(str(e), print_exception=False) from None  # a bad query is not a server fault
 
     def composed_search(caption: str, image: FileData | None = None, reference_id: str | None = None,
                         category: str = "all", k: int = 10, mode: str = "combiner",

@@ -8,6 +8,7 @@ import os
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Response
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from clip4cir.core.errors import BusyError, Clip4CirError, DataError
 from clip4cir.data.images import read_file
@@ -18,6 +19,16 @@ IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
                ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 PREFIX = "/catalog"
 HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Disposition": "inline", "Cache-Control": "max-age=3600"}
+
+
+class ItemIdConvertor(PathConvertor):
+    """An item id in a URL: any characters, newlines included (Starlette's ``path`` stops at a newline, so the
+    link of a file named with one would answer 404)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("item_id", ItemIdConvertor())
 
 
 def image_url(base: str, item_id: str) -> str:
@@ -52,12 +63,12 @@ def add_catalog_routes(app: FastAPI, index: AnyIndex, thumbnails: Thumbnails) ->
         except Clip4CirError as e:
             raise HTTPException(502, str(e)) from None
 
-    @app.get(PREFIX + "/image/{item_id:path}", include_in_schema=False)
+    @app.get(PREFIX + "/image/{item_id:item_id}", include_in_schema=False)
     def catalog_image(item_id: str) -> Response:
         path = item_path(item_id)
         return _served(path if os.path.isfile(path) else thumbnails.large(item_id))  # a data set row: a copy
 
-    @app.get(PREFIX + "/thumbnail/{item_id:path}", include_in_schema=False)
+    @app.get(PREFIX + "/thumbnail/{item_id:item_id}", include_in_schema=False)
     def catalog_thumbnail(item_id: str) -> Response:
         item_path(item_id)
         try:

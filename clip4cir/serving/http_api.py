@@ -2,8 +2,9 @@
 (no queue, no event stream), documented at ``/api/docs`` (OpenAPI: ``/api/openapi.json``). The same three searches
 and parameters as the named Gradio API, the same records, and errors as HTTP status codes with a message: 400 a
 query that cannot be answered, 404 an unknown item or category, 413 an image over the upload limit, 422 a request
-that does not fit the schema, 502 the vector database refused the request, 503 the server is busy (or its vector
-database does not answer)."""
+that does not fit the schema (strictly typed: no coercion, no unknown field, no NaN), 502 the vector database
+refused the request, 503 the server is busy (or its vector database does not answer). A body is read only up to
+its limit (64 KB without an image, the upload limit with one)."""
 from __future__ import annotations
 
 import base64
@@ -11,19 +12,25 @@ import binascii
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, Field
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clip4cir.core.errors import BusyError, Clip4CirError, DataError, SearchError, UnknownItemError
 from clip4cir.data.images import decode_image
 from clip4cir.retrieval.search import MAX_K, SearchEngine
 from clip4cir.serving.api import records
+from clip4cir.serving.uploads import QUERY_SIDE
 
 MAX_IMAGE_BYTES = 20 * 2 ** 20  # as the page's uploads
+MAX_JSON_BYTES = 64 * 2 ** 10  # a request without an image
+MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 4 + MAX_JSON_BYTES  # with one, base64-encoded
 
 
 class SearchRequest(BaseModel):
     """One query: ``composed`` (a caption and a reference: ``reference_id`` or ``image_base64``), ``image`` (a
     reference alone) or ``text`` (a caption alone)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: Literal["composed", "image", "text"]
     caption: str | None = Field(None, description="how the wanted item differs (composed), or what it is (text)")
@@ -63,9 +70,42 @@ def decoded_image(text: str | None):
     except (binascii.Error, ValueError):
         raise HTTPException(400, "image_base64 is not base64") from None
     try:
-        return decode_image(data, "the uploaded image")
+        return decode_image(data, "the uploaded image", QUERY_SIDE)
     except DataError as e:
         raise HTTPException(400, str(e)) from None
+
+
+async def bounded_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body, read no further than ``limit`` bytes (413 past it, whatever Content-Length says)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"the request has {int(declared):,} bytes; at most {limit:,} are read "
+                                 f"(an image of {MAX_IMAGE_BYTES // 2 ** 20} MB, base64-encoded)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"the request has more than the {limit:,} bytes that are read "
+                                     f"(an image of {MAX_IMAGE_BYTES // 2 ** 20} MB, base64-encoded)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(body: bytes) -> SearchRequest:
+    """The query a body holds, strictly (422 naming each wrong field, never echoing its value); 413 when a body
+    without an image is over MAX_JSON_BYTES."""
+    try:
+        query = SearchRequest.model_validate_json(body)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        raise HTTPException(422, problems) from None
+    if not query.image_base64 and len(body) > MAX_JSON_BYTES:
+        raise HTTPException(413, f"a request without an image may have at most {MAX_JSON_BYTES:,} bytes")
+    return query
+
+
+REQUEST_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": SearchRequest.model_json_schema()}}}}
 
 
 def add_http_api(app: FastAPI, engine: SearchEngine) -> None:
@@ -76,12 +116,18 @@ def add_http_api(app: FastAPI, engine: SearchEngine) -> None:
                          404: {"description": "an unknown item or category"},
                          413: {"description": "an image over the upload limit"},
                          502: {"description": "the vector database refused the request"},
+                         422: {"description": "a request that does not fit the schema"},
                          503: {"description": "the server is busy, or its vector database does not answer: try "
-                                              "again"}})
-    def search(query: SearchRequest, request: Request) -> dict:
+                                              "again"}},
+              openapi_extra=REQUEST_SCHEMA)
+    async def search(request: Request) -> dict:
         """Composed, image or text search over the catalog; returns the ranked items with their links."""
-        image = decoded_image(query.image_base64)
+        query = parse_request(await bounded_body(request))
+        return await run_in_threadpool(answer, query, str(request.base_url))
+
+    def answer(query: SearchRequest, base: str) -> dict:
         try:
+            image = decoded_image(query.image_base64)
             if query.kind == "composed":
                 result = engine.composed_search(query.caption, image, query.reference_id, query.k, query.category,
                                                 query.mode)
@@ -97,4 +143,4 @@ def add_http_api(app: FastAPI, engine: SearchEngine) -> None:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
         except Clip4CirError as e:  # the store refused the request (e.g. its credentials)
             raise HTTPException(502, str(e)) from None
-        return records(result, str(request.base_url))
+        return records(result, base)

@@ -644,7 +644,7 @@ def serve(engine: SearchEngine, cache: str | os.PathLike, host: str | None = Non
     app = build_app(engine, thumbnails)
     app.queue(default_concurrency_limit=4)
     configure_serving_threads()
-    app.launch(server_name=host, server_port=port, share=share, show_error=True, prevent_thread_lock=True,
+    app.launch(server_name=host, server_port=port, share=share, show_error=False, prevent_thread_lock=True,
                allowed_paths=[str(thumbnails.folder)], max_file_size=MAX_UPLOAD, quiet=quiet, css=CSS, head=HEAD,
                app_kwargs={"docs_url": "/api/docs", "openapi_url": "/api/openapi.json"})
     add_catalog_routes(app.app, engine.index, thumbnails)

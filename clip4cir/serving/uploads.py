@@ -11,6 +11,7 @@ from PIL import Image
 from clip4cir.core.errors import DataError, SearchError
 from clip4cir.data.images import load_image
 
+QUERY_SIDE = 1024  # an uploaded query image is decoded at most this large (the encoders read 224-448 pixels)
 NOT_AN_UPLOAD = ("the image must be a file uploaded to this app (gradio_client: image=handle_file(PATH); the page: "
                  "drop or paste it), or give reference_id for a catalog item")
 
@@ -29,7 +30,7 @@ def uploaded_path(value) -> str | None:
         raise SearchError(NOT_AN_UPLOAD)
     uploads = os.path.realpath(get_upload_folder())
     path = os.path.realpath(value["path"])
-    if os.path.commonpath([uploads, path]) != uploads:
+    if os.path.commonpath([uploads, path]) != uploads or not os.path.isfile(path):  # one answer for any refusal
         raise SearchError(NOT_AN_UPLOAD)
     return path
 
@@ -43,6 +44,6 @@ def read_upload(value) -> Image.Image | None:
         return None
     name = value.orig_name if isinstance(value, FileData) else value.get("orig_name")
     try:
-        return load_image(path)
+        return load_image(path, QUERY_SIDE)
     except DataError as e:
         raise SearchError(str(e).replace(path, name or os.path.basename(path))) from None
