@@ -7,6 +7,7 @@ runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into 
     python scripts/benchmark.py serving [--config smoke|full]           runtimes × APIs × concurrent clients
     python scripts/benchmark.py store [--config smoke|full]             FAISS files against a Milvus server
     python scripts/benchmark.py zero-shot [--config smoke|full]         no triplets: zero-shot φ, catalog adaptation
+    python scripts/benchmark.py reliability [--url URL --pid PID]       good and hostile traffic against a live app
     python scripts/ablation.py [--config smoke|full]                    the training recipes
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from clip4cir.benchmarks import ablation, index, labels, pipeline, serving, store, zero_shot
-from clip4cir.commands.common import WORKERS, run
+from clip4cir.benchmarks import ablation, index, labels, pipeline, reliability, serving, store, zero_shot
+from clip4cir.commands.common import WORKERS, run, whole
 
 ANNOTATIONS = Path(__file__).resolve().parents[3] / "shared" / "fashioniq"  # beside the checkout
 
@@ -79,6 +80,17 @@ def subcommand_main(name: str, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def reliability_main(argv: Sequence[str] | None) -> int:
+    def more(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--url", help="a running app (default: start the demo, python app.py, on a free port)")
+        parser.add_argument("--pid", type=whole(1), help="the running app's process id, for its memory (with --url)")
+
+    args = benchmark_args(argv, "benchmark.py reliability", reliability.__doc__, reliability.CONFIGS, "full",
+                          "reliability.json and reliability.md", more)
+    reliability.run_reliability(args.config, args.out, args.work, args.url, args.pid)
+    return 0
+
+
 def ablation_main(argv: Sequence[str] | None = None) -> int:
     args = benchmark_args(argv, "ablation.py", ablation.__doc__, ablation.CONFIGS, "full",
                           "ablation.json and ablation.md",
@@ -90,6 +102,8 @@ def ablation_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``benchmark.py SUBCOMMAND ...`` runs that benchmark; without one, the pipeline."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reliability"]:
+        return reliability_main(argv[1:])
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return subcommand_main(argv[0], argv[1:])
     return pipeline_main(argv)
