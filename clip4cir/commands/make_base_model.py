@@ -1,9 +1,11 @@
 """Make the pretrained base model (``scripts/make_base_model.py``): draw the image-text pretraining corpus,
 train cir-tiny on it from a random init with CLIP's loss (clip4cir.training.pairs), and measure it against the
 random init on the held-out pairs of a catalog it never saw. Writes one folder, committed as a unit:
-``encoder.safetensors`` (what ``--clip-checkpoint`` takes) and ``metrics.json``.
+``encoder.safetensors`` (what ``--clip-checkpoint`` takes; in half precision, under the 10 MB a Hugging Face Space
+takes without Git LFS, and measured as stored) and ``metrics.json``.
 
     python scripts/make_base_model.py --work ~/base-work --out demo/base
+    python scripts/make_base_model.py --work ~/base-work --trained demo/base/encoder.safetensors   # store, measure
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from clip4cir.core.artifacts import is_artifact, write_folder
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import SYNTHETIC_FORMAT, make_pretraining_corpus, make_synthetic_fashioniq
 from clip4cir.evaluation.pairs import pair_metrics
-from clip4cir.models.encoder_file import load_encoder
+from clip4cir.models.encoder_file import load_encoder, save_encoder
 from clip4cir.models.factory import load_model
 from clip4cir.training.pairs import PairsConfig, PairsTask
 from clip4cir.training.trainer import train_here
@@ -36,6 +38,17 @@ def synthetic(folder: Path, make, settings: dict) -> Path:
     return folder
 
 
+def pretrain(work: Path, args: argparse.Namespace) -> Path:
+    """Draw the corpus and train cir-tiny on it (resumed when the run is there); its best checkpoint."""
+    corpus = synthetic(work / f"corpus-{args.images}", lambda tmp: make_pretraining_corpus(tmp, args.images),
+                       {"kind": "pretraining-corpus", "images": args.images})
+    config = PairsConfig(source=SourceOptions(str(corpus / "pairs.jsonl")), output=str(work / "run"),
+                         model="cir-tiny", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         workers=args.workers, quiet=True, save_best=True, resume=(work / "run").is_dir())
+    train_here(PairsTask, config)
+    return work / "run" / "best.safetensors"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="scratch folder (the corpus, the run)")
@@ -46,22 +59,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=POSITIVE, default=1e-3)
     parser.add_argument("--held-out-size", choices=["tiny", "demo"], default="demo",
                         help="the FashionIQ-layout catalog measured on (its val pairs)")
+    parser.add_argument("--trained", help="an encoder trained before: stored and measured, not trained again")
     parser.add_argument("--workers", type=WORKERS, default=2)
     args = parser.parse_args(argv)
     work, started = Path(args.work), time.perf_counter()
-    corpus = synthetic(work / f"corpus-{args.images}", lambda tmp: make_pretraining_corpus(tmp, args.images),
-                       {"kind": "pretraining-corpus", "images": args.images})
+    trained = Path(args.trained) if args.trained else pretrain(work, args)
+    stored = work / "encoder-half.safetensors"
+    save_encoder(load_encoder(trained, record_path=False), stored, half=True)
     held_out = synthetic(work / f"heldout-{args.held_out_size}", lambda tmp: make_synthetic_fashioniq(
         tmp, args.held_out_size, seed=HELD_OUT_SEED), {"kind": "fashioniq", "size": args.held_out_size,
                                                       "seed": HELD_OUT_SEED})
-    config = PairsConfig(source=SourceOptions(str(corpus / "pairs.jsonl")), output=str(work / "run"),
-                         model="cir-tiny", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         workers=args.workers, quiet=True, save_best=True, resume=(work / "run").is_dir())
-    train_here(PairsTask, config)
-    trained = work / "run" / "best.safetensors"
     pairs = open_source(held_out / "pairs.jsonl")
     metrics = {name: pair_metrics(encoder, pairs, "val", workers=args.workers, progress=False) for name, encoder in
-               (("random init", load_model("cir-tiny", seed=0)), ("base", load_encoder(trained)))}
+               (("random init", load_model("cir-tiny", seed=0)), ("base", load_encoder(stored)))}
     ratio = metrics["base"]["text→image R@10"] / max(metrics["random init"]["text→image R@10"], 1e-9)
     given = sys.argv[1:] if argv is None else list(argv)
     report = {"command": " ".join(["python scripts/make_base_model.py", *given]), "corpus_images": args.images,
@@ -71,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "seconds": round(time.perf_counter() - started, 1)}
 
     def write(tmp: Path) -> None:
-        shutil.copyfile(trained, tmp / "encoder.safetensors")
+        shutil.copyfile(stored, tmp / "encoder.safetensors")
         (tmp / "metrics.json").write_text(json.dumps(report, indent=1))
     write_folder(args.out, BASE_FORMAT, write, {"images": args.images}, flag="--out")
     print(json.dumps({"text→image R@10": {k: round(v["text→image R@10"], 2) for k, v in metrics.items()},

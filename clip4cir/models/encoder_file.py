@@ -30,9 +30,12 @@ ENCODER_VERSION = "1"
 JSON_FIELDS = ("model_config", "preprocess", "source", "info")
 
 
-def save_encoder(encoder: Encoder, path: str | os.PathLike, info: dict | None = None) -> None:
-    """Save an encoder atomically in the self-describing ``.safetensors`` format (see module docstring)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.model.state_dict().items()}
+def save_encoder(encoder: Encoder, path: str | os.PathLike, info: dict | None = None, half: bool = False) -> None:
+    """Save an encoder atomically in the self-describing ``.safetensors`` format (see module docstring); ``half``
+    stores its floating-point weights in half precision (half the file: the demo's files stay under the 10 MB a
+    Hugging Face Space takes without Git LFS; loading casts them back to the model's precision)."""
+    tensors = {k: v.detach().to("cpu", torch.float16 if half and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in encoder.model.state_dict().items()}
     metadata = {"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "model_name": encoder.name,
                 "model_config": json.dumps(encoder.config), "preprocess": json.dumps(encoder.preprocess.to_dict()),
                 "source": json.dumps(encoder.source), "fingerprint": encoder.fingerprint(),

@@ -33,7 +33,7 @@ from clip4cir.core.fingerprints import digest
 from clip4cir.data.sources import Source
 from clip4cir.models.category_probe import train_probe
 from clip4cir.models.encoder import Encoder
-from clip4cir.retrieval.catalog import annotated_captions, encode_items, items_fingerprint
+from clip4cir.retrieval.catalog import annotated_captions, encode_items, item_titles, items_fingerprint
 from clip4cir.retrieval.stores import STORES, AnyIndex
 from clip4cir.retrieval.index import CatalogIndex, Item
 from clip4cir.retrieval.tuning import QUERIES, calibration_half, choose_kind
@@ -193,6 +193,7 @@ def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path
         output, stored, features, kind=kind, metric=options.metric, encoder=encoder.record(),
         source={"data": source.record(), **(record or {}), "items": len(kept), "fingerprint": items_fingerprint(kept)},
         probe=probe, captions=annotated_captions(source, {item.id for item in kept}),
+        titles=item_titles(source, {item.id for item in kept}),
         target_recall=options.target_recall, queries=queries, progress=message if options.progress else None,
         **options.knobs(), **options.store_options)
     del features

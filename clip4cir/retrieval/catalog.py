@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from clip4cir.core.errors import DataError
 from clip4cir.core.fingerprints import digest, file_stats
-from clip4cir.data.captions import eval_caption
+from clip4cir.data.captions import clean_caption, is_empty_caption
 from clip4cir.data.sources import Source
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.features import extract_image_features
@@ -36,8 +36,10 @@ def catalog_items(source: Source, splits: Sequence[str] | None = None) -> list[I
 
 def annotated_captions(source: Source, ids: set[str], per_item: int = 5) -> dict[str, list[list[str]]]:
     """The data set's own captions of the references among ``ids``, each with its target (when the target is
-    among them too): one-click suggestions in the app, the known target marked in its results. Stored in the
-    index, so serving never needs the data set's annotation files."""
+    among them too): one-click suggestions in the app, the known target marked in its results. Each annotation
+    stands alone (FashionIQ's two per triplet are not joined: joined, they repeat or contradict each other; the
+    evaluation protocol joins them itself), without repeats in any case. Stored in the index, so serving never
+    needs the data set's annotation files."""
     out: dict[str, list[list[str]]] = {}
     for split in source.splits():
         try:
@@ -45,12 +47,21 @@ def annotated_captions(source: Source, ids: set[str], per_item: int = 5) -> dict
         except DataError:  # e.g. CIRR's train captions, not downloaded
             continue
         for t in triplets:
-            if t.target is not None and t.reference in ids and t.target in ids:
-                captions = out.setdefault(t.reference, [])
-                caption = eval_caption(t.captions)
-                if len(captions) < per_item and all(c != caption for c, _ in captions):
+            if t.target is None or t.reference not in ids or t.target not in ids:
+                continue
+            captions = out.setdefault(t.reference, [])
+            for caption in t.captions:
+                caption = clean_caption(caption)
+                if not is_empty_caption(caption) and len(captions) < per_item and \
+                        all(c.lower() != caption.lower() for c, _ in captions):
                     captions.append([caption, t.target])
-    return out
+    return {reference: captions for reference, captions in out.items() if captions}
+
+
+def item_titles(source: Source, ids: set[str]) -> dict[str, str]:
+    """The titles of the items among ``ids`` (from the data set's image-text pairs, a title or caption column):
+    shown under each item in the app, its alt text, and searched by its picker."""
+    return {image_id: title for image_id, title in source.titles().items() if image_id in ids}
 
 
 def items_fingerprint(items: Sequence[Item]) -> str:

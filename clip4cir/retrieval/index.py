@@ -87,6 +87,19 @@ def finite_norms(features: np.ndarray, what: str) -> np.ndarray:
     return np.linalg.norm(features, axis=-1).astype(np.float32)
 
 
+def write_annotations(folder: Path, captions: dict, titles: dict) -> None:
+    """The data set's words beside an index: its captions of references (``captions.json``) and the items'
+    titles (``titles.json``), so serving never needs the data set's files."""
+    (folder / "captions.json").write_text(json.dumps(captions))
+    (folder / "titles.json").write_text(json.dumps(titles))
+
+
+def read_annotations(path: Path) -> tuple[dict, dict]:
+    """The captions and titles beside an index (an older index may have neither: empty)."""
+    return tuple(read_json(path / f"{name}.json", f"index {name}") if (path / f"{name}.json").is_file() else {}
+                 for name in ("captions", "titles"))
+
+
 class CatalogIndex:
     """Nearest-neighbour search over catalog features, with per-item metadata, add/remove and category filters;
     safe for concurrent searches while items are added or removed."""
@@ -106,6 +119,7 @@ class CatalogIndex:
         self.probe: dict | None = None
         self.tuning: dict = {}  # calibrated effort per filter ("" = none) and what it measured
         self.captions: dict[str, list[list[str]]] = {}  # reference id -> [caption, known target id] pairs
+        self.titles: dict[str, str] = {}  # item id -> its title (shown and searched by the app)
         self.exact_members = exact_members  # a category up to this size is searched exactly
         self._lock = ReadWriteLock()
         self._masks: dict = {}
@@ -279,7 +293,7 @@ class CatalogIndex:
         if vectors:
             np.save(folder / "norms.npy", self.norms)
         names = self.table.save(folder)
-        (folder / "captions.json").write_text(json.dumps(self.captions))
+        write_annotations(folder, self.captions, self.titles)
         (folder / "meta.json").write_text(json.dumps(self.meta(names), indent=1))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -290,8 +304,8 @@ class CatalogIndex:
     @classmethod
     def create(cls, path: str | os.PathLike, items: Sequence[Item], features: np.ndarray, *, kind: str = "flat",
                metric: str = "cosine", encoder: dict | None = None, source: dict | None = None,
-               probe: dict | None = None, captions: dict | None = None, target_recall: float | None = None,
-               queries: dict[str, np.ndarray] | None = None, progress=None,
+               probe: dict | None = None, captions: dict | None = None, titles: dict | None = None,
+               target_recall: float | None = None, queries: dict[str, np.ndarray] | None = None, progress=None,
                **knobs) -> "CatalogIndex":
         """Build an index of ``items`` and their raw ``features`` straight into the folder ``path`` (committed as
         one unit), streaming the vectors through a memory-mapped file so that a catalog larger than memory can
@@ -326,6 +340,7 @@ class CatalogIndex:
             index.store.build(vectors, hold_back=len(held))
             index.table.add([items[i] for i in order])
             index.norms, index.source, index.probe, index.captions = norms, source or {}, probe, captions or {}
+            index.titles = titles or {}
             if calibrating and len(held):
                 if progress:
                     progress(f"calibrating for Recall@10 ≥ {target_recall} on {len(held)} held-out items and "
@@ -373,6 +388,5 @@ class CatalogIndex:
                                     f"{len(index.table):,} items: the files do not belong together")
         index.probe, index.tuning = meta.get("probe"), meta.get("tuning", {})
         index.source = manifest.get("source", {})
-        if (path / "captions.json").is_file():  # (an index of version 3 has none)
-            index.captions = read_json(path / "captions.json", "index captions")
+        index.captions, index.titles = read_annotations(path)
         return index

@@ -36,10 +36,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from clip4cir.core.artifacts import check_destination, read_json, read_manifest, write_folder
+from clip4cir.core.artifacts import check_destination, read_manifest, write_folder
 from clip4cir.core.errors import CatalogIndexError, StoreError, StoreUnavailableError
 from clip4cir.core.fingerprints import digest
-from clip4cir.retrieval.index import finite_norms, metric_scores
+from clip4cir.retrieval.index import finite_norms, metric_scores, read_annotations, write_annotations
 from clip4cir.retrieval.item_table import Item
 from clip4cir.retrieval.tuning import EFFORTS, K, QUERIES, first_reaching
 from clip4cir.retrieval.vector_store import DEFAULTS, default_nlist, default_pq_m, exact_search, normalized
@@ -274,13 +274,13 @@ class MilvusIndex:
     """The index interface search and the app use (see clip4cir.retrieval.index.CatalogIndex), over a Milvus
     collection; safe for concurrent searches (each is one request)."""
 
-    def __init__(self, db: Milvus, folder: Path, meta: dict, manifest: dict, captions: dict):
+    def __init__(self, db: Milvus, folder: Path, meta: dict, manifest: dict, captions: dict, titles: dict):
         self.db, self.folder = db, folder
         self.settings = meta["store"]
         self.metric = meta["metric"]
         self.encoder, self.source = manifest.get("encoder", {}), manifest.get("source", {})
         self.probe, self.tuning = meta.get("probe"), meta.get("tuning", {})
-        self.captions = captions
+        self.captions, self.titles = captions, titles
         self._categories = list(meta["names"].get("categories", []))
         self._count: tuple[float, int] | None = None  # (when, how many): len() is asked on every query
 
@@ -429,9 +429,9 @@ class MilvusIndex:
     def create(cls, path: str | os.PathLike, items: Sequence[Item], features: np.ndarray, *, uri: str,
                collection: str, kind: str = "flat", metric: str = "cosine", encoder: dict | None = None,
                source: dict | None = None, probe: dict | None = None, captions: dict | None = None,
-               target_recall: float | None = None, queries: dict[str, np.ndarray] | None = None,
-               progress: Callable[[str], None] | None = None, nlist: int | None = None, pq_m: int | None = None,
-               M: int | None = None, **_faiss_only) -> "MilvusIndex":
+               titles: dict | None = None, target_recall: float | None = None,
+               queries: dict[str, np.ndarray] | None = None, progress: Callable[[str], None] | None = None,
+               nlist: int | None = None, pq_m: int | None = None, M: int | None = None, **_faiss_only) -> "MilvusIndex":
         """Put ``items`` and their raw ``features`` into the collection (created here, or resumed: ids already
         stored are not inserted again), calibrate the approximate kinds, and commit the index folder ``path``."""
         index_type, knob = milvus_kind(kind)
@@ -475,7 +475,8 @@ class MilvusIndex:
                           "index_type": index_type, "params": params, "effort": 32 if knob == "nprobe" else 128,
                           "consistency": CONSISTENCY, "fingerprint": fingerprint, "dim": dim},
                 "probe": probe, "tuning": {}, "size": n}
-        index = cls(db, path, meta, {"encoder": encoder or {}, "source": source or {}}, captions or {})
+        index = cls(db, path, meta, {"encoder": encoder or {}, "source": source or {}}, captions or {},
+                    titles or {})
         if knob and target_recall is not None:
             if progress:
                 progress(f"calibrating for Recall@10 ≥ {target_recall}")
@@ -484,7 +485,7 @@ class MilvusIndex:
 
         def write(tmp: Path) -> None:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            (tmp / "captions.json").write_text(json.dumps(captions or {}))
+            write_annotations(tmp, captions or {}, titles or {})
 
         write_folder(path, INDEX_FORMAT, write, {"encoder": encoder or {}, "source": source or {}})
         return index
@@ -514,8 +515,7 @@ class MilvusIndex:
                                     f"{store['collection']} on {db.shown} holds {found}: it was rebuilt for another "
                                     f"index; build this one again")
         db.call("could not load the collection", "load_collection")
-        captions = read_json(path / "captions.json", "index captions") if (path / "captions.json").is_file() else {}
-        return cls(db, path.resolve(), meta, manifest, captions)
+        return cls(db, path.resolve(), meta, manifest, *read_annotations(path))
 
 
 def calibrate_milvus(index: MilvusIndex, items: Sequence[Item], features: np.ndarray, target: float,

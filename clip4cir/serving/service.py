@@ -68,7 +68,8 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
     source_options = options.source
     if not (source_options or options.model or clip_checkpoint):  # nothing given: the offline demo, shipped
         return SearchEngine.load(demo_index(), str(DEMO_DIR / "encoder.safetensors"),
-                                 combiner or str(DEMO_DIR / "combiner.safetensors"), str(device), phi)
+                                 combiner or str(DEMO_DIR / "combiner.safetensors"), str(device),
+                                 phi or str(DEMO_DIR / "phi.safetensors"))
     if not source_options:
         raise ValueError("give --index, or --data (a data set or an image folder) to index at start")
     if not (options.model or clip_checkpoint):

@@ -147,6 +147,12 @@ class Source(ABC):
         """The texts of each image of a split (titles, descriptions: image-text pairs); empty when it has none."""
         return {}
 
+    def titles(self) -> dict[str, str]:
+        """Each image's title (its first text), over all splits: what the app shows under an item and searches
+        in its picker; empty when the data set has none."""
+        return {image_id: texts[0] for split in self.splits() for image_id, texts in self.texts(split).items()
+                if texts}
+
     @abstractmethod
     def path(self, image_id: str) -> str:
         """Where an image is: a file path, or a reference the source reads (e.g. a row of a Hub data set)."""
@@ -269,6 +275,22 @@ def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}: line {number} is not a JSON object")
             rows.append((number, row))
     return rows
+
+
+def titles_beside(root: Path, name: str = "pairs.jsonl") -> dict[str, str]:
+    """The titles in the image-text pairs file ``root/name`` (JSON Lines of ``image`` and ``text``, as this
+    project writes beside a FashionIQ or CIRR layout), by image id (the file name without its extension);
+    empty when there is no such file."""
+    path = root / name
+    if not path.is_file():
+        return {}
+    titles: dict[str, str] = {}
+    for number, row in jsonl_rows(path):
+        image, text = row.get("image"), row.get("text")
+        if not isinstance(image, str) or not isinstance(text, str):
+            raise DataError(f"{path}: line {number}: fields 'image' and 'text' must be strings")
+        titles.setdefault(Path(image).name.rsplit(".", 1)[0], text.strip())
+    return titles
 
 
 def csv_header(path: Path) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clip4cir.core.errors import DataError
 from clip4cir.data.sources.base import (CIRR_PROTOCOL, SOURCES, Source, SourceKind, Triplet, read_json_file,
-                                        triplet_entries)
+                                        titles_beside, triplet_entries)
 
 SPLITS = ("train", "val", "test1")
 
@@ -41,6 +41,9 @@ class CIRR(Source):
 
     def _split_file(self, split: str) -> Path:
         return self.root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
+
+    def titles(self) -> dict[str, str]:
+        return titles_beside(self.root)
 
     def gallery(self, split: str) -> dict[str, tuple[str, ...]]:
         if split not in SPLITS:

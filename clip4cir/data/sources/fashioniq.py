@@ -12,7 +12,7 @@ from typing import Iterable
 
 from clip4cir.core.errors import DataError
 from clip4cir.data.sources.base import (FASHIONIQ_PROTOCOL, SOURCES, FileSource, ImageFolder, SourceKind, Triplet,
-                                        read_json_file, triplet_entries)
+                                        read_json_file, titles_beside, triplet_entries)
 
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")
@@ -109,6 +109,9 @@ class FashionIQ(FileSource):
                                         f"{field} {image_id!r} is not in image_splits/split.{category}.{split}.json")
                 out.append(t)
         return out
+
+    def titles(self) -> dict[str, str]:
+        return titles_beside(self.root)
 
     def gallery(self, split: str) -> dict[str, tuple[str, ...]]:
         self.check_split(split)

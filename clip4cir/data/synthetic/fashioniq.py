@@ -87,5 +87,7 @@ def make_synthetic_fashioniq(out: str | os.PathLike, size: str = "tiny", seed: i
             counts[f"{category}.{split}"] = {"triplets": len(triplets), "images": len(items)}
     render_all([(item, str(out / "images" / f"{item.id}.jpg"), width) for item in all_items.values()], workers)
     write_json(out / "synthetic_attributes.json", {i.id: i.attributes() for i in all_items.values()})
-    write_pairs(out / "pairs.jsonl", [(i, f"images/{i.id}.jpg", split_of[i.id]) for i in all_items.values()])
+    # one split drawn (the demo's catalog): no split column, so image-text training holds images out by their ids
+    write_pairs(out / "pairs.jsonl", [(i, f"images/{i.id}.jpg", split_of[i.id] if len(splits) > 1 else None)
+                                      for i in all_items.values()])
     return counts
