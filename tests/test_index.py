@@ -477,7 +477,7 @@ def test_search_command_json(engine_files, capsys):
     assert search_main(["--index", str(engine_files / "index"), "--ref-id", ref, "--caption", "is red", "--k", "3",
                         "--json", "--device", "cpu"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == 3 and set(hits[0]) == {"id", "score", "categories", "path"}
+    assert len(hits) == 3 and set(hits[0]) == {"id", "score", "categories", "path", "title", "match"}
     assert search_main(["--index", str(engine_files / "index"), "--caption", "is red", "--k", "2"]) == 0
     with pytest.raises(SearchError, match="give --image"):
         search_main(["--index", str(engine_files / "index")])
@@ -519,7 +519,7 @@ def test_an_index_with_relative_paths_moves_with_its_images(tiny_root, tmp_path)
     paths = [index.item_at(row).path for row in range(len(index))]
     assert all(p.startswith(str(moved / "catalog")) and os.path.isfile(p) for p in paths)
     engine = SearchEngine.load(moved / "index", device="cpu")
-    assert engine.image_search(paths[0], k=1).hits[0].id == index.item_at(0).id
+    assert engine.image_search(paths[0], k=1, category="all").hits[0].id == index.item_at(0).id
     assert build_main(["--data", str(moved / "catalog"), "--clip-checkpoint", str(encoder), "--output",
                        str(tmp_path / "plain"), "--quiet", "--workers", "0"]) == 0
     assert CatalogIndex.load(tmp_path / "plain").item_at(0).path.startswith(str(moved / "catalog"))

@@ -125,7 +125,7 @@ def test_the_search_engine_answers_zero_shot_composed_queries(tiny_root, encoder
         plain.composed_search("is red", reference_id=plain.index.ids(1)[0], mode="phi")
     engine = SearchEngine.load(tmp_path / "index", device="cpu", phi_path=str(tmp_path / "phi.safetensors"))
     reference = engine.index.ids(1)[0]
-    found = engine.composed_search("Is red", reference_id=reference, k=5, mode="phi")
+    found = engine.composed_search("Is red", reference_id=reference, k=5, category="all", mode="phi")
     assert len(found.hits) == 5 and reference not in [h.id for h in found.hits]
     query = PseudoTokenQueries(phi, encoder)(torch.from_numpy(engine.index.feature(reference))[None], ["is red"])[0]
     expected = engine.index.top_items(query.numpy(), 6, None)
@@ -139,7 +139,8 @@ def test_the_search_engine_answers_zero_shot_composed_queries(tiny_root, encoder
         port = s.getsockname()[1]
     ui = serve(engine, tmp_path / "cache", port=port, quiet=True)
     try:
-        body = json.dumps({"kind": "composed", "caption": "Is red", "reference_id": reference, "k": 5, "mode": "phi"})
+        body = json.dumps({"kind": "composed", "caption": "Is red", "reference_id": reference, "k": 5, "mode": "phi",
+                           "category": "all"})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/search", data=body.encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -7,6 +7,7 @@ in evaluation mode: the same query always gives the same results.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,12 +26,17 @@ from clip4cir.models.runtime import Towers
 from clip4cir.models.factory import check_same_encoder, encoder_from_record
 from clip4cir.models.pseudo_tokens import PseudoTokenQueries, zero_shot_queries
 from clip4cir.models.features import check_finite
+from clip4cir.retrieval.category_words import category_words, named_category
+from clip4cir.retrieval.match_levels import SAMPLE, MatchLevels, calibrate_levels, catalog_sample, right_answers
 from clip4cir.retrieval.stores import AnyIndex, load_index
 from clip4cir.retrieval.threads import apply_serving_threads
 
 MAX_K = 10_000
 MAX_CAPTION_CHARS = 1_000  # a caption is cut here before tokenizing (the encoder reads 77 tokens, far fewer)
 MODES = ("combiner", "sum", "phi")  # phi: zero-shot, a pseudo-word token of the reference (no triplets)
+DEFAULT_CATEGORY = {"composed": "reference", "image": "reference", "text": "all"}  # the app's, the API's, here
+NOTHING_FITS = "nothing in this catalog fits well: the first result stands out less than for 9 in 10 known matches"
+LEVEL_KIND = {"composed": "composed", "image": "composed", "text": "text"}  # whose right answers calibrate a kind
 
 
 @dataclass
@@ -39,6 +45,8 @@ class Hit:
     score: float
     categories: list[str]
     path: str
+    title: str = ""  # the item's title, when the catalog has titles
+    match: str = ""  # how well it fits, in words (clip4cir.retrieval.match_levels); empty when not calibrated
 
 
 @dataclass
@@ -47,6 +55,7 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)  # e.g. a truncated caption, the predicted category
     category: str | None = None  # the category searched within (None: all)
     seconds: float = 0.0
+    fits: bool | None = None  # False: nothing in the catalog fits well (None: not calibrated for this kind)
 
 
 class SearchEngine:
@@ -66,6 +75,47 @@ class SearchEngine:
         self.encoder.model.eval()  # for good: serving never switches modes (other threads may be encoding)
         if combiner is not None:
             combiner.eval()
+        self._levels: MatchLevels | None = None
+        self._vocabulary: dict[str, str] | None = None
+        self._once = threading.Lock()
+
+    def match_levels(self) -> MatchLevels | None:
+        """The match levels of this catalog (computed once, on first use); None for an empty catalog."""
+        with self._once:
+            if self._levels is None and len(self.index):
+                ids = self.index.ids(min(len(self.index), 50 * SAMPLE))
+                compose = self._compose_many if self.encoder.has_text else None
+                answers = right_answers(self.index.titles, self.index.captions, self.index.feature,
+                                        self._encode_texts, compose, calibration=True) if self.encoder.has_text \
+                    else {}
+                self._levels = calibrate_levels(catalog_sample(ids, self.index.feature), answers,
+                                                self.index.feature, self._top_score)
+            return self._levels
+
+    def category_vocabulary(self) -> dict[str, str]:
+        """The words that name each category, from the catalog's titles (computed once)."""
+        with self._once:
+            if self._vocabulary is None:
+                titled = [(title, tuple(self.index.item(i).categories))
+                          for i, title in list(self.index.titles.items())[:50_000] if i in self.index]
+                self._vocabulary = category_words(titled, self.index.categories())
+            return self._vocabulary
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        out = torch.cat([self.towers.text(texts[i:i + 64]).float() for i in range(0, len(texts), 64)]).numpy()
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def _compose_many(self, references: np.ndarray, captions: list[str]) -> np.ndarray:
+        """Composed queries the app's default way (the Combiner when there is one, else the Sum), unit length."""
+        combine = self.combiner.combine if self.combiner is not None else combine_sum
+        texts = torch.from_numpy(self._encode_texts(captions))
+        with torch.inference_mode():
+            out = combine(torch.from_numpy(references).float().to(self.encoder.device),
+                          texts.to(self.encoder.device)).float().cpu().numpy()
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def _top_score(self, query: np.ndarray) -> float:
+        return self.index.top_items(query.astype(np.float32), 1)[0][1]
 
     @classmethod
     def load(cls, index_path: str | os.PathLike, clip_checkpoint: str | None = None,
@@ -116,13 +166,19 @@ class SearchEngine:
         return check_finite(self.towers.text([self._caption(caption, notes)])[0].float(), "caption features")
 
     def _category(self, category: str | None, query: torch.Tensor, notes: list[str],
-                  reference: torch.Tensor | None = None, reference_id: str | None = None) -> str | None:
-        """The category to search within: none for "all", the given one; for "reference", the reference's own (a
-        catalog item's first category, or what the probe predicts from an uploaded reference image: a caption
-        rarely names the category); for "auto", what the index's probe predicts from the query feature (the
-        composed query, the image, or the description)."""
+                  reference: torch.Tensor | None = None, reference_id: str | None = None,
+                  caption: str | None = None) -> str | None:
+        """The category to search within: none for "all", the given one; for "reference", the one the caption
+        names ("is a t-shirt instead of a dress": words learned from the catalog's titles), else the reference's
+        own (a catalog item's first category, or what the probe predicts from an uploaded reference image); for
+        "auto", what the index's probe predicts from the query feature (the composed query, the image, or the
+        description)."""
         if category in (None, "", "all"):
             return None
+        named = named_category(caption, self.category_vocabulary()) if category == "reference" and caption else None
+        if named is not None:
+            notes.append(f"the caption names {named[1]!r}: searched within {named[0]}")
+            return named[0]
         if category == "reference" and reference_id:
             own = self.index.item(reference_id).categories
             notes.append("the reference's own category" if own else "the reference has no category: searched all")
@@ -156,15 +212,25 @@ class SearchEngine:
             return self._image_feature(image)
         raise SearchError("no reference: give an image or the id of a catalog item")
 
-    def _search(self, query: torch.Tensor, k: int, category: str | None, notes: list[str], started: float,
-                exclude: str | None = None) -> SearchResult:
+    def _search(self, kind: str, query: torch.Tensor, k: int, category: str | None, notes: list[str],
+                started: float, exclude: str | None = None) -> SearchResult:
         apply_serving_threads()  # this thread's FAISS threads, when serving (see clip4cir.threads)
         try:
             found = self.index.top_items(query.numpy(), k + (exclude is not None), category)
         except CatalogIndexError as e:
             raise SearchError(str(e)) from e
-        hits = [Hit(item.id, score, list(item.categories), item.path) for item, score in found if item.id != exclude]
-        return SearchResult(hits[:k], notes, category, time.perf_counter() - started)
+        titles = self.index.titles
+        hits = [Hit(item.id, score, list(item.categories), item.path, titles.get(item.id, ""))
+                for item, score in found if item.id != exclude][:k]
+        fits, levels = None, self.match_levels()
+        if levels is not None and hits:
+            z = levels.z(query.numpy(), [h.score for h in hits])
+            for hit, value in zip(hits, z):
+                hit.match = levels.level(LEVEL_KIND[kind], value)
+            fits = levels.fits(LEVEL_KIND[kind], z[0])
+            if fits is False:
+                notes.append(NOTHING_FITS)
+        return SearchResult(hits, notes, category, time.perf_counter() - started, fits)
 
     @staticmethod
     def _check_types(**values) -> None:
@@ -184,9 +250,11 @@ class SearchEngine:
                         reference_id: str | None = None, k: int = 10, category: str | None = None,
                         mode: str = "combiner") -> SearchResult:
         """Items like the reference (an image, or a catalog id whose stored feature is reused) changed as the
-        caption says. The reference item itself is left out of the results."""
+        caption says. The reference item itself is left out of the results. ``category`` defaults to
+        ``reference`` (the category the caption names, else the reference's own; ``all`` searches every one)."""
         started, notes = time.perf_counter(), []
         self._check_types(caption=caption, reference_id=reference_id, category=category, mode=mode)
+        category = DEFAULT_CATEGORY["composed"] if category is None else category
         self._check_k(k)
         if mode not in MODES:
             raise SearchError(f"unknown mode {shown(mode)}; choose from {', '.join(MODES)}")
@@ -206,18 +274,20 @@ class SearchEngine:
             with torch.inference_mode():
                 query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
         query = check_finite(query.float().cpu(), "query features")
-        return self._search(query, k, self._category(category, query, notes, reference, reference_id), notes, started,
-                            exclude=reference_id)
+        return self._search("composed", query, k, self._category(category, query, notes, reference, reference_id,
+                                                                 caption), notes, started, exclude=reference_id)
 
     def image_search(self, image: Image.Image | str | os.PathLike | None = None, k: int = 10,
                      category: str | None = None, reference_id: str | None = None) -> SearchResult:
-        """Items that look like the image, or like a catalog item ("more like this", the item left out)."""
+        """Items that look like the image, or like a catalog item ("more like this", the item left out), within
+        the reference's category unless ``category`` says otherwise."""
         started, notes = time.perf_counter(), []
         self._check_types(reference_id=reference_id, category=category)
+        category = DEFAULT_CATEGORY["image"] if category is None else category
         self._check_k(k)
         feature = self._reference(image, reference_id, notes)
-        return self._search(feature, k, self._category(category, feature, notes, feature, reference_id), notes, started,
-                            exclude=reference_id)
+        return self._search("image", feature, k, self._category(category, feature, notes, feature, reference_id),
+                            notes, started, exclude=reference_id)
 
     def text_search(self, caption: str, k: int = 10, category: str | None = None) -> SearchResult:
         """Items the description fits."""
@@ -225,7 +295,7 @@ class SearchEngine:
         self._check_types(caption=caption, category=category)
         self._check_k(k)
         feature = self._text_feature(caption, notes)
-        return self._search(feature, k, self._category(category, feature, notes), notes, started)
+        return self._search("text", feature, k, self._category(category, feature, notes), notes, started)
 
 
 def top10_agreement(engine: SearchEngine, candidate: Towers, queries: int = 100) -> dict[str, float]:

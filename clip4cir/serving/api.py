@@ -19,10 +19,10 @@ def base_url(request: gr.Request | None) -> str:
 
 def records(result: SearchResult, base: str) -> dict:
     """Structured results: the hits with links to their thumbnails and images."""
-    hits = [{"rank": rank, "id": h.id, "categories": h.categories, "score": round(h.score, 6),
-             "thumbnail_url": thumbnail_url(base, h.id), "image_url": image_url(base, h.id)}
+    hits = [{"rank": rank, "id": h.id, "title": h.title, "categories": h.categories, "score": round(h.score, 6),
+             "match": h.match, "thumbnail_url": thumbnail_url(base, h.id), "image_url": image_url(base, h.id)}
             for rank, h in enumerate(result.hits, 1)]
-    return {"results": hits, "category": result.category, "notes": result.notes,
+    return {"results": hits, "category": result.category, "fits": result.fits, "notes": result.notes,
             "milliseconds": round(1000 * result.seconds, 2)}
 
 
@@ -36,17 +36,19 @@ def add_named_api(engine: SearchEngine) -> None:
             raise gr.Error(str(e), print_exception=False) from None  # a bad query is not a server fault
 
     def composed_search(caption: str, image: FileData | None = None, reference_id: str | None = None,
-                        category: str = "all", k: int = 10, mode: str = "combiner",
+                        category: str | None = None, k: int = 10, mode: str = "combiner",
                         request: gr.Request = None) -> dict:
         """Items like the reference (an uploaded image, or a catalog item by id) changed as the caption says.
-        category: a category of the catalog, "all", "reference" (the reference's own) or "auto" (predicted from
-        the query); mode: "combiner", "sum" or "phi" (zero-shot, when the app has a φ)."""
+        category: a category of the catalog, "all", "reference" (the default: the category the caption names,
+        else the reference's own) or "auto" (predicted from the query); mode: "combiner", "sum" or "phi"
+        (zero-shot, when the app has a φ)."""
         return answer(lambda: engine.composed_search(caption, read_upload(image), reference_id or None, k, category,
                                                      mode), request)
 
-    def image_search(image: FileData | None = None, reference_id: str | None = None, category: str = "all",
+    def image_search(image: FileData | None = None, reference_id: str | None = None, category: str | None = None,
                      k: int = 10, request: gr.Request = None) -> dict:
-        """Items that look like the image, or like a catalog item ("more like this", the item left out)."""
+        """Items that look like the image, or like a catalog item ("more like this", the item left out); within
+        the reference's category unless category says otherwise ("all", a category, "auto")."""
         return answer(lambda: engine.image_search(read_upload(image), k, category, reference_id or None), request)
 
     def text_search(caption: str, category: str = "all", k: int = 10, request: gr.Request = None) -> dict:

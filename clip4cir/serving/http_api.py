@@ -19,6 +19,7 @@ from clip4cir.core.errors import BusyError, Clip4CirError, DataError, SearchErro
 from clip4cir.data.images import decode_image
 from clip4cir.retrieval.search import MAX_K, SearchEngine
 from clip4cir.serving.api import records
+from clip4cir.serving.api_docs import add_api_docs
 from clip4cir.serving.uploads import QUERY_SIDE
 
 MAX_IMAGE_BYTES = 20 * 2 ** 20  # as the page's uploads
@@ -36,8 +37,9 @@ class SearchRequest(BaseModel):
     caption: str | None = Field(None, description="how the wanted item differs (composed), or what it is (text)")
     reference_id: str | None = Field(None, description="a catalog item as the reference (its stored feature)")
     image_base64: str | None = Field(None, description="the query image's file (JPEG, PNG, ...), base64-encoded")
-    category: str = Field("all", description="a category of the catalog, all, reference (the reference's own) or "
-                                              "auto (predicted from the query)")
+    category: str | None = Field(None, description="a category of the catalog, all, reference (the category the "
+                                 "caption names, else the reference's own: the default for composed and image "
+                                 "queries; text queries search all) or auto (predicted from the query)")
     k: int = Field(10, ge=1, le=MAX_K, description="how many results")
     mode: Literal["combiner", "sum", "phi"] = Field("combiner", description="composed: how image and words combine "
                                                     "(phi: zero-shot, when the app has a φ)")
@@ -46,8 +48,10 @@ class SearchRequest(BaseModel):
 class Hit(BaseModel):
     rank: int
     id: str
+    title: str = Field(description="the item's title (empty when the catalog has none)")
     categories: list[str]
-    score: float
+    score: float = Field(description="cosine similarity of the query and the item")
+    match: str = Field(description="strong, good or weak match: the score against those of known right answers")
     thumbnail_url: str
     image_url: str
 
@@ -55,6 +59,7 @@ class Hit(BaseModel):
 class SearchResponse(BaseModel):
     results: list[Hit]
     category: str | None
+    fits: bool | None = Field(description="false: nothing in the catalog fits the query well")
     notes: list[str]
     milliseconds: float
 
@@ -109,7 +114,7 @@ REQUEST_SCHEMA = {"requestBody": {"required": True, "content": {"application/jso
 
 
 def add_http_api(app: FastAPI, engine: SearchEngine) -> None:
-    """Serve ``POST /api/search`` on ``app`` (the Gradio app's FastAPI server)."""
+    """Serve ``POST /api/search`` on ``app`` (the Gradio app's FastAPI server), and its documentation."""
 
     @app.post("/api/search", response_model=SearchResponse, tags=["search"],
               responses={400: {"description": "a query that cannot be answered"},
@@ -144,3 +149,5 @@ def add_http_api(app: FastAPI, engine: SearchEngine) -> None:
         except Clip4CirError as e:  # the store refused the request (e.g. its credentials)
             raise HTTPException(502, str(e)) from None
         return records(result, base)
+
+    add_api_docs(app, __doc__)
