@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -82,8 +83,13 @@ def test_one_endpoint_per_action_with_named_parameters(served, client, outside_c
     assert [r["id"] for r in found["results"]] == [h.id for h in expected.hits]
     assert [r["rank"] for r in found["results"]] == [1, 2, 3, 4, 5]
     assert all(r["categories"] == ["shirt"] for r in found["results"]) and found["category"] == "shirt"
+    # by default within the reference's category, as the page and the JSON API search; "all" searches everything
     by_id = client.predict(caption="is blue", reference_id=triplet["candidate"], k=50, api_name="/composed_search")
-    assert len(by_id["results"]) == 50 and triplet["candidate"] not in [r["id"] for r in by_id["results"]]
+    shirts = [i for i in engine.index.ids(len(engine.index)) if "shirt" in engine.index.item(i).categories]
+    assert by_id["category"] == "shirt" and len(by_id["results"]) == min(50, len(shirts) - 1)
+    everywhere = client.predict(caption="is blue", reference_id=triplet["candidate"], category="all", k=50,
+                                api_name="/composed_search")
+    assert len(everywhere["results"]) == 50 and triplet["candidate"] not in [r["id"] for r in everywhere["results"]]
     similar = client.predict(reference_id=triplet["candidate"], k=3, api_name="/image_search")
     assert triplet["candidate"] not in [r["id"] for r in similar["results"]]  # more like this: itself left out
     uploaded = client.predict(image=handle_file(path), category="auto", k=3, api_name="/image_search")
@@ -175,12 +181,12 @@ def test_steps_sent_back_by_the_browser_are_checked(served, outside_catalog):
     app.build("about")
     item = engine.index.ids(1)[0]
     good = {"ref": item, "caption": "is red", "category": "all", "k": 5, "mode": "sum"}
-    kept = app.clean_steps([good, {**good, "ref": "nope"}, {**good, "category": "hats"}, {**good, "k": "x"},
+    kept = app.checked_steps([good, {**good, "ref": "nope"}, {**good, "category": "hats"}, {**good, "k": "x"},
                             {**good, "mode": "eval"}, "junk", {**good, "caption": 3},
                             {**good, "ref": "", "image": {"path": "/etc/passwd",
                                                           "meta": {"_type": "gradio.FileData"}}}])
     assert kept[0] == {**good, "image": None} and kept[1]["k"] == 12 and len(kept) == 3
-    assert app.clean_steps("not a list") == []
+    assert app.checked_steps("not a list") == []
     shown = app.show_step(kept)  # the photo step: refused as not an upload, the page keeps working
     assert "must be a file uploaded" in shown[app.c["composed_panel"].info]
     back = app.step_back([good, {**good, "caption": "is blue"}])
@@ -233,8 +239,8 @@ def result_ids(page, gallery: str) -> list[str]:
 def results_check(page, gallery: str, viewport: dict, count: int | None = None,
                   scrolled: bool = True) -> list[str]:
     """Results come into view without the user scrolling (``scrolled``), their thumbnails keep the items'
-    proportions, every caption (rank, id, categories, score) is shown whole, the grid has no scroll box of its own,
-    and a phone shows two a row. Returns the ids shown."""
+    proportions, every caption (rank, id, title, categories, match level) is shown whole, the grid has no scroll
+    box of its own, and a phone shows two a row. Returns the ids shown."""
     try:
         page.wait_for_selector(f"#{gallery} .grid-container img", timeout=30_000)
         if count:
@@ -254,7 +260,8 @@ def results_check(page, gallery: str, viewport: dict, count: int | None = None,
         return [e.innerText, e.scrollWidth <= e.clientWidth + 1 && e.scrollHeight <= e.clientHeight + 1,
                 r.left >= tile.left - 1 && r.right <= tile.right + 1 && r.bottom <= tile.bottom + 1]; }})""")
     for rank, (text, whole, inside) in enumerate(captions, 1):
-        assert whole and inside and text.startswith(f"{rank}. ") and " · score " in text, (text, whole, inside)
+        assert whole and inside and text.startswith(f"{rank}. ") and re.search(r" · (strong|good|weak) match$", text), \
+            (text, whole, inside)
     boxes = page.evaluate(f"""Array.from(document.querySelectorAll('#{gallery} *')).filter(e => {{
         const s = getComputedStyle(e); return ['auto', 'scroll'].includes(s.overflowY)
         && e.scrollHeight > e.clientHeight + 1; }}).map(e => e.className)""")
@@ -316,7 +323,7 @@ def test_browser_example_search_refine_back_and_links(served, screen, tmp_path):
         page.go_forward()
         wait_for_value(page, "reference-id", f"=== '{clicked_id}'")
         assert results_check(page, "composed-results", viewport, 12) == second_ids
-        assert first_reference in page.locator("#steps").inner_text()  # the steps survived the reloads
+        assert first_reference in page.locator("#steps-trail").inner_text()  # the steps survived the reloads
         # the app's Back: the previous step's results at once, and its address
         page.click("#back")
         wait_for_value(page, "reference-id", f"=== '{first_reference}'")
@@ -328,7 +335,7 @@ def test_browser_example_search_refine_back_and_links(served, screen, tmp_path):
         page.wait_for_function("window.location.search.includes('tab=image')")
         assert f"ref={first_reference}" in page.url
         similar_ids = results_check(page, "image-results", viewport)
-        assert f"catalog item {first_reference}" in page.locator("#image-info").inner_text()
+        assert f"({first_reference})" in page.locator("#image-info").inner_text()
         # a photo instead of the id: the id is cleared, and the message says the photo was used
         photo = tmp_path / "photo.png"
         Image.open(engine.index.item(similar_ids[0]).path).save(photo)

@@ -112,3 +112,16 @@ def test_nonsense_on_the_demo_is_said_not_to_fit():
     assert result.fits is False and NOTHING_FITS in result.notes
     good = engine.text_search(next(iter(engine.index.titles.values())), k=3)
     assert good.fits is True and NOTHING_FITS not in good.notes
+
+
+@pytest.mark.slow
+def test_the_storefront_benchmark_measures_the_demo(tmp_path):
+    from clip4cir.commands.benchmark import main
+    assert main(["storefront", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "storefront.json").read_text())
+    held = report["levels"]["text"]
+    assert sum(held[name]["percent"] for name in ("strong match", "good match", "weak match")) == \
+        pytest.approx(100, abs=0.2)
+    assert 3 <= held["told nothing fits"]["percent"] <= 25  # calibrated at one in ten on the other half
+    assert report["category"]["cross-category queries honoured"]["percent"] > 50
+    assert "| cross-category queries honoured |" in (tmp_path / "storefront.md").read_text()

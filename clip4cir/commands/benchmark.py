@@ -8,6 +8,7 @@ runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into 
     python scripts/benchmark.py store [--config smoke|full]             FAISS files against a Milvus server
     python scripts/benchmark.py zero-shot [--config smoke|full]         no triplets: zero-shot φ, catalog adaptation
     python scripts/benchmark.py reliability [--url URL --pid PID]       good and hostile traffic against a live app
+    python scripts/benchmark.py storefront                              the demo's match levels and category changes
     python scripts/ablation.py [--config smoke|full]                    the training recipes
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from clip4cir.benchmarks import ablation, index, labels, pipeline, reliability, serving, store, zero_shot
+from clip4cir.benchmarks import ablation, index, labels, pipeline, reliability, serving, store, storefront, zero_shot
 from clip4cir.commands.common import WORKERS, run, whole
 
 ANNOTATIONS = Path(__file__).resolve().parents[3] / "shared" / "fashioniq"  # beside the checkout
@@ -69,7 +70,8 @@ SUBCOMMANDS = {"index": (index, index.run_index, "1m", "index.json, index.md and
                "labels": (labels, labels.run_labels, "full", "labels.json and labels.md"),
                "serving": (serving, serving.run_serving, "full", "serving.json and serving.md"),
                "store": (store, store.run_store, "full", "store.json and store.md"),
-               "zero-shot": (zero_shot, zero_shot.run_zero_shot, "full", "zero-shot.json and zero-shot.md")}
+               "zero-shot": (zero_shot, zero_shot.run_zero_shot, "full", "zero-shot.json and zero-shot.md"),
+               "storefront": (storefront, storefront.run_storefront, "full", "storefront.json and storefront.md")}
 
 
 def subcommand_main(name: str, argv: Sequence[str] | None) -> int:
