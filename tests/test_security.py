@@ -4,7 +4,6 @@ another objective, or pass numbers that cannot be right."""
 import json
 import os
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from clip4cir.commands.train_clip import main as train_main
 from clip4cir.commands.train_combiner import main as combiner_main
 from clip4cir.core.artifacts import OWNER_MARK, write_folder
 from clip4cir.core.errors import ArtifactError, CatalogIndexError, DataError, ModelError
+from clip4cir.core.ports import free_port
 from clip4cir.data.images import load_image
 from clip4cir.data.sources import open_source
 from clip4cir.models.combiner import Combiner
@@ -32,12 +32,6 @@ from clip4cir.serving.ui import serve
 from clip4cir.serving.uploads import NOT_AN_UPLOAD
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fetch(url: str) -> tuple[int, dict, bytes]:
@@ -69,7 +63,7 @@ def draw(path, colour=(200, 30, 30), size=(60, 90)):
 def hostile_catalog(tmp_path_factory):
     """An image folder whose category folders also hold a script page, a scripted SVG and a private CSV; one
     category is a symlinked folder and one image a symlinked file."""
-    from conftest import outside_folder
+    from helpers import outside_folder
     root = outside_folder("clip4cir-hostile-")
     catalog = root / "catalog"
     for i in range(6):
@@ -223,6 +217,21 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     mine.mkdir()
     write_folder(tmp_path / "thing", "test.format", lambda tmp: (tmp / "a.txt").write_text("a"))
     assert not leftover.exists() and mine.exists()
+
+
+def test_a_temporary_killed_while_being_marked_is_removed_and_a_user_folder_is_kept(tmp_path):
+    dead = 2 ** 22 + 12346
+    cut_short = tmp_path / f".thing.tmp-{dead}-00000001"  # killed between mkdir and the end of writing its mark
+    cut_short.mkdir()
+    (cut_short / OWNER_MARK).write_text("")
+    empty = tmp_path / f".thing.tmp-{dead}-00000002"  # killed right after mkdir
+    empty.mkdir()
+    users = tmp_path / f".thing.tmp-{dead}-00000003"  # a user's folder under such a name: not this tool's
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    write_folder(tmp_path / "thing", "test.format", lambda tmp: (tmp / "a.txt").write_text("a"))
+    assert not cut_short.exists() and not empty.exists()
+    assert (users / "notes.txt").read_text() == "mine"
 
 
 def test_a_refused_build_leaves_no_encoding_behind(tiny_root, tmp_path):

@@ -19,8 +19,8 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from clip4cir.core.errors import ArtifactError
 
@@ -78,7 +78,8 @@ def clean_stale_temporaries(path: Path) -> int:
         if pid is None or pid == os.getpid() or _alive(pid):  # this process's may be in the making (threads)
             continue
         if leftover.is_symlink() or (leftover.is_dir() and not (_marked(leftover, "temporary")
-                                                                 or _complete_unlisted(leftover))):
+                                                                 or _complete_unlisted(leftover)
+                                                                 or _cut_short(leftover))):
             continue  # not something a write of this tool left (a user's folder or link under such a name)
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -86,6 +87,12 @@ def clean_stale_temporaries(path: Path) -> int:
             leftover.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _cut_short(folder: Path) -> bool:
+    """Whether ``folder`` was killed while this tool made it: empty, or holding only its mark, written in part."""
+    return all(entry.name == OWNER_MARK and entry.is_file() and not entry.is_symlink()
+               and entry.stat().st_size < 256 for entry in folder.iterdir())
 
 
 def _marked(folder: Path, role: str) -> bool:
