@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import mixture
 from PIL import Image
 
 from clip4cir.benchmarks.index import synthetic_vectors
@@ -23,20 +24,14 @@ from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items
-from clip4cir.retrieval.milvus_index import MilvusIndex, scrub_uri
 from clip4cir.retrieval.index import INDEX_FORMAT, CatalogIndex, CatalogIndexError, Item
+from clip4cir.retrieval.milvus_index import MilvusIndex, scrub_uri
 from clip4cir.retrieval.search import SearchEngine, SearchError
 from clip4cir.retrieval.vector_store import exact_search
 
 QUIET = BuildOptions(progress=False)
 
 
-def mixture(n, d=512, clusters=300, seed=0, spread=1.0):
-    """Normalised vectors with cluster structure, like image embeddings (uniform noise has no real neighbours)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, d)).astype(np.float32)
-    x = centers[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def make_index(x, kind="flat", metric="cosine", categories=("a", "b", "c"), **knobs):
@@ -73,7 +68,7 @@ def exact_truth(x, q, k=10, allowed=None):
 
 
 def recall(found, truth):
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +316,7 @@ def test_three_query_kinds(engine, tiny_root):
 def test_auto_category_uses_the_probe(engine):
     ids = [i for i in engine.index.ids()]
     predicted = [engine.image_search(engine.index.item(i).path, k=1, category="auto") for i in ids[:30]]
-    right = sum(r.category in engine.index.item(i).categories for r, i in zip(predicted, ids))
+    right = sum(r.category in engine.index.item(i).categories for r, i in zip(predicted, ids[:30], strict=True))
     assert all(any("predicted category" in n for n in r.notes) for r in predicted)
     assert all(r.category in h.categories for r in predicted for h in r.hits)
     assert right >= 20  # the probe is trained on these very features

@@ -3,7 +3,6 @@ same results as FAISS, filters, calibration on held-out queries, two app replica
 every failure a user meets (wrong token, server down, interrupted insert, another index's collection)."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,13 +10,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 
 import numpy as np
 import pytest
+from helpers import REPO, mixture, user_env, wait_until
 
-from clip4cir.benchmarks.milvus_server import MilvusServer
 from clip4cir.commands.build_index import main as build_main
 from clip4cir.core.errors import CatalogIndexError, StoreError, StoreUnavailableError
+from clip4cir.core.ports import free_port
 from clip4cir.models.combiner import Combiner, save_combiner
 from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
@@ -28,23 +29,12 @@ from clip4cir.retrieval.search import SearchEngine
 from clip4cir.retrieval.stores import load_index
 from clip4cir.retrieval.vector_store import exact_search
 
-from conftest import REPO, outside_folder
-from test_app import free_port, user_env
-from test_index import mixture
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server():
-    """A real Milvus server with authorization, outside the temp folder, and its token in the environment."""
-    folder = outside_folder("clip4cir-milvus-")
-    try:
-        with MilvusServer(folder, auth=True) as running, pytest.MonkeyPatch.context() as env:
-            env.setenv(TOKEN_ENV, running.token)
-            yield running
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def server(milvus_server):
+    return milvus_server
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +94,7 @@ def test_an_approximate_kind_reaches_its_target_on_queries_it_was_not_calibrated
         _, truth = exact_search(x, held_out, 10, allowed)
         hits = index.search_ids(held_out, 10, category)
         recall = np.mean([len({h["id"] for h in row} & {f"i{r}" for r in want}) / 10
-                          for row, want in zip(hits, truth)])
+                          for row, want in zip(hits, truth, strict=True)])
         assert recall >= 0.85, (category, recall)
     reopened = load_index(tmp_path / "ivf")
     assert reopened.tuning == index.tuning and "IVF_SQ8" in reopened.describe_store()
@@ -128,21 +118,14 @@ def start_replica(built, home, port: int, token: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_until(check, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_two_app_replicas_serve_one_catalog_and_see_each_change(built, server, outside):
     ports = [free_port(), free_port()]
     replicas = [start_replica(built, outside / str(port), port, server.token) for port in ports]
     try:
-        for replica, port in zip(replicas, ports):
-            wait_until(lambda: replica.poll() is not None or _listening(port), 240)
+        for replica, port in zip(replicas, ports, strict=True):
+            wait_until(partial(_started_or_ended, replica, port), 240)
             assert replica.poll() is None, replica.stdout.read()
         query = {"kind": "text", "caption": "a red shirt", "k": 8}
         answers = [api_search(port, query) for port in ports]
@@ -162,6 +145,10 @@ def test_two_app_replicas_serve_one_catalog_and_see_each_change(built, server, o
         for replica in replicas:
             replica.terminate()
             replica.communicate(timeout=30)
+
+
+def _started_or_ended(replica: subprocess.Popen, port: int) -> bool:
+    return replica.poll() is not None or _listening(port)
 
 
 def _listening(port: int) -> bool:

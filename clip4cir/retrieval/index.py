@@ -1,7 +1,7 @@
 """A catalog index: the items (``item_table``), their vectors (a ``vector_store``), the calibration of the
 approximate kinds (``index_tuning``) and the folder they are saved in, bound to the encoder that made them.
 
-Saved as a folder artifact (:mod:`clip4cir.artifacts`): ``meta.json`` (the store's kind and knobs, the metric,
+Saved as a folder artifact (:mod:`clip4cir.core.artifacts`): ``meta.json`` (the store's kind and knobs, the metric,
 the category and split names, the calibration, the category probe), ``vectors.npy`` (every feature once,
 normalised) with ``norms.npy`` (their lengths: composed search reuses a catalog item's raw feature),
 ``index.faiss`` (the codes of approximate kinds), the item columns, and ``manifest.json``, written last, with
@@ -16,8 +16,8 @@ import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from numpy.lib.format import open_memmap
@@ -25,11 +25,11 @@ from numpy.lib.format import open_memmap
 from clip4cir.core.artifacts import check_destination, read_json, read_manifest, write_folder
 from clip4cir.core.errors import CatalogIndexError
 from clip4cir.retrieval.item_table import Item, ItemTable
-from clip4cir.retrieval.tuning import EXACT_MEMBERS, QUERIES, calibrate
-from clip4cir.retrieval.vector_store import ADD_BLOCK, DEFAULTS, KINDS, FaissStore, VectorStore
+from clip4cir.retrieval.tuning import EXACT_MEMBERS, QUERIES, Calibration, K, calibrate, efforts_for
+from clip4cir.retrieval.vector_store import ADD_BLOCK, DEFAULTS, K_FACTORS, KINDS, FaissStore, VectorStore
 
 INDEX_FORMAT = "clip4cir.index"
-INDEX_VERSION = 4  # 4: the data set's captions of the indexed references (captions.json)
+INDEX_VERSION = 4  # the same for every store; CHANGELOG.md records each bump
 METRICS = ("cosine", "euclidean")
 
 __all__ = ["CatalogIndex", "Item", "INDEX_FORMAT", "INDEX_VERSION", "KINDS", "METRICS", "DEFAULTS"]
@@ -281,9 +281,31 @@ class CatalogIndex:
         while other threads add or remove items)."""
         with self._lock.reading():
             scores, rows = self._search(query[None], k, category, None)
-            return [(self.table.item(r), float(s)) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
+            return [(self.table.item(r), float(s))
+                    for s, r in zip(scores[0].tolist(), rows[0].tolist(), strict=True) if r >= 0]
 
     # ---- storage ----------------------------------------------------------------------------------------------
+    def calibration(self, held_out: np.ndarray, queries: dict[str, np.ndarray] | None = None) -> Calibration:
+        """What :func:`~clip4cir.retrieval.tuning.calibrate` measures here, while the codes do not hold the
+        ``held_out`` rows yet: those rows as image queries and every other kind of ``queries``, searched in the
+        catalog's coded rows and in each category larger than ``exact_members``, against exact search of them."""
+        store = self.store
+        coded = np.zeros(len(store), dtype=bool)
+        coded[:store.coded()] = True
+        coded &= ~np.asarray(self.table.deleted)
+        allowed = {"": coded} | {c: coded & self._allowed(c) for c in self.categories()
+                                 if len(self.members(c)) > self.exact_members}
+
+        def approximate(group: str, kind: str, q: np.ndarray, setting: dict) -> np.ndarray:
+            store.k_factor = setting["k_factor"]
+            return store.search(q, K, allowed[group], setting["effort"])[1]
+
+        return Calibration(
+            kinds={"image": store.vectors(held_out), **{k: v for k, v in (queries or {}).items() if len(v)}},
+            groups=list(allowed), efforts=efforts_for(store.family, store.nlist or 0), k_factors=K_FACTORS,
+            exact=lambda group, kind, q: store.search_rows(q, K, np.flatnonzero(allowed[group]))[1],
+            approximate=approximate)
+
     def meta(self, names: dict) -> dict:
         return {"version": INDEX_VERSION, "metric": self.metric, "store": self.store.settings(), "names": names,
                 "exact_members": self.exact_members, "tuning": self.tuning, "probe": self.probe, "size": len(self)}
@@ -306,7 +328,7 @@ class CatalogIndex:
                metric: str = "cosine", encoder: dict | None = None, source: dict | None = None,
                probe: dict | None = None, captions: dict | None = None, titles: dict | None = None,
                target_recall: float | None = None, queries: dict[str, np.ndarray] | None = None, progress=None,
-               **knobs) -> "CatalogIndex":
+               **knobs) -> CatalogIndex:
         """Build an index of ``items`` and their raw ``features`` straight into the folder ``path`` (committed as
         one unit), streaming the vectors through a memory-mapped file so that a catalog larger than memory can
         be indexed; the approximate kinds are calibrated to ``target_recall`` (Recall@10 against exact search,
@@ -345,8 +367,9 @@ class CatalogIndex:
                 if progress:
                     progress(f"calibrating for Recall@10 ≥ {target_recall} on {len(held)} held-out items and "
                              f"{', '.join(f'{len(v)} {k}' for k, v in (queries or {}).items())} queries")
-                index.tuning = calibrate(index, target_recall, np.arange(len(order) - len(held), len(order)),
-                                         queries)
+                index.tuning = calibrate(index.calibration(np.arange(len(order) - len(held), len(order)), queries),
+                                         target_recall)
+                index.store.k_factor = index.tuning["k_factor"]
                 index.store.encode_held_back()
             index._write(tmp, vectors=False)
             del vectors
@@ -361,7 +384,7 @@ class CatalogIndex:
         return check_destination(path, INDEX_FORMAT)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CatalogIndex":
+    def load(cls, path: str | os.PathLike) -> CatalogIndex:
         """Read an index folder, after checking that its files are the ones it was written with; the arrays are
         memory-mapped."""
         path = Path(path)

@@ -11,8 +11,8 @@ the index's.
 
 Kinds map to Milvus index types: ``flat`` → FLAT (exact), ``ivf-sq8`` → IVF_SQ8, ``ivf-pq`` → IVF_PQ, ``hnsw``
 → HNSW (servers with DISKANN can use it by hand: it is not offered here, as the bundled server lacks it).
-Calibration chooses nprobe / ef the way the FAISS kinds do (clip4cir.retrieval.tuning), with the truth computed
-exactly from the features being indexed; every category gets its own, as Milvus filters after probing.
+Calibration chooses nprobe / ef with the FAISS kinds' loop (clip4cir.retrieval.tuning.calibrate), with the truth
+computed exactly from the features being indexed; every category gets its own, as Milvus filters after probing.
 
 Reads are at ``Bounded`` consistency: an add or remove shows in every replica, the writer's included, within
 Milvus's graceful time (5 s by default), and no query waits for the newest timestamp as ``Strong`` would (up to
@@ -31,17 +31,17 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from clip4cir.core.artifacts import check_destination, read_manifest, write_folder
 from clip4cir.core.errors import CatalogIndexError, StoreError, StoreUnavailableError
 from clip4cir.core.fingerprints import digest
-from clip4cir.retrieval.index import finite_norms, metric_scores, read_annotations, write_annotations
+from clip4cir.retrieval.index import INDEX_VERSION, finite_norms, metric_scores, read_annotations, write_annotations
 from clip4cir.retrieval.item_table import Item
-from clip4cir.retrieval.tuning import EFFORTS, K, QUERIES, first_reaching
+from clip4cir.retrieval.tuning import QUERIES, Calibration, K, calibrate, efforts_for
 from clip4cir.retrieval.vector_store import DEFAULTS, default_nlist, default_pq_m, exact_search, normalized
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def wait_for_index(db: Milvus, rows: int, progress: Callable[[str], None] | None
 def rows_of(items: Sequence[Item], vectors: np.ndarray, norms: np.ndarray) -> list[dict]:
     return [{"id": item.id, "vector": vector.tolist(), "norm": float(norm), "path": item.path,
              "categories": list(item.categories), "splits": list(item.splits)}
-            for item, vector, norm in zip(items, vectors, norms)]
+            for item, vector, norm in zip(items, vectors, norms, strict=True)]
 
 
 def insert(db: Milvus, items: Sequence[Item], features: np.ndarray, rows: Sequence[int],
@@ -268,6 +268,41 @@ def insert(db: Milvus, items: Sequence[Item], features: np.ndarray, rows: Sequen
                                                                   finite_norms(block, "features")))
         if progress and (start // INSERT_ROWS) % 100 == 99:
             progress(f"inserted {start + len(batch):,} of {len(rows):,}")
+
+
+def index_params(kind: str, n: int, dim: int, nlist: int | None, pq_m: int | None, M: int | None) -> dict:
+    """The Milvus index parameters of a kind for ``n`` vectors of ``dim`` (the FAISS kinds' defaults)."""
+    knob = milvus_kind(kind)[1]
+    params = {}
+    if knob == "nprobe":
+        params["nlist"] = min(nlist or default_nlist(n), 65_536)
+    if kind == "ivf-pq":
+        params.update(m=pq_m or default_pq_m(dim), nbits=8)
+    if knob == "ef":
+        params.update(M=M or DEFAULTS["M"], efConstruction=DEFAULTS["ef_construction"])
+    return params
+
+
+def names_of(items: Sequence[Item]) -> dict[str, list[str]]:
+    """The categories and splits of the items, sorted."""
+    return {"categories": sorted({c for i in items for c in i.categories}),
+            "splits": sorted({s for i in items for s in i.splits})}
+
+
+def open_collection(db: Milvus, dim: int, index_type: str, params: dict, fingerprint: str) -> set[str]:
+    """The collection of an index with this fingerprint, created when absent; the ids it holds already (a
+    resumed build). A collection of another tool, or of another index, is refused and left as it is."""
+    if not db.has_collection():
+        create_collection(db, dim, index_type, params, {"clip4cir": 1, "fingerprint": fingerprint, "dim": dim})
+        return set()
+    found = collection_description(db)
+    if not found:
+        raise not_ours(db)
+    if found.get("fingerprint") != fingerprint:
+        raise CatalogIndexError(f"collection {db.collection} on {db.shown} holds another index (fingerprint "
+                                f"{found.get('fingerprint')}, this one {fingerprint}: another encoder, catalog or "
+                                f"kind); choose another --collection or drop it first")
+    return stored_ids(db)
 
 
 class MilvusIndex:
@@ -395,7 +430,7 @@ class MilvusIndex:
         finite_norms(query, "query features")
         hits = self.search_ids(normalized(query), k, category, fields=("path", "categories", "splits"))[0]
         scores = metric_scores(np.array([h["distance"] for h in hits], dtype=np.float32), self.metric)
-        return [(self._item(h), float(s)) for h, s in zip(hits, scores)]
+        return [(self._item(h), float(s)) for h, s in zip(hits, scores, strict=True)]
 
     # ---- changing it ------------------------------------------------------------------------------------------
     def add(self, items: Sequence[Item], features: np.ndarray) -> None:
@@ -431,63 +466,43 @@ class MilvusIndex:
                source: dict | None = None, probe: dict | None = None, captions: dict | None = None,
                titles: dict | None = None, target_recall: float | None = None,
                queries: dict[str, np.ndarray] | None = None, progress: Callable[[str], None] | None = None,
-               nlist: int | None = None, pq_m: int | None = None, M: int | None = None, **_faiss_only) -> "MilvusIndex":
+               nlist: int | None = None, pq_m: int | None = None, M: int | None = None, **_faiss_only) -> MilvusIndex:
         """Put ``items`` and their raw ``features`` into the collection (created here, or resumed: ids already
         stored are not inserted again), calibrate the approximate kinds, and commit the index folder ``path``."""
         index_type, knob = milvus_kind(kind)
         path = check_destination(path, INDEX_FORMAT)
+        say = progress or (lambda message: None)
+        records, captions, titles = {"encoder": encoder or {}, "source": source or {}}, captions or {}, titles or {}
         features = np.asarray(features, dtype=np.float32)
         n, dim = features.shape
-        params = {}
-        if knob == "nprobe":
-            params["nlist"] = min(nlist or default_nlist(n), 65_536)
-        if kind == "ivf-pq":
-            params.update(m=pq_m or default_pq_m(dim), nbits=8)
-        if knob == "ef":
-            params.update(M=M or DEFAULTS["M"], efConstruction=DEFAULTS["ef_construction"])
-        fingerprint = digest((encoder or {}).get("fingerprint"), (source or {}).get("fingerprint"), kind, params)
+        params = index_params(kind, n, dim, nlist, pq_m, M)
+        fingerprint = digest(records["encoder"].get("fingerprint"), records["source"].get("fingerprint"), kind,
+                             params)
         db = Milvus(uri, collection)
-        description = {"clip4cir": 1, "fingerprint": fingerprint, "dim": dim}
-        if db.has_collection():
-            found = collection_description(db)
-            if not found:
-                raise not_ours(db)
-            if found.get("fingerprint") != fingerprint:
-                raise CatalogIndexError(f"collection {collection} on {db.shown} holds another index (fingerprint "
-                                        f"{found.get('fingerprint')}, this one {fingerprint}: another encoder, "
-                                        f"catalog or kind); choose another --collection or drop it first")
-            done = stored_ids(db)
-        else:
-            create_collection(db, dim, index_type, params, description)
-            done = set()
+        done = open_collection(db, dim, index_type, params, fingerprint)
         todo = [i for i, item in enumerate(items) if item.id not in done]
-        if progress:
-            progress(f"inserting {len(todo):,} items into {collection} on {db.shown}"
-                     + (f" ({len(done):,} there already)" if done else ""))
+        say(f"inserting {len(todo):,} items into {collection} on {db.shown}"
+            + (f" ({len(done):,} there already)" if done else ""))
         insert(db, items, features, todo, progress)
         db.call("could not flush the collection", "flush")
         wait_for_index(db, n, progress)
         db.call("could not load the collection", "load_collection")
-        names = {"categories": sorted({c for i in items for c in i.categories}),
-                 "splits": sorted({s for i in items for s in i.splits})}
-        meta = {"version": 1, "metric": metric, "names": names,
-                "store": {"name": "milvus", "uri": db.shown, "collection": collection, "kind": kind,
-                          "index_type": index_type, "params": params, "effort": 32 if knob == "nprobe" else 128,
-                          "consistency": CONSISTENCY, "fingerprint": fingerprint, "dim": dim},
-                "probe": probe, "tuning": {}, "size": n}
-        index = cls(db, path, meta, {"encoder": encoder or {}, "source": source or {}}, captions or {},
-                    titles or {})
+        store = {"name": "milvus", "uri": db.shown, "collection": collection, "kind": kind, "index_type": index_type,
+                 "params": params, "effort": 32 if knob == "nprobe" else 128, "consistency": CONSISTENCY,
+                 "fingerprint": fingerprint, "dim": dim}
+        meta = {"version": INDEX_VERSION, "metric": metric, "names": names_of(items), "store": store, "probe": probe,
+                "tuning": {}, "size": n}
+        index = cls(db, path, meta, records, captions, titles)
         if knob and target_recall is not None:
-            if progress:
-                progress(f"calibrating for Recall@10 ≥ {target_recall}")
-            index.tuning = calibrate_milvus(index, items, features, target_recall, queries or {})
-            meta["tuning"] = index.tuning
+            say(f"calibrating for Recall@10 ≥ {target_recall}")
+            index.tuning = meta["tuning"] = calibrate(milvus_calibration(index, items, features, queries or {}),
+                                                      target_recall)
 
         def write(tmp: Path) -> None:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            write_annotations(tmp, captions or {}, titles or {})
+            write_annotations(tmp, captions, titles)
 
-        write_folder(path, INDEX_FORMAT, write, {"encoder": encoder or {}, "source": source or {}})
+        write_folder(path, INDEX_FORMAT, write, records)
         return index
 
     @staticmethod
@@ -501,7 +516,7 @@ class MilvusIndex:
             raise not_ours(db)
 
     @classmethod
-    def load(cls, path: Path, meta: dict) -> "MilvusIndex":
+    def load(cls, path: Path, meta: dict) -> MilvusIndex:
         """Connect to the collection an index folder names, after checking it holds that index."""
         manifest = read_manifest(path, INDEX_FORMAT)
         store = meta["store"]
@@ -518,47 +533,32 @@ class MilvusIndex:
         return cls(db, path.resolve(), meta, manifest, *read_annotations(path))
 
 
-def calibrate_milvus(index: MilvusIndex, items: Sequence[Item], features: np.ndarray, target: float,
-                     queries: dict[str, np.ndarray]) -> dict:
-    """The smallest nprobe / ef at which held-out items as image queries and every kind of ``queries`` reach
-    ``target`` Recall@10 against exact search of ``features`` (an image query's own item left out of both); then
-    that of each category (Milvus filters after probing, so a category needs its own)."""
+def milvus_calibration(index: MilvusIndex, items: Sequence[Item], features: np.ndarray,
+                       queries: dict[str, np.ndarray]) -> Calibration:
+    """What :func:`~clip4cir.retrieval.tuning.calibrate` measures here: held-out items as image queries (each one's
+    own item left out of both answers) and every kind of ``queries``, searched in the collection and in each
+    category (Milvus filters after probing, so a category needs its own effort), against exact search of
+    ``features``; no re-ranking depth to choose."""
     vectors = normalized(features)
     ids = np.array([item.id for item in items], dtype=object)
     held = np.sort(np.random.default_rng(0).choice(len(items), min(QUERIES, max(len(items) // 10, 1)),
                                                    replace=False))
-    kinds = {"image": vectors[held], **{k: np.asarray(v, dtype=np.float32) for k, v in queries.items() if len(v)}}
-    own = {"image": ids[held]}
+    own = ids[held]
+    categories = {c: np.array([c in item.categories for item in items]) for c in index.categories()}
+
+    def top(kind: str, rows: Sequence[Sequence[str]]) -> list[list[str]]:
+        return [[i for i in row if kind != "image" or i != own[n]][:K] for n, row in enumerate(rows)]
+
+    def exact(group: str, kind: str, q: np.ndarray) -> list[list[str]]:
+        _, rows = exact_search(vectors, q, K + 1, categories.get(group))
+        return top(kind, [[ids[r] for r in row if r >= 0] for row in rows])
+
+    def approximate(group: str, kind: str, q: np.ndarray, setting: dict) -> list[list[str]]:
+        hits = index.search_ids(q, K + 1, group or None, setting["effort"])
+        return top(kind, [[h["id"] for h in row] for row in hits])
+
     family = "hnsw" if MILVUS_KINDS[index.settings["kind"]][1] == "ef" else "ivf"
-    nlist = index.settings["params"].get("nlist", 0)
-    efforts = [e for e in EFFORTS[family] if family == "hnsw" or e <= nlist]
-
-    def truth_of(category: str | None) -> dict:
-        allowed = None if category is None else np.array([category in item.categories for item in items])
-        out = {}
-        for kind, q in kinds.items():
-            _, rows = exact_search(vectors, q, K + 1, allowed)
-            found = [[ids[r] for r in row if r >= 0] for row in rows]
-            out[kind] = [[i for i in row if kind != "image" or i != own["image"][n]][:K] for n, row in enumerate(found)]
-        return out
-
-    def measure(category: str | None, truth: dict, effort: int) -> dict[str, float]:
-        out = {}
-        for kind, q in kinds.items():
-            hits = index.search_ids(q, K + 1, category, effort)
-            found = [[h["id"] for h in row if kind != "image" or h["id"] != own["image"][n]][:K]
-                     for n, row in enumerate(hits)]
-            out[kind] = round(float(np.mean([len(set(f) & set(t)) / max(len(t), 1)
-                                             for f, t in zip(found, truth[kind])])), 4)
-        return out
-
-    chosen = {}
-    for category in [None] + index.categories():
-        truth = truth_of(category)
-        settings = [{"effort": e} for e in efforts]
-        chosen[category or ""] = first_reaching(settings, lambda s: measure(category, truth, s["effort"]), target)
-    return {"target_recall": target, "k": K, "queries": {kind: len(q) for kind, q in kinds.items()},
-            "rule": "the smallest effort reaching the target for every kind", "k_factor": 1,
-            "effort": {name: c["effort"] for name, c in chosen.items()},
-            "recall": {name: c["recall"] for name, c in chosen.items()}}
-
+    return Calibration(
+        kinds={"image": vectors[held], **{k: np.asarray(v, dtype=np.float32) for k, v in queries.items() if len(v)}},
+        groups=["", *categories], efforts=efforts_for(family, index.settings["params"].get("nlist", 0)),
+        k_factors=(1,), exact=exact, approximate=approximate)

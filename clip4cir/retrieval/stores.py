@@ -4,13 +4,14 @@ replicas, clip4cir.retrieval.milvus_index). The folder is the artifact either wa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from clip4cir.core.artifacts import read_json
 from clip4cir.core.registry import Registry
 from clip4cir.retrieval.index import CatalogIndex
+from clip4cir.retrieval.index_protocol import Index
 from clip4cir.retrieval.milvus_index import MilvusIndex
 
 
@@ -19,16 +20,15 @@ class Store:
     """How an index of this store is built (``create(path, items, features, **options)``) and opened."""
 
     create: Callable
-    load: Callable[[Path, dict], object]
+    load: Callable[[Path, dict], Index]
 
 
-AnyIndex = CatalogIndex | MilvusIndex  # what search and the app take: the same methods either way
 STORES: Registry[Store] = Registry("--store")
 STORES.add("faiss", Store(CatalogIndex.create, lambda path, meta: CatalogIndex.load(path)))
 STORES.add("milvus", Store(MilvusIndex.create, MilvusIndex.load))
 
 
-def load_index(path: str | os.PathLike) -> AnyIndex:
+def load_index(path: str | os.PathLike) -> Index:
     """The index in a folder, whichever store holds its vectors."""
     path = Path(path)
     meta_file = path / "meta.json"

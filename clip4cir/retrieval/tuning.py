@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-
-from clip4cir.retrieval.vector_store import K_FACTORS
 
 K = 10
 QUERIES = 500  # held-out calibration queries (at most a tenth of the catalog)
@@ -44,10 +43,11 @@ def choose_kind(n: int, dim: int, budget: int | None = None) -> str:
     return "ivf-sq8" if n * dim * 1.1 <= budget else "ivf-pq"
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean share of each query's true top-k that was found."""
-    return float(np.mean([len(set(f[f >= 0]) & set(t[t >= 0])) / max((t >= 0).sum(), 1)
-                          for f, t in zip(found, truth)]))
+def recall(found: Sequence[Sequence], truth: Sequence[Sequence]) -> float:
+    """Mean share of each query's true top-k that was found (ids or rows; rows of -1 are padding)."""
+    def kept(row: Sequence) -> set:
+        return {r for r in row if not (isinstance(r, (int, np.integer)) and r < 0)}
+    return float(np.mean([len(kept(f) & kept(t)) / max(len(kept(t)), 1) for f, t in zip(found, truth, strict=True)]))
 
 
 def calibration_half(reference: str, caption: str) -> bool:
@@ -56,47 +56,53 @@ def calibration_half(reference: str, caption: str) -> bool:
     return zlib.crc32(f"{reference}|{caption}".encode()) % 2 == 0
 
 
-def calibrate(index, target: float, held_out: np.ndarray, queries: dict[str, np.ndarray] | None = None) -> dict:
-    """Choose, for a ``CatalogIndex`` whose codes do not hold the ``held_out`` rows yet, the search effort and
-    re-ranking depth at which the held-out items as image queries, and every other kind of ``queries`` (unit-length
-    features, e.g. "composed" and "text"), reach ``target`` Recall@10 against exact search over the other rows:
-    the smallest effort, then the smallest depth, that does; then the effort of each category searched
-    approximately. Where nothing reaches the target, the setting whose worst kind of query does best, and the
-    measured recall says so."""
-    store = index.store
-    family = store.family
-    efforts = [e for e in EFFORTS[family] if family == "hnsw" or e <= store.nlist]
-    if family == "ivf" and store.nlist not in efforts:
-        efforts.append(store.nlist)
-    kinds = {"image": store.vectors(held_out), **{k: v for k, v in (queries or {}).items() if len(v)}}
-    coded = np.zeros(len(store), dtype=bool)
-    coded[:store.coded()] = True
-    coded &= ~np.asarray(index.table.deleted)
-    groups = {"": coded} | {c: coded & index._allowed(c) for c in index.categories()
-                            if len(index.members(c)) > index.exact_members}
+@dataclass(frozen=True)
+class Calibration:
+    """What calibrating a store needs of it: the queries of each kind (unit-length), the groups that get their own
+    effort ("" = no filter first, then each category searched approximately), the efforts and re-ranking depths to
+    try in order of cost, the true top-K of a group's queries and what the store finds with a setting."""
 
-    def measure(allowed: np.ndarray, truth: dict, effort: int) -> dict[str, float]:
-        return {kind: round(recall(store.search(q, K, allowed, effort)[1], truth[kind]), 4)
-                for kind, q in kinds.items()}
+    kinds: dict[str, np.ndarray]
+    groups: Sequence[str]
+    efforts: Sequence[int]
+    k_factors: Sequence[int]
+    exact: Callable[[str, str, np.ndarray], Sequence[Sequence]]  # (group, kind, queries) -> true top-K
+    approximate: Callable[[str, str, np.ndarray, dict], Sequence[Sequence]]  # (..., {effort, k_factor}) -> top-K
 
-    def choose(allowed: np.ndarray, k_factors) -> dict:
-        truth = {kind: store.search_rows(q, K, np.flatnonzero(allowed))[1] for kind, q in kinds.items()}
+
+def calibrate(calibration: Calibration, target: float) -> dict:
+    """The smallest effort, then the smallest re-ranking depth, at which every kind of query reaches ``target``
+    Recall@10 against exact search with no filter; then, at that depth, the smallest effort of each category.
+    Where nothing reaches the target, the setting whose worst kind of query does best, and the measured recall
+    says so. The same loop serves every store (FAISS files, Milvus)."""
+    kinds = calibration.kinds
+
+    def choose(group: str, k_factors: Sequence[int]) -> dict:
+        truth = {kind: calibration.exact(group, kind, q) for kind, q in kinds.items()}
 
         def measured(setting: dict) -> dict[str, float]:
-            store.k_factor = setting["k_factor"]
-            return measure(allowed, truth, setting["effort"])
+            return {kind: round(recall(calibration.approximate(group, kind, q, setting), truth[kind]), 4)
+                    for kind, q in kinds.items()}
 
-        return first_reaching([{"effort": e, "k_factor": f} for e in efforts for f in k_factors], measured, target)
+        return first_reaching([{"effort": e, "k_factor": f} for e in calibration.efforts for f in k_factors],
+                              measured, target)
 
-    chosen = {"": choose(groups[""], K_FACTORS)}
-    for name, allowed in groups.items():
-        if name:
-            chosen[name] = choose(allowed, [chosen[""]["k_factor"]])
-    store.k_factor = chosen[""]["k_factor"]
+    chosen = {"": choose("", calibration.k_factors)}
+    for group in calibration.groups:
+        if group:
+            chosen[group] = choose(group, [chosen[""]["k_factor"]])
     return {"target_recall": target, "k": K, "queries": {kind: len(q) for kind, q in kinds.items()},
             "rule": "the smallest effort, then the smallest re-ranking depth, reaching the target for every kind",
-            "k_factor": store.k_factor, "effort": {name: c["effort"] for name, c in chosen.items()},
+            "k_factor": chosen[""]["k_factor"], "effort": {name: c["effort"] for name, c in chosen.items()},
             "recall": {name: c["recall"] for name, c in chosen.items()}}
+
+
+def efforts_for(family: str, nlist: int) -> list[int]:
+    """The efforts calibration tries: efSearch values of a graph, nprobe values up to ``nlist`` (itself included)
+    of inverted lists."""
+    if family == "hnsw":
+        return list(EFFORTS["hnsw"])
+    return sorted({e for e in EFFORTS["ivf"] if e <= nlist} | {nlist})
 
 
 def first_reaching(settings: list[dict], measure: Callable[[dict], dict[str, float]], target: float) -> dict:

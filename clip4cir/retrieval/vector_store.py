@@ -1,10 +1,10 @@
 """Where a catalog's feature vectors live and how the nearest ones are found.
 
-:class:`VectorStore` is the interface search and the index use (a vector database for catalogs beyond one
-machine can sit behind it without touching them). The FAISS-backed stores keep every vector once: normalised,
-float32, in ``vectors.npy`` (memory-mapped when loaded), which exact search, exact re-ranking and the reuse of a
-catalog item's feature all read. Compressed kinds keep FAISS codes beside it (``index.faiss``) and re-rank their
-top ``k × k_factor`` candidates exactly from the full-precision vectors.
+:class:`VectorStore` is how a FAISS-backed ``CatalogIndex`` keeps its vectors (a vector database is another store
+behind the one index interface, clip4cir.retrieval.index_protocol, as Milvus is). The FAISS-backed stores keep
+every vector once: normalised, float32, in ``vectors.npy`` (memory-mapped when loaded), which exact search, exact
+re-ranking and the reuse of a catalog item's feature all read. Compressed kinds keep FAISS codes beside it
+(``index.faiss``) and re-rank their top ``k × k_factor`` candidates exactly from the full-precision vectors.
 
 Kinds: ``flat`` (exact), ``ivf-sq8`` / ``ivf-fp16`` (inverted lists of 8-bit / 16-bit scalar-quantised codes),
 ``ivf-pq`` (product-quantised codes, ``pq_m`` bytes a vector) and ``hnsw`` (a graph over 8-bit codes). A GPU is
@@ -16,9 +16,10 @@ import math
 import os
 import threading
 import warnings
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -344,7 +345,7 @@ class FaissStore:
             faiss.write_index(self.index, str(folder / "index.faiss"))
 
     @classmethod
-    def load(cls, folder: Path, settings: dict) -> "FaissStore":
+    def load(cls, folder: Path, settings: dict) -> FaissStore:
         """Memory-map the vectors and the FAISS codes: loading reads next to nothing, a search what it touches."""
         store = cls(**settings)
         store.x = np.load(folder / "vectors.npy", mmap_mode="r")
