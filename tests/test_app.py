@@ -2,7 +2,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,9 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
+from helpers import user_env  # noqa: E402
 
+from clip4cir.core.ports import free_port  # noqa: E402
 from clip4cir.data.sources import open_source  # noqa: E402
 from clip4cir.models.combiner import Combiner  # noqa: E402
 from clip4cir.models.encoder_file import save_encoder  # noqa: E402
@@ -31,11 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_status(url: str) -> int:
@@ -165,7 +161,7 @@ def test_user_text_is_shown_as_typed_not_rendered(served, outside_catalog):
     engine, _ = served
     app = App(engine, thumbnails_for(engine.index, outside_catalog.parent / "cache"))
     app.build("about")
-    info = app.c["composed_panel"].info
+    info = app.ui.composed.panel.info
     shown = app.composed(None, "is red", "all", 2, "sum", "<img src=x onerror=alert(1)>", "", [])
     assert "<img" not in shown[info] and "&lt;img src=x onerror=alert(1)&gt;" in shown[info]
     shown = app.composed(None, "# big", "hats", 2, "sum", engine.index.ids(1)[0], "", [])
@@ -188,10 +184,10 @@ def test_steps_sent_back_by_the_browser_are_checked(served, outside_catalog):
     assert kept[0] == {**good, "image": None} and kept[1]["k"] == 12 and len(kept) == 3
     assert app.checked_steps("not a list") == []
     shown = app.show_step(kept)  # the photo step: refused as not an upload, the page keeps working
-    assert "must be a file uploaded" in shown[app.c["composed_panel"].info]
+    assert "must be a file uploaded" in shown[app.ui.composed.panel.info]
     back = app.step_back([good, {**good, "caption": "is blue"}])
-    assert back[app.c["caption"]] == "is red" and back[app.c["steps"]] == [{**good, "image": None}]
-    assert back[app.c["composed_panel"].hits] == [h.id for h in engine.composed_search(
+    assert back[app.ui.composed.caption] == "is red" and back[app.ui.steps] == [{**good, "image": None}]
+    assert back[app.ui.composed.panel.hits] == [h.id for h in engine.composed_search(
         "is red", reference_id=item, k=5, category="all", mode="sum").hits]
 
 
@@ -418,11 +414,6 @@ def stop(process: subprocess.Popen) -> str:
     return process.communicate(timeout=20)[0]
 
 
-def user_env(home: Path, port: int) -> dict:
-    """A new user's environment: HOME somewhere else, no cache or data settings of ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP4CIR_")}
-    return {**env, "HOME": str(home), "CLIP4CIR_PORT": str(port), "HF_HUB_OFFLINE": "1",
-            "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
 def search_each_kind(client: Client) -> None:

@@ -3,7 +3,6 @@ concurrency with a bounded queue, and the plain JSON API with its status codes."
 import base64
 import io
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -14,14 +13,15 @@ import torch
 from PIL import Image
 
 from clip4cir.core.errors import BusyError
+from clip4cir.core.ports import free_port
+from clip4cir.data.sources import open_source
 from clip4cir.models.combiner import Combiner
 from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model, load_model
 from clip4cir.models.runtime import Towers, load_towers, resolve_runtime
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items
-from clip4cir.retrieval.search import SearchEngine, top10_agreement
-from clip4cir.data.sources import open_source
+from clip4cir.retrieval.search import SearchEngine
 from clip4cir.serving import service
 from clip4cir.serving.batching import BatchedTowers
 from clip4cir.serving.demo import DEMO_DIR
@@ -70,9 +70,11 @@ def test_int8_export_of_a_resnet_tower_quantizes_its_matrix_products(tmp_path):
 
 def test_int8_is_kept_only_when_its_top10_lists_agree(engine, tmp_path, monkeypatch):
     int8 = load_towers(engine.encoder, "onnx-int8", tmp_path)
-    agreement = top10_agreement(engine, int8)
+    serving = engine.towers
+    agreement = service.top10_agreement(engine, int8)
+    assert engine.towers is serving  # the engine that serves is never switched to the candidate, even for a moment
     assert set(agreement) == {"text", "composed", "image"} and all(0 <= v <= 1 for v in agreement.values())
-    assert top10_agreement(engine, Towers(engine.encoder)) == {"text": 1.0, "composed": 1.0, "image": 1.0}
+    assert service.top10_agreement(engine, Towers(engine.encoder)) == {"text": 1.0, "composed": 1.0, "image": 1.0}
     monkeypatch.setattr(service, "MIN_AGREEMENT", 1.01)  # a bar int8 cannot clear
     towers, note = service.choose_towers(engine, "onnx-int8", tmp_path)
     assert towers.name == "onnx" and "int8 refused" in note
@@ -130,12 +132,6 @@ def test_a_full_queue_refuses_at_once(engine):
     for t in threads:
         t.join()
     assert len(errors) >= 3 and all("busy" in message and seconds < 0.4 for message, seconds in errors)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body) -> tuple[int, dict]:

@@ -13,14 +13,13 @@ from clip4cir.commands.train_phi import main as train_phi
 from clip4cir.core.errors import ModelError, SearchError
 from clip4cir.data.datasets import GalleryDataset
 from clip4cir.data.sources import open_source
-from clip4cir.models.encoder_file import save_encoder
-from clip4cir.models.factory import create_model, load_model
-from clip4cir.models.features import extract_image_features
 from clip4cir.evaluation.composed import rankings_of
 from clip4cir.evaluation.ranking import recall_at_k
+from clip4cir.models.encoder_file import save_encoder
+from clip4cir.models.factory import create_model, load_model
 from clip4cir.models.feature_sum import combine_sum
-from clip4cir.models.pseudo_tokens import (Phi, PseudoTokenQueries, load_phi, save_phi, token_width,
-                                           zero_shot_queries)
+from clip4cir.models.features import extract_image_features
+from clip4cir.models.pseudo_tokens import Phi, PseudoTokenQueries, load_phi, save_phi, token_width, zero_shot_queries
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items
 from clip4cir.retrieval.search import SearchEngine
@@ -132,8 +131,8 @@ def test_the_search_engine_answers_zero_shot_composed_queries(tiny_root, encoder
     assert [h.id for h in found.hits] == [item.id for item, _ in expected if item.id != reference][:5]
 
     # the app offers the mode, and the JSON endpoint answers it like the engine
-    assert ("Zero-shot (no triplets)", "phi") in App(engine, None).modes and \
-        all(v != "phi" for _, v in App(plain, None).modes)
+    assert ("Zero-shot (no triplets)", "phi") in App(engine, None).choices.modes and \
+        all(v != "phi" for _, v in App(plain, None).choices.modes)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

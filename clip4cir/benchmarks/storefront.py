@@ -20,7 +20,7 @@ from pathlib import Path
 from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.retrieval.category_words import named_category
-from clip4cir.retrieval.match_levels import LEVELS, WEAK, answer_z, right_answers
+from clip4cir.retrieval.match_levels import LEVELS, WEAK, answer_z
 from clip4cir.retrieval.search import SearchEngine
 from clip4cir.retrieval.tuning import calibration_half
 
@@ -54,11 +54,10 @@ def match_levels_held_out(engine: SearchEngine) -> dict:
     """The levels and notices of the held-out half of the right answers, and the notices of off-catalog queries."""
     levels = engine.match_levels()
     index = engine.index
-    held = right_answers(index.titles, index.captions, index.feature, engine._encode_texts, engine._compose_many,
-                         calibration=False)
+    held = engine.known_answers(calibration=False)
     out = {}
     for kind, answers in held.items():
-        own, first = answer_z(levels.sample, answers, index.feature, engine._top_score)
+        own, first = answer_z(levels.sample, answers, index.feature, engine.top_score)
         named = [levels.level(kind, z) for z in own]
         out[kind] = {"queries": len(own), **{name: share(named.count(name), len(named))
                                               for name in [n for n, _ in LEVELS] + [WEAK]},

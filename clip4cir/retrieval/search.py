@@ -6,6 +6,7 @@ in evaluation mode: the same query always gives the same results.
 """
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -20,15 +21,16 @@ from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, Searc
 from clip4cir.data.images import load_image
 from clip4cir.models.category_probe import predict_category
 from clip4cir.models.combiner import Combiner, load_combiner
-from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder import Encoder
-from clip4cir.models.runtime import Towers
 from clip4cir.models.factory import check_same_encoder, encoder_from_record
-from clip4cir.models.pseudo_tokens import PseudoTokenQueries, zero_shot_queries
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import check_finite
+from clip4cir.models.pseudo_tokens import PseudoTokenQueries, zero_shot_queries
+from clip4cir.models.runtime import Towers
 from clip4cir.retrieval.category_words import category_words, named_category
+from clip4cir.retrieval.index_protocol import Index
 from clip4cir.retrieval.match_levels import SAMPLE, MatchLevels, calibrate_levels, catalog_sample, right_answers
-from clip4cir.retrieval.stores import AnyIndex, load_index
+from clip4cir.retrieval.stores import load_index
 from clip4cir.retrieval.threads import apply_serving_threads
 
 MAX_K = 10_000
@@ -61,7 +63,7 @@ class SearchResult:
 class SearchEngine:
     """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
 
-    def __init__(self, index: AnyIndex, encoder: Encoder, combiner: Combiner | None = None,
+    def __init__(self, index: Index, encoder: Encoder, combiner: Combiner | None = None,
                  towers: Towers | None = None, phi: PseudoTokenQueries | None = None):
         try:
             check_same_encoder(index.encoder, encoder, "the index")
@@ -84,13 +86,32 @@ class SearchEngine:
         with self._once:
             if self._levels is None and len(self.index):
                 ids = self.index.ids(min(len(self.index), 50 * SAMPLE))
-                compose = self._compose_many if self.encoder.has_text else None
-                answers = right_answers(self.index.titles, self.index.captions, self.index.feature,
-                                        self._encode_texts, compose, calibration=True) if self.encoder.has_text \
-                    else {}
-                self._levels = calibrate_levels(catalog_sample(ids, self.index.feature), answers,
-                                                self.index.feature, self._top_score)
+                self._levels = calibrate_levels(catalog_sample(ids, self.index.feature), self.known_answers(True),
+                                                self.index.feature, self.top_score)
             return self._levels
+
+    def known_answers(self, calibration: bool) -> dict:
+        """The catalog's known right answers as queries of each kind (its titles as text queries, its annotated
+        captions with their references as composed ones, composed the app's default way): the half the match
+        levels are calibrated on (``calibration``), or the other half, held out to measure them; none for an
+        encoder without words."""
+        if not self.encoder.has_text:
+            return {}
+        return right_answers(self.index.titles, self.index.captions, self.index.feature, self._encode_texts,
+                             self._compose_many, calibration=calibration)
+
+    def top_score(self, query: np.ndarray) -> float:
+        """The score of the catalog's best match for a unit-length query feature."""
+        return self.index.top_items(query.astype(np.float32), 1)[0][1]
+
+    def with_towers(self, towers: Towers) -> SearchEngine:
+        """Another engine over the same index and models whose queries ``towers`` encode (e.g. another runtime's,
+        to compare with this one's); the catalog's match levels are computed first and shared, and this engine is
+        left as it is (safe while it serves)."""
+        self.match_levels()
+        other = copy.copy(self)
+        other.towers, other.runtime_note = towers, towers.describe()
+        return other
 
     def category_vocabulary(self) -> dict[str, str]:
         """The words that name each category, from the catalog's titles (computed once)."""
@@ -114,12 +135,9 @@ class SearchEngine:
                           texts.to(self.encoder.device)).float().cpu().numpy()
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
-    def _top_score(self, query: np.ndarray) -> float:
-        return self.index.top_items(query.astype(np.float32), 1)[0][1]
-
     @classmethod
     def load(cls, index_path: str | os.PathLike, clip_checkpoint: str | None = None,
-             combiner_path: str | None = None, device: str = "auto", phi_path: str | None = None) -> "SearchEngine":
+             combiner_path: str | None = None, device: str = "auto", phi_path: str | None = None) -> SearchEngine:
         """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives); a
         Combiner or φ trained on another encoder's features is refused."""
         index = load_index(index_path)
@@ -214,7 +232,7 @@ class SearchEngine:
 
     def _search(self, kind: str, query: torch.Tensor, k: int, category: str | None, notes: list[str],
                 started: float, exclude: str | None = None) -> SearchResult:
-        apply_serving_threads()  # this thread's FAISS threads, when serving (see clip4cir.threads)
+        apply_serving_threads()  # this thread's FAISS threads, when serving (see clip4cir.retrieval.threads)
         try:
             found = self.index.top_items(query.numpy(), k + (exclude is not None), category)
         except CatalogIndexError as e:
@@ -225,7 +243,7 @@ class SearchEngine:
         fits, levels = None, self.match_levels()
         if levels is not None and hits:
             z = levels.z(query.numpy(), [h.score for h in hits])
-            for hit, value in zip(hits, z):
+            for hit, value in zip(hits, z, strict=True):
                 hit.match = levels.level(LEVEL_KIND[kind], value)
             fits = levels.fits(LEVEL_KIND[kind], z[0])
             if fits is False:
@@ -261,7 +279,7 @@ class SearchEngine:
         if mode == "combiner" and self.combiner is None:
             raise SearchError("no Combiner is loaded: use mode 'sum' or load a stage-two checkpoint")
         if mode == "phi" and self.phi is None:
-            raise SearchError("no φ is loaded: use mode 'sum' or load one (scripts/train_phi.py trains it)")
+            raise SearchError("no φ is loaded: use mode 'sum' or load one (clip4cir train-phi trains it)")
         if (caption or "").strip() == "":
             raise SearchError("the caption is empty: say how the wanted item differs "
                               "(for similar items without a change, use image search)")
@@ -296,33 +314,3 @@ class SearchEngine:
         self._check_k(k)
         feature = self._text_feature(caption, notes)
         return self._search("text", feature, k, self._category(category, feature, notes), notes, started)
-
-
-def top10_agreement(engine: SearchEngine, candidate: Towers, queries: int = 100) -> dict[str, float]:
-    """How far another runtime's towers (``candidate``) give the engine's own top-10 lists, on the catalog's own
-    queries: its captions as text queries and, with their references, as composed queries, and its items' images
-    as image queries. The mean share of each query's top 10 in common, per kind of query."""
-    index = engine.index
-    pairs = [(reference, caption) for reference, entries in sorted(index.captions.items())
-             for caption, _ in entries[:1]][:queries]
-    files = [index.item(i).path for i in index.ids(queries * 4) if os.path.isfile(index.item(i).path)][:queries]
-    reference_towers, kinds = engine.towers, {}
-
-    def overlap(run) -> float:
-        shares = []
-        for query in run:
-            engine.towers = reference_towers
-            expected = {h.id for h in query().hits}
-            engine.towers = candidate
-            shares.append(len(expected & {h.id for h in query().hits}) / max(len(expected), 1))
-        engine.towers = reference_towers
-        return round(float(np.mean(shares)), 4) if shares else 1.0
-
-    if engine.encoder.has_text and pairs:
-        kinds["text"] = overlap([lambda c=c: engine.text_search(c, k=10) for _, c in pairs])
-        kinds["composed"] = overlap([lambda r=r, c=c: engine.composed_search(c, reference_id=r, k=10, mode="sum")
-                                     for r, c in pairs])
-    if files:
-        images = [load_image(path) for path in files]
-        kinds["image"] = overlap([lambda im=im: engine.image_search(im, k=10) for im in images])
-    return kinds

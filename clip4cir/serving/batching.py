@@ -8,8 +8,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Sequence
 
 import torch
 
@@ -62,7 +62,7 @@ class _Worker:
                 payload, sizes = self.join([p for p, _ in batch])
                 out = self.run(payload)
                 start = 0
-                for (_, future), size in zip(batch, sizes):
+                for (_, future), size in zip(batch, sizes, strict=True):
                     future.set_result(out[start:start + size])
                     start += size
             except Exception as e:  # every query of the batch gets the error

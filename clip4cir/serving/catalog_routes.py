@@ -12,7 +12,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 
 from clip4cir.core.errors import BusyError, Clip4CirError, DataError
 from clip4cir.data.images import read_file
-from clip4cir.retrieval.stores import AnyIndex
+from clip4cir.retrieval.index_protocol import Index
 from clip4cir.serving.thumbnails import Thumbnails
 
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -50,7 +50,7 @@ def _served(path: str) -> Response:
     return Response(body, media_type=media_type, headers=HEADERS)
 
 
-def add_catalog_routes(app: FastAPI, index: AnyIndex, thumbnails: Thumbnails) -> None:
+def add_catalog_routes(app: FastAPI, index: Index, thumbnails: Thumbnails) -> None:
     """Serve the index's item images and thumbnails on ``app`` (the Gradio app's FastAPI server)."""
 
     def item_path(item_id: str) -> str:

@@ -1,7 +1,7 @@
 """The offline demo: the small model shipped in ``demo/``, its catalog (the validation split of the synthetic
 `demo` catalog, whose training split the model learned from), drawn large enough to look sharp in the app, and
 that catalog's index, its image paths relative to it, so a first start neither draws nor encodes anything.
-``scripts/make_demo_model.py`` makes all of it."""
+``clip4cir make-demo-model`` makes all of it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,6 +37,6 @@ def demo_index() -> Path:
     """The shipped demo index; an error that says how to make it when it is not there."""
     folder = DEMO_DIR / "index"
     if not is_artifact(folder, INDEX_FORMAT):
-        raise ModelError(f"the demo index {folder} is missing: make it with python scripts/make_demo_model.py "
+        raise ModelError(f"the demo index {folder} is missing: make it with python -m clip4cir make-demo-model "
                          f"(or give --index or --data)")
     return folder

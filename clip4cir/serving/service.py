@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
+import numpy as np
 
 from clip4cir.core.artifacts import is_artifact
 from clip4cir.core.device import resolve_device
@@ -18,16 +20,15 @@ from clip4cir.data.sources import SourceOptions, reopen
 from clip4cir.models.combiner import load_combiner
 from clip4cir.models.factory import load_model
 from clip4cir.models.pseudo_tokens import zero_shot_queries
+from clip4cir.models.runtime import Towers, load_towers, resolve_runtime
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items, items_fingerprint
 from clip4cir.retrieval.index import INDEX_FORMAT, INDEX_VERSION, CatalogIndex
-from clip4cir.retrieval.stores import AnyIndex
-from clip4cir.retrieval.search import SearchEngine
-from clip4cir.serving.demo import DEMO_DIR, demo_index
-from clip4cir.models.runtime import Towers, load_towers, resolve_runtime
-from clip4cir.retrieval.search import top10_agreement
+from clip4cir.retrieval.index_protocol import Index
+from clip4cir.retrieval.search import SearchEngine, SearchResult
 from clip4cir.retrieval.threads import configure_serving_threads
 from clip4cir.serving.batching import BatchedTowers
+from clip4cir.serving.demo import DEMO_DIR, demo_index
 from clip4cir.serving.hub import resolve_path
 from clip4cir.serving.thumbnails import Thumbnails
 
@@ -128,7 +129,7 @@ def choose_towers(engine: SearchEngine, runtime: str, cache: Path) -> tuple[Towe
     return int8, f"{int8.describe()}, top-10 agreement with fp32 {shown}"
 
 
-def thumbnails_for(index: AnyIndex, cache: Path) -> Thumbnails:
+def thumbnails_for(index: Index, cache: Path) -> Thumbnails:
     """Thumbnails of the index's items, cached under the catalog's fingerprint (a changed image gets a new one);
     images that are not files are read through the data set they came from."""
     data_set = functools.cache(lambda: reopen(index.source["data"]))  # opened when an image is not a file
@@ -138,3 +139,31 @@ def thumbnails_for(index: AnyIndex, cache: Path) -> Thumbnails:
         return load_image(path) if os.path.isfile(path) else data_set().load_image(item_id)
 
     return Thumbnails(cache / "thumbnails" / str(index.source.get("fingerprint", "catalog")), open_image)
+
+
+def top10_agreement(engine: SearchEngine, candidate: Towers, queries: int = 100) -> dict[str, float]:
+    """How far another runtime's towers (``candidate``) give the engine's own top-10 lists, on the catalog's own
+    queries: its captions as text queries and, with their references, as composed queries, and its items' images
+    as image queries. The mean share of each query's top 10 in common, per kind of query; the engine serving is
+    not touched (the candidate searches through :meth:`SearchEngine.with_towers`)."""
+    index, other = engine.index, engine.with_towers(candidate)
+    pairs = [(reference, caption) for reference, entries in sorted(index.captions.items())
+             for caption, _ in entries[:1]][:queries]
+    files = [index.item(i).path for i in index.ids(queries * 4) if os.path.isfile(index.item(i).path)][:queries]
+    kinds = {}
+
+    def overlap(run: list[Callable[[SearchEngine], SearchResult]]) -> float:
+        shares = []
+        for query in run:
+            expected = {h.id for h in query(engine).hits}
+            shares.append(len(expected & {h.id for h in query(other).hits}) / max(len(expected), 1))
+        return round(float(np.mean(shares)), 4) if shares else 1.0
+
+    if engine.encoder.has_text and pairs:
+        kinds["text"] = overlap([lambda e, c=c: e.text_search(c, k=10) for _, c in pairs])
+        kinds["composed"] = overlap([lambda e, r=r, c=c: e.composed_search(c, reference_id=r, k=10, mode="sum")
+                                     for r, c in pairs])
+    if files:
+        images = [load_image(path) for path in files]
+        kinds["image"] = overlap([lambda e, im=im: e.image_search(im, k=10) for im in images])
+    return kinds

@@ -4,7 +4,7 @@ tab's session storage and sends them back, so they are checked here like any oth
 steps trail shows (naming an upload by its file name) and a step can be searched again."""
 from __future__ import annotations
 
-from typing import Callable, Container
+from collections.abc import Callable, Container
 
 MAX_STEPS = 50  # steps of a refinement kept
 MAX_CAPTION = 2_000  # characters of a caption kept in a step

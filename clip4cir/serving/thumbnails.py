@@ -1,13 +1,13 @@
 """Thumbnails of catalog images: made once per item when first shown, kept in a cache folder, and served instead
 of the originals (a result page weighs kilobytes, not megabytes). The whole image is kept (scaled to fit, never
 cropped), sharp enough for high-density screens. The large copy is what the app shows as a picked reference: the
-app hands the browser only files of this folder, never a catalog file (see clip4cir.catalog_routes)."""
+app hands the browser only files of this folder, never a catalog file (see clip4cir.serving.catalog_routes)."""
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
