@@ -9,9 +9,9 @@ sizes and modification times), so a changed encoder, caption, image or split nev
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset

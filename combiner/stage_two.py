@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ def cached_batch(features: TripletFeatures, indices: torch.Tensor, seed: int, ep
     epoch's caption variant with caption augmentation (``randomize``), else the evaluation caption."""
     counts = (features.offsets[1:] - features.offsets[:-1])[indices]
     variants = torch.tensor([random_caption_variant(seed, epoch, i, int(n)) if randomize else 0
-                             for i, n in zip(indices.tolist(), counts)])
+                             for i, n in zip(indices.tolist(), counts, strict=True)])
     return (features.image[features.reference[indices]], features.text[features.offsets[indices] + variants],
             features.image[features.target[indices]])
 

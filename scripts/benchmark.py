@@ -1,5 +1,7 @@
-"""The benchmarks (pipeline, index, labels). See --help (clip4cir.commands.benchmark)."""
+"""The benchmarks: ``python scripts/benchmark.py [NAME] ...``, the same as ``clip4cir benchmark [NAME] ...``
+(see --help)."""
 import _bootstrap  # noqa: F401
+
 from clip4cir.commands.benchmark import console
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from scipy import stats
 from clip4cir.benchmarks import ablation
 from clip4cir.benchmarks.paired import paired_interval, query_sampling_se
 from clip4cir.commands.benchmark import main as benchmark_main
-from clip4cir.data.synthetic.fashioniq import SIZES
 from clip4cir.data.sources.fashioniq import CATEGORIES, load_image_split
+from clip4cir.data.synthetic.fashioniq import SIZES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_labels_benchmark_reports_held_out_identities(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_reports_every_variant_paired_on_the_held_out_catalog(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "ablation.py"), "--config", "smoke",
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "ablation", "--config", "smoke",
                              "--out", str(tmp_path), "--workers", "0"], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ablation-smoke.json").read_text())
@@ -173,7 +173,8 @@ def test_the_query_bootstrap_gives_the_standard_error_of_a_mean_difference():
     baseline = [{c: rng.integers(0, 2, 900).tolist() for c in ("a", "b")} for _ in range(3)]
     assert query_sampling_se(baseline, baseline) == 0  # the same hits: no difference to resample
     variant = [{c: [1 - h for h in run[c]] for c in run} for run in baseline]
-    diff = np.mean([[np.subtract(v[c], b[c]) for c in ("a", "b")] for v, b in zip(variant, baseline)], axis=0)
+    diff = np.mean([[np.subtract(v[c], b[c]) for c in ("a", "b")]
+                    for v, b in zip(variant, baseline, strict=True)], axis=0)
     analytic = 100 * np.sqrt(sum(d.var() / len(d) for d in diff)) / 2  # mean of two independent category means
     assert query_sampling_se(variant, baseline) == pytest.approx(analytic, rel=0.1)
     assert query_sampling_se(variant[:1] * 3, baseline[:1] * 3) > query_sampling_se(variant, baseline)  # seeds average

@@ -23,7 +23,7 @@ def recall_at_10(index, queries: np.ndarray) -> float:
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     truth = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
     found = index.search(queries, 10)[1]
-    return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())]))
+    return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist(), strict=True)]))
 
 
 @pytest.mark.slow

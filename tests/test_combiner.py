@@ -128,7 +128,7 @@ def test_cached_features_equal_per_batch_encoding(tiny_root, tmp_path, augment):
     captions = [ds.caption(i) for i in idx.tolist()]
     assert (captions == [eval_caption(ds.triplets[i].captions) for i in idx.tolist()]) is not augment
     encoded = encoded_batch(encoder, batch, captions)
-    for a, b in zip(cached, encoded):
+    for a, b in zip(cached, encoded, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -189,7 +189,7 @@ def test_cold_and_warm_feature_cache_give_the_same_run(tiny_root, tmp_path):
     assert combiner_main(args + ["--output", str(tmp_path / "warm")]) == 0
     cold, warm = (load_combiner(RunDir(tmp_path / name).latest_checkpoint() / "model.safetensors")[0]
                   for name in ("cold", "warm"))
-    for (k, v), w in zip(cold.state_dict().items(), warm.state_dict().values()):
+    for (k, v), w in zip(cold.state_dict().items(), warm.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
     assert read_metrics(tmp_path / "cold" / "metrics.jsonl")[-1]["loss"] == \
         read_metrics(tmp_path / "warm" / "metrics.jsonl")[-1]["loss"]

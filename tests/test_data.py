@@ -11,8 +11,14 @@ from clip4cir.data.captions import caption_variants, clean_caption, eval_caption
 from clip4cir.data.datasets import GalleryDataset, TripletDataset
 from clip4cir.data.images import load_image
 from clip4cir.data.sources.base import ImageFolder
-from clip4cir.data.sources.fashioniq import (CATEGORIES, SPLITS, FashionIQ, load_image_split, load_triplets,
-                                             parse_categories)
+from clip4cir.data.sources.fashioniq import (
+    CATEGORIES,
+    SPLITS,
+    FashionIQ,
+    load_image_split,
+    load_triplets,
+    parse_categories,
+)
 
 REAL_TRIPLETS = {"dress": (5985, 2017, 2024), "shirt": (5988, 2038, 2038), "toptee": (6027, 1961, 2056)}
 REAL_IMAGES = {"dress": (11452, 3817, 3818), "shirt": (19036, 6346, 6346), "toptee": (16121, 5373, 5374)}

@@ -3,7 +3,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from clip4cir.core.distributed import init_distributed, mean_over_ranks, shutdown
+from clip4cir.core.ports import free_port
 from clip4cir.data.datasets import TripletDataset
 from clip4cir.data.sources.fashioniq import FashionIQ, load_triplets
 from clip4cir.models.encoder_file import load_encoder, save_encoder
@@ -27,22 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def launch(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def launch(subcommand: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "scripts" / script)]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "clip4cir", subcommand]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    return subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
 
 
-def single(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script)] + args, capture_output=True, text=True,
-                          timeout=300)
+def single(subcommand: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clip4cir", subcommand] + args, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
 
 
 def common(root, out):
@@ -96,9 +91,9 @@ def test_ddp_gradients_equal_single_process_gradients(tiny_root, tmp_path):
 
 
 def test_two_processes_at_batch_b_equal_one_at_2b(tiny_root, tmp_path):
-    two = launch("train_clip.py", common(tiny_root, tmp_path / "two") + ["--batch-size", "4", "--max-steps", "1"])
+    two = launch("train", common(tiny_root, tmp_path / "two") + ["--batch-size", "4", "--max-steps", "1"])
     assert two.returncode == 0, two.stderr[-3000:]
-    one = single("train_clip.py", common(tiny_root, tmp_path / "one") + ["--batch-size", "8", "--max-steps", "1"])
+    one = single("train", common(tiny_root, tmp_path / "one") + ["--batch-size", "8", "--max-steps", "1"])
     assert one.returncode == 0, one.stderr[-3000:]
     last = {n: RunDir(tmp_path / n).latest_checkpoint() for n in ("one", "two")}
     state = {n: torch.load(last[n] / "state.pt", weights_only=False) for n in ("one", "two")}
@@ -122,17 +117,17 @@ def test_two_processes_at_batch_b_equal_one_at_2b(tiny_root, tmp_path):
 
 def test_resume_under_torchrun_and_stage_two(tiny_root, tmp_path):
     args = ["--batch-size", "4", "--epochs", "2", "--val-every", "2"]
-    full = launch("train_clip.py", common(tiny_root, tmp_path / "full") + args)
+    full = launch("train", common(tiny_root, tmp_path / "full") + args)
     assert full.returncode == 0, full.stderr[-3000:]
-    part = launch("train_clip.py", common(tiny_root, tmp_path / "part") + args + ["--max-steps", "5"])
+    part = launch("train", common(tiny_root, tmp_path / "part") + args + ["--max-steps", "5"])
     assert part.returncode == 0, part.stderr[-3000:]
-    resumed = launch("train_clip.py", common(tiny_root, tmp_path / "part") + args + ["--resume"])
+    resumed = launch("train", common(tiny_root, tmp_path / "part") + args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     logs = [read_metrics(tmp_path / n / "metrics.jsonl") for n in ("full", "part")]
     assert [r["epoch"] for r in logs[0]] == [0, 1] and len(logs[1]) == 2
     assert logs[1][-1]["loss"] == pytest.approx(logs[0][-1]["loss"], rel=1e-5)
     assert logs[1][-1]["average"] == pytest.approx(logs[0][-1]["average"])
-    combiner = launch("train_combiner.py", ["--data", str(tiny_root), "--clip-checkpoint",
+    combiner = launch("train-combiner", ["--data", str(tiny_root), "--clip-checkpoint",
                                             str(RunDir(tmp_path / "full").latest_checkpoint() / "model.safetensors"),
                                             "--output",
                                             str(tmp_path / "comb"), "--batch-size", "4", "--epochs", "2",
@@ -155,20 +150,20 @@ def corrupt_inside() -> bytes:
 
 def test_world_size_larger_than_data_and_a_crashing_rank(tiny_root, tmp_path):
     n = sum(len(load_triplets(tiny_root, c, "train")) for c in ("dress", "shirt", "toptee"))
-    too_big = launch("train_clip.py", common(tiny_root, tmp_path / "big") + ["--batch-size", str(n // 2 + 1)])
+    too_big = launch("train", common(tiny_root, tmp_path / "big") + ["--batch-size", str(n // 2 + 1)])
     assert too_big.returncode != 0 and "× 2 processes" in too_big.stderr
     root = tmp_path / "fiq"
     shutil.copytree(tiny_root, root)
-    ok = launch("train_clip.py", common(root, tmp_path / "run") + ["--batch-size", "4", "--epochs", "1"])
+    ok = launch("train", common(root, tmp_path / "run") + ["--batch-size", "4", "--epochs", "1"])
     assert ok.returncode == 0, ok.stderr[-3000:]
     last = RunDir(tmp_path / "run").latest_checkpoint()
     good = (last / "model.safetensors").read_bytes()
     for t in load_triplets(root, "dress", "train"):  # every dress reference: some rank reads one in epoch 1
         (root / "images" / f"{t.reference}.jpg").write_bytes(corrupt_inside())
-    refused = launch("train_clip.py", common(root, tmp_path / "run") + ["--batch-size", "4", "--epochs", "2",
+    refused = launch("train", common(root, tmp_path / "run") + ["--batch-size", "4", "--epochs", "2",
                                                                          "--resume"])
     assert refused.returncode != 0 and "the training data changed" in refused.stderr
-    crashed = launch("train_clip.py", common(root, tmp_path / "new") + ["--batch-size", "4", "--epochs", "1"])
+    crashed = launch("train", common(root, tmp_path / "new") + ["--batch-size", "4", "--epochs", "1"])
     assert crashed.returncode != 0 and "unrecognized data stream" in crashed.stderr
     assert RunDir(tmp_path / "run").latest_checkpoint() == last and (last / "model.safetensors").read_bytes() == good
     assert load_encoder(last / "model.safetensors").info["epoch"] == 1
@@ -182,9 +177,9 @@ def test_build_index_under_torchrun_equals_one_process(tiny_root, tmp_path):
     save_encoder(create_model("cir-tiny"), encoder)
     args = ["--data", str(tiny_root), "--clip-checkpoint", str(encoder), "--workers", "0", "--quiet", "--device", "cpu",
             "--splits", "train,val", "--chunk-size", "32"]  # 6 chunks: 3 for each process
-    two = launch("build_index.py", args + ["--output", str(tmp_path / "two")])
+    two = launch("index", args + ["--output", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
-    one = single("build_index.py", args + ["--output", str(tmp_path / "one")])
+    one = single("index", args + ["--output", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = CatalogIndex.load(tmp_path / "one"), CatalogIndex.load(tmp_path / "two")
     assert a.ids() == b.ids() and len(a) == 162

@@ -145,9 +145,8 @@ def test_command_line_exit_code(tiny_root, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
-    result = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "none"), "--model", "cir-tiny"],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "clip4cir", "evaluate", "--data", str(tmp_path / "none"), "--model",
+                             "cir-tiny"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 2 and "error:" in result.stderr and "none" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -27,7 +27,7 @@ def test_gpu_index_matches_cpu_reference(kind, tmp_path):
     _, rows = index.search(x[:50], 10)
     if kind != "flat":
         assert index.store._gpu_index is not None and index.store._gpu_index is not index.store.index
-    recall = np.mean([len(set(original[a]) & set(b)) / 10 for a, b in zip(rows, truth)])
+    recall = np.mean([len(set(original[a]) & set(b)) / 10 for a, b in zip(rows, truth, strict=True)])
     assert recall >= (0.999 if kind == "flat" else 0.9)
     index.remove(["0", "1"])
     index.save(tmp_path / "idx2")

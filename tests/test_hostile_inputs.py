@@ -20,6 +20,7 @@ from clip4cir.commands.build_index import main as build_main
 from clip4cir.commands.evaluate import main as evaluate_main
 from clip4cir.core.artifacts import OWNER_MARK, clean_temporaries, make_temporary_folder, write_folder
 from clip4cir.core.errors import ArtifactError, BusyError, DataError, ModelError
+from clip4cir.core.ports import free_port
 from clip4cir.data.images import PixelBudget, decode_image, load_image
 from clip4cir.data.sources import open_source
 from clip4cir.models.encoder_file import load_encoder, save_encoder
@@ -234,12 +235,6 @@ def test_the_decode_budget_bounds_pixels_in_flight():
 
 
 # ---- the served JSON API ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile-api")

@@ -40,7 +40,7 @@ def test_batch_hard_mining_picks_the_hardest_triplets_by_hand():
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
     anchors, positives, negatives = miners.BatchHardMiner()(embeddings, labels)
     distances = torch.cdist(embeddings, embeddings)
-    for a, p, n in zip(anchors.tolist(), positives.tolist(), negatives.tolist()):
+    for a, p, n in zip(anchors.tolist(), positives.tolist(), negatives.tolist(), strict=True):
         same = (labels == labels[a]) & (torch.arange(12) != a)
         assert p == int(torch.where(same, distances[a], torch.tensor(-1.0)).argmax())  # farthest positive
         assert n == int(torch.where(labels != labels[a], distances[a], torch.tensor(9.0)).argmin())  # nearest negative

@@ -12,8 +12,16 @@ from clip4cir.data.sources import open_source
 from clip4cir.models.factory import create_model
 from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import encode_texts
-from clip4cir.models.pseudo_tokens import (Phi, composed_prompts, encode_with_pseudo_tokens, load_phi,
-                                           placeholder_id, save_phi, token_width, zero_shot_queries)
+from clip4cir.models.pseudo_tokens import (
+    Phi,
+    composed_prompts,
+    encode_with_pseudo_tokens,
+    load_phi,
+    placeholder_id,
+    save_phi,
+    token_width,
+    zero_shot_queries,
+)
 from clip4cir.models.tensor_files import read_tensor_file
 
 

@@ -1,29 +1,22 @@
-"""The README's Python examples run as written: loading an encoder file without this project, and the search
-engine over an index (the files they name are made here, with those names)."""
+"""The Python examples of the README and docs/ run as written: loading an encoder file without this project, and
+the search engine over an index (the files they name are made here, with those names)."""
 import os
-import re
-from pathlib import Path
 
 import pytest
+from helpers import code_blocks
 from PIL import Image
 
+from clip4cir.data.sources import open_source
 from clip4cir.models.combiner import Combiner, save_combiner
 from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items
-from clip4cir.data.sources import open_source
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
 
 
 def block_with(text: str) -> str:
-    found = [b for b in python_blocks() if text in b]
-    assert len(found) == 1, f"one README example with {text!r} expected, found {len(found)}"
+    found = [block for _, block in code_blocks("python") if text in block]
+    assert len(found) == 1, f"one example with {text!r} in the README and docs/ expected, found {len(found)}"
     return found[0]
 
 
@@ -41,7 +34,7 @@ def test_an_encoder_file_loads_with_open_clip_alone(in_folder):
     scope: dict = {}
     exec(block_with("safe_open"), scope)
     model = scope["model"]
-    for (name, a), b in zip(model.state_dict().items(), encoder.model.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), encoder.model.state_dict().values(), strict=True):
         assert (a == b).all(), name
 
 

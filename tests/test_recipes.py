@@ -18,9 +18,9 @@ from clip4cir.data.datasets import TripletDataset
 from clip4cir.data.sources.fashioniq import FashionIQ
 from clip4cir.evaluation.ranking import target_ranks
 from clip4cir.models.combiner import Combiner, load_combiner
-from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder_file import save_encoder
 from clip4cir.models.factory import create_model
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.training.checkpointing import RunDir
 from clip4cir.training.losses import LOGIT_SCALE, Temperature, contrastive_loss
 from clip4cir.training.recipes import RECIPES
@@ -128,7 +128,7 @@ def test_blending_ranks_by_the_blend_of_the_two_scores():
     blended = combiner.combine(image, text, blend=weight) @ gallery.T
     torch.testing.assert_close(blended, scores)
     targets = torch.randint(0, 30, (5,))
-    expected = torch.tensor([int((s > s[t]).sum()) for s, t in zip(scores, targets)])
+    expected = torch.tensor([int((s > s[t]).sum()) for s, t in zip(scores, targets, strict=True)])
     assert target_ranks(combiner.combine(image, text, blend=weight), gallery, targets).tolist() == expected.tolist()
 
 
@@ -168,7 +168,7 @@ def test_recipe_clip4cir_trains_the_combiner_exactly_as_the_paper(tiny_root, tmp
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    for (name, expected), got in zip(combiner.state_dict().items(), trained.state_dict().values()):
+    for (name, expected), got in zip(combiner.state_dict().items(), trained.state_dict().values(), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 

@@ -93,7 +93,7 @@ def test_cirr_metrics_match_a_brute_force_reference():
     ranks = target_ranks(queries, gallery, torch.tensor([index[t] for t in targets]),
                          torch.tensor([index[r] for r in references]))
     subsets = subset_ranks(queries, gallery, torch.tensor([index[t] for t in targets]),
-                           [[index[m] for m in ms if m != r] for ms, r in zip(members, references)])
+                           [[index[m] for m in ms if m != r] for ms, r in zip(members, references, strict=True)])
     np.testing.assert_array_equal(ranks.numpy(), expected_recall)
     np.testing.assert_array_equal(subsets.numpy(), expected_subset)
     # by hand: query 0 ranks ref, a, target, ...: without ref the target is second, and a (a member) is ahead of
@@ -200,10 +200,10 @@ def test_bad_triplet_files_name_the_line_and_field(tiny_root, tmp_path):
     images = str(tiny_root / "images")
     some = next((tiny_root / "images").iterdir()).name
     cases = [
-        ('{"reference": "%s", "caption": "is red"}' % some, "line 1: field 'target' is missing"),
-        ('{"reference": "%s", "target": "%s"}' % (some, some), "line 1: field 'caption'"),
-        ('{"reference": "nope.jpg", "target": "%s", "caption": "x"}' % some, "line 1: reference 'nope.jpg' is not"),
-        ('{"reference": "%s", "target": "%s", "caption": "x"}\n{oops' % (some, some), "line 2 is not JSON"),
+        (f'{{"reference": "{some}", "caption": "is red"}}', "line 1: field 'target' is missing"),
+        (f'{{"reference": "{some}", "target": "{some}"}}', "line 1: field 'caption'"),
+        (f'{{"reference": "nope.jpg", "target": "{some}", "caption": "x"}}', "line 1: reference 'nope.jpg' is not"),
+        (f'{{"reference": "{some}", "target": "{some}", "caption": "x"}}\n{{oops', "line 2 is not JSON"),
     ]
     for text, message in cases:
         (tmp_path / "t.jsonl").write_text(text)

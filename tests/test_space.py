@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import gradio
 import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+
+from clip4cir.core.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -46,20 +47,14 @@ def test_the_front_matter_agrees_with_the_requirements_and_the_repository():
         assert not line.strip().startswith(("-e", ".", "file:", "/")), line
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_simulated_space_build_boots_and_answers(tmp_path):
     """As the Spaces builder does: requirements.txt alone in an empty folder, installed into a fresh virtual
     environment (with the system's site-packages, so the multi-gigabyte torch wheel is not fetched again: every
     line must still resolve from that folder alone), then the repository copied in and ``python app.py`` started
     with the Space's environment; one text and one composed search through gradio_client."""
-    from conftest import outside_folder
     from gradio_client import Client
+    from helpers import outside_folder
     build = tmp_path / "build"
     build.mkdir()
     shutil.copy(REPO / "requirements.txt", build / "requirements.txt")

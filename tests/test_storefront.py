@@ -5,15 +5,16 @@ examples."""
 import json
 import os
 import re
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import axe_playwright_python
 import pytest
+from helpers import code_blocks
 from PIL import Image, ImageOps
 
+from clip4cir.core.ports import free_port
 from clip4cir.serving import service
 from clip4cir.serving.ui import serve
 
@@ -24,12 +25,6 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 SCREENS = {"wide": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
 needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Chromium is not installed at {CHROMIUM} "
                                     "(apt-get install -y chromium; .ci/run installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +93,11 @@ def test_what_a_shopper_sees(demo, browser, screen, scheme):
     page.click("#composed-search")
     texts = captions(page, "composed-results")
     page.screenshot(path=str(ARTIFACTS / f"storefront-results-{screen}-{scheme}.png"), full_page=True)
-    for text, item in zip(texts, ids_of(texts)):
+    for text, item in zip(texts, ids_of(texts), strict=True):
         assert engine.index.titles[item] in text and re.search(r" · (strong|good|weak) match$", text), text
     names = page.evaluate("Array.from(document.querySelectorAll('#composed-results .thumbnail-item'))"
                           ".map(b => b.getAttribute('aria-label'))")
-    assert all(engine.index.titles[i] in n for i, n in zip(ids_of(texts), names)), names[:3]
+    assert all(engine.index.titles[i] in n for i, n in zip(ids_of(texts), names, strict=True)), names[:3]
     assert page.evaluate("document.getElementById('browser').getBoundingClientRect().top + window.scrollY") \
         == pytest.approx(picker_top, abs=2)
     assert not axe_serious(page)
@@ -270,9 +265,8 @@ def test_the_api_is_documented_offline_under_its_own_title(demo, browser):
 
 def test_the_readme_curl_examples_answer_on_the_demo(demo):
     _, url = demo
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    commands = [b for b in blocks if "localhost:7860/api/search" in b]
-    assert commands
+    commands = [block for _, block in code_blocks("bash") if "localhost:7860/api/search" in block]
+    assert len(commands) >= 2  # the README's and the API page's
     for block in commands:
         script = block.replace("localhost:7860/", url.replace("http://", ""))
         lines = [line for line in script.splitlines() if line.strip()]

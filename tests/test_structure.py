@@ -17,6 +17,7 @@ LAYERS = [
     ["clip4cir.serving", "combiner"],
     ["clip4cir.benchmarks"],
     ["clip4cir.commands"],
+    ["clip4cir.__main__"],  # python -m clip4cir: the command line
 ]
 
 

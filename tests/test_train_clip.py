@@ -31,7 +31,8 @@ def last_model(out):
 
 
 def same_weights(a, b):
-    for (k, v), w in zip(load_encoder(a).model.state_dict().items(), load_encoder(b).model.state_dict().values()):
+    first, second = load_encoder(a).model.state_dict(), load_encoder(b).model.state_dict()
+    for (k, v), w in zip(first.items(), second.values(), strict=True):
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
 
 
@@ -125,7 +126,7 @@ def test_training_writes_run_files_and_resume_is_exact(tiny_root, tmp_path):
     assert train_main(args + ["--output", str(part), "--resume"]) == 0
     resumed = read_metrics(part / "metrics.jsonl")
     assert len(resumed) == 2
-    for a, b in zip(log, resumed):
+    for a, b in zip(log, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["average"] == pytest.approx(b["average"])
     same_weights(last_model(full), last_model(part))
     same_weights(full / "best.safetensors", part / "best.safetensors")
@@ -233,7 +234,7 @@ def test_empty_captions_are_skipped_in_training_and_counted(tiny_root, tmp_path)
 
 def start_training(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "train_clip.py")] + args, env=env,
+    return subprocess.Popen([sys.executable, "-m", "clip4cir", "train"] + args, env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -312,10 +313,10 @@ def test_an_unreadable_image_in_a_worker_is_one_clear_line(tiny_root, tmp_path):
     shutil.copytree(tiny_root, root)
     reference = TripletDataset(FashionIQ(root), "train").triplets[0].reference
     (root / "images" / f"{reference}.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_clip.py"), "--data", str(root),
+    result = subprocess.run([sys.executable, "-m", "clip4cir", "train", "--data", str(root),
                              "--output", str(tmp_path / "out"), "--model", "cir-tiny", "--batch-size", "8",
                              "--workers", "1", "--quiet", "--epochs", "1"], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and f"{reference}.jpg" in lines[-1]

@@ -5,14 +5,13 @@ import logging
 import re
 
 import numpy as np
+from helpers import REPO
 
 from clip4cir.commands.common import run
 from clip4cir.commands.mine_triplets import main as mine_main
 from clip4cir.data.sources import open_source
 from clip4cir.data.sources.triplet_files import TripletFile
 from clip4cir.training.triplet_mining import TEMPLATES, CategoryTitles, alternatives
-
-from conftest import REPO
 
 BASE = ["--clip-checkpoint", str(REPO / "demo" / "base" / "encoder.safetensors"), "--quiet", "--workers", "0",
         "--device", "cpu"]

@@ -1,5 +1,5 @@
-"""The recipe ablation (``python scripts/ablation.py``): every variant fine-tuned from the same pretrained base
-(``demo/base``, where users start: a pretrained CLIP), with the same seed, epochs, batch, data and number of
+"""The recipe ablation (``python scripts/benchmark.py ablation``): every variant fine-tuned from the same pretrained
+base (``demo/base``, where users start: a pretrained CLIP), with the same seed, epochs, batch, data and number of
 optimizer steps (asserted), over several seeds; the best epoch chosen on the training catalog's val split, the
 numbers reported on a held-out catalog generated with another seed (never seen while choosing).
 
@@ -26,8 +26,8 @@ from clip4cir.data.synthetic import make_synthetic_fashioniq
 from clip4cir.evaluation.composed import rankings_of, summarize
 from clip4cir.evaluation.ranking import RECALL_KS
 from clip4cir.models.combiner import load_combiner
-from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder_file import load_encoder
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.serving.demo import DEMO_DIR
 from clip4cir.training.checkpointing import read_metrics
 from clip4cir.training.recipes import RECIPES, STAGE_TWO_ONLY
@@ -132,7 +132,7 @@ def summary(runs: list[dict], baseline: list[dict]) -> dict:
         table["paired"][metric] = paired_interval(out[metric], [b["metrics"]["average"][f"R@{k}"] for b in baseline],
                                                   query_se)
     table["paired"]["time_ratio"] = statistics.median(r["seconds_per_epoch"] / b["seconds_per_epoch"]
-                                                      for r, b in zip(runs, baseline))
+                                                      for r, b in zip(runs, baseline, strict=True))
     table["steps"] = [r["steps"] for r in runs]
     return table
 
@@ -224,7 +224,7 @@ def run_ablation(config: str, out: Path, work: str | None = None, workers: int =
     m = machine()
     tables = {stage: {k: summary(v, rows[next(iter(rows))]) for k, v in rows.items()}
               for stage, rows in (("stage_one", stage_one), ("stage_two", stage_two), ("pipelines", pipelines))}
-    report = {"config": config, "command": f"python scripts/ablation.py --config {config}",
+    report = {"config": config, "command": f"python scripts/benchmark.py ablation --config {config}",
               "machine": f"{m['cpu']}, {m['cores']} cores", "seeds": cfg["seeds"], "size": cfg["size"],
               "test_size": cfg["test_size"], "test_seed": 1, "base": str(BASE.relative_to(DEMO_DIR.parent)),
               "epochs": cfg["epochs"], "combiner_epochs": cfg["combiner_epochs"],

@@ -27,15 +27,15 @@ from numpy.lib.format import open_memmap
 from torchvision import transforms as T
 
 from clip4cir.benchmarks.machine import machine
-from clip4cir.core.artifacts import atomic_write_text
 from clip4cir.benchmarks.report import stem_for, write_report
+from clip4cir.core.artifacts import atomic_write_text
 from clip4cir.data.images import load_image
 from clip4cir.data.synthetic import make_synthetic_fashioniq
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.retrieval.index import CatalogIndex
-from clip4cir.retrieval.vector_store import KINDS
 from clip4cir.retrieval.item_table import Item
 from clip4cir.retrieval.threads import configure_serving_threads
+from clip4cir.retrieval.vector_store import KINDS
 from clip4cir.serving.demo import DEMO_DIR
 
 K = 10
@@ -115,7 +115,7 @@ def ground_truth(base: np.ndarray, queries: np.ndarray, labels: np.ndarray, k: i
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
 # ---- measuring (each in its own process) ---------------------------------------------------------------------
@@ -187,8 +187,8 @@ def _serve(folder: str, queries_path: str, truth_path: str, efforts: list, repea
     """Serving from a cold start (the index's files dropped from the page cache first): the first single queries'
     latency, the storage read and the memory they cost; then, warm, recall per filter at each effort (None: the
     efforts calibrated per filter), single-query latency, batch throughput and, at the calibrated effort, the
-    latency of each category filter. ``threads`` "serving" applies clip4cir.threads, "default" keeps FAISS's own;
-    with "...+load" torch works in another thread meanwhile, as in the app."""
+    latency of each category filter. ``threads`` "serving" applies clip4cir.retrieval.threads, "default" keeps
+    FAISS's own; with "...+load" torch works in another thread meanwhile, as in the app."""
     if threads.startswith("serving"):
         configure_serving_threads()
     stop = threading.Event()
@@ -346,7 +346,8 @@ def markdown(report: dict) -> str:
         if "threads" in s:
             t = s["threads"]
             lines.append(f"\nThreads ({t['kind']}, calibrated, single queries, p50 / p99 ms): FAISS's default threads "
-                         f"{t['default']['p50_ms']} / {t['default']['p99_ms']}, serving settings (`clip4cir.threads`) "
+                         f"{t['default']['p50_ms']} / {t['default']['p99_ms']}, serving settings "
+                         f"(`clip4cir.retrieval.threads`) "
                          f"{t['serving']['p50_ms']} / {t['serving']['p99_ms']}; with torch busy in another thread "
                          f"(as in the app): default {t['default+load']['p50_ms']} / {t['default+load']['p99_ms']}, "
                          f"serving {t['serving+load']['p50_ms']} / {t['serving+load']['p99_ms']}.")
@@ -361,7 +362,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     sets = report["sets"]
     figure, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
-    for axis, s in zip(axes[0], sets):
+    for axis, s in zip(axes[0], sets, strict=True):
         for k in s["kinds"]:
             xs, ys = [r["p50_ms"] for r in k["rows"]], [r["recall"]["all"] for r in k["rows"]]
             axis.plot(xs, ys, marker="o", label=k["kind"])

@@ -6,20 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from clip4cir.core.ports import free_port
 
 PORTS = ("etcd-port", "proxy-port", "proxy-internal-port", "root-coord-port", "query-coord-port", "query-node-port",
          "index-coord-port", "index-node-port", "data-coord-port", "data-node-port")
 ROOT_TOKEN = "root:Milvus"  # the default account of a server with authorization enabled
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MilvusServer:
@@ -40,7 +36,7 @@ class MilvusServer:
     def token(self) -> str:
         return ROOT_TOKEN if self.auth else ""
 
-    def start(self, wait: float = 240.0) -> "MilvusServer":
+    def start(self, wait: float = 240.0) -> MilvusServer:
         """Start it and wait until it answers (about 10 to 40 s); the same ports and data on a restart."""
         self.folder.mkdir(parents=True, exist_ok=True)
         args = ["milvus-server", "--data", str(self.folder / "data")]
@@ -101,7 +97,7 @@ class MilvusServer:
                 continue
         return total / 1024
 
-    def __enter__(self) -> "MilvusServer":
+    def __enter__(self) -> MilvusServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -5,7 +5,7 @@ would narrow it."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
@@ -34,7 +34,7 @@ def query_sampling_se(variant: Sequence[dict], baseline: Sequence[dict], resampl
     total = np.zeros(resamples)
     for category in categories:  # the per-query difference averaged over seeds, then queries resampled
         diff = np.mean([np.asarray(v[category], float) - np.asarray(b[category], float)
-                        for v, b in zip(variant, baseline)], axis=0)
+                        for v, b in zip(variant, baseline, strict=True)], axis=0)
         picks = rng.integers(len(diff), size=(resamples, len(diff)))
         total += diff[picks].mean(axis=1)
     return float(100.0 * (total / len(categories)).std(ddof=1))

@@ -3,17 +3,17 @@ ranking, query latency (Python and HTTP API), with peak memory per step; writes 
 kinds at scale: clip4cir.benchmarks.index).
 
 Timings are medians of repeated runs after a warm-up. ``--config smoke`` is the smallest (the test suite runs
-it), ``quick`` takes a few minutes, ``full`` is the README's table.
+it), ``quick`` takes a few minutes, ``full`` is the documented table (benchmark/README.md).
 """
 from __future__ import annotations
 
-import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch.utils.data import Subset
 from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.benchmarks.stage_two import bench_stage_two
+from clip4cir.core.ports import free_port
 from clip4cir.data.datasets import GalleryDataset
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.sources.fashioniq import CATEGORIES, FashionIQ
@@ -137,11 +138,6 @@ def bench_evaluation(annotations: Path, repeats: int) -> dict:
             "dim": 1024, "seconds": round(statistics.median(times), 3)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http: bool) -> dict:
     encoder = create_model(model)
@@ -164,12 +160,12 @@ def bench_latency(model: str, root: Path, gallery_size: int, repeats: int, http:
     out = {"model": model, "gallery": gallery_size, "python": {}}
     for name, query in queries.items():
         counter = iter(range(10 ** 9))
-        out["python"][name] = {**percentiles_ms(timed(lambda: query(next(counter) % repeats), repeats)),
+        out["python"][name] = {**percentiles_ms(timed(partial(_next_query, query, counter, repeats), repeats)),
                                "results": len(query(0).hits)}  # what one call returned: it was answered
     encoder.trim_context = False  # before: the full 77-token context
     counter = iter(range(10 ** 9))
     out["python"]["composed_gallery_ref_full_context"] = {
-        **percentiles_ms(timed(lambda: queries["composed_gallery_ref"](next(counter) % repeats), repeats)),
+        **percentiles_ms(timed(partial(_next_query, queries["composed_gallery_ref"], counter, repeats), repeats)),
         "results": len(queries["composed_gallery_ref"](0).hits)}
     encoder.trim_context = True
     if http:
@@ -183,7 +179,7 @@ def _bench_http(engine: SearchEngine, cache: Path, ids, paths, captions, repeats
     from gradio_client import Client, handle_file
 
     from clip4cir.serving.ui import serve
-    port = _free_port()
+    port = free_port()
     ui = serve(engine, cache, port=port, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -199,11 +195,16 @@ def _bench_http(engine: SearchEngine, cache: Path, ids, paths, captions, repeats
         out = {}
         for name, call in calls.items():
             counter = iter(range(10 ** 9))
-            out[name] = {**percentiles_ms(timed(lambda: call(next(counter) % repeats), repeats)),
+            out[name] = {**percentiles_ms(timed(partial(_next_query, call, counter, repeats), repeats)),
                          "results": len(call(0)["results"])}
         return out
     finally:
         ui.close()
+
+
+def _next_query(query: Callable, counter: Iterator[int], repeats: int):
+    """One timed call: the next of ``repeats`` different queries, so no answer is a cached repeat."""
+    return query(next(counter) % repeats)
 
 
 # ---- report --------------------------------------------------------------------------------------------------
@@ -265,24 +266,24 @@ def run_pipeline(config: str, out: Path, annotations: Path, workers: int = 2, ht
         if "extraction" in steps:
             for model in cfg["models"]:
                 for device in devices:
-                    step("extraction", lambda: bench_extraction(model, root, cfg["extract_images"], device, workers))
+                    step("extraction", partial(bench_extraction, model, root, cfg["extract_images"], device, workers))
         if "stage_one" in steps:
             for model in cfg["models"]:
                 for towers in cfg["encoders"]:
-                    step("stage_one", lambda: bench_stage_one(model, root, towers, cfg["train_steps"],
-                                                              cfg["train_batch"], devices[-1], workers, tmp))
+                    step("stage_one", partial(bench_stage_one, model, root, towers, cfg["train_steps"],
+                                                      cfg["train_batch"], devices[-1], workers, tmp))
         if "stage_two" in steps:
             for model, catalog, batch in cfg["stage_two"]:
                 catalog_root = root if catalog == cfg["catalog"] else tmp / f"catalog-{catalog}"
                 if not catalog_root.exists():
                     make_synthetic_fashioniq(catalog_root, catalog, seed=0)
-                step("stage_two", lambda: bench_stage_two(model, catalog_root, batch, workers, tmp))
+                step("stage_two", partial(bench_stage_two, model, catalog_root, batch, workers, tmp))
         if "evaluation" in steps:
             step("evaluation", lambda: bench_evaluation(annotations, 3))
             results["evaluation"] = results["evaluation"][0]
         if "latency" in steps:
             for model in cfg["models"]:
-                step("latency", lambda: bench_latency(model, root, cfg["gallery"], cfg["repeats"], http))
+                step("latency", partial(bench_latency, model, root, cfg["gallery"], cfg["repeats"], http))
     report = {"config": config, "machine": machine(), "seconds": round(time.perf_counter() - started, 1),
               "results": results}
     write_report(out, stem_for("report", config, "full"), report, markdown)

@@ -21,14 +21,13 @@ import itertools
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import quote, urlsplit
 
 import numpy as np
@@ -37,6 +36,7 @@ from PIL import Image
 from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.core.errors import Clip4CirError
+from clip4cir.core.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,10 @@ class BenchmarkError(Clip4CirError):
 # --- the app and its memory -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_app(log_file: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """``python app.py --port P`` from the checkout, as a user starts it; returns it once /api/search answers."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(REPO))
     with open(log_file, "wb") as out:
         app = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env, stdout=out,
@@ -240,7 +235,8 @@ def _ranked(answer: dict) -> list[tuple[str, float]]:
 
 
 def _same(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> bool:
-    return [i for i, _ in a] == [i for i, _ in b] and all(abs(x - y) <= 1e-4 for (_, x), (_, y) in zip(a, b))
+    return [i for i, _ in a] == [i for i, _ in b] and all(
+        abs(x - y) <= 1e-4 for (_, x), (_, y) in zip(a, b, strict=True))
 
 
 # --- the run ----------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ the table printed, and the machine it ran on."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from clip4cir.core.artifacts import atomic_write_text
 
@@ -19,5 +19,6 @@ def write_report(out: Path, stem: str, report: dict, markdown: Callable[[dict], 
 
 
 def stem_for(name: str, config: str, full: str) -> str:
-    """The files of the README's run are NAME.*, others NAME-CONFIG.* (a smoke run never replaces them)."""
+    """The files of the documented run (benchmark/README.md) are NAME.*, others NAME-CONFIG.* (a smoke run never
+    replaces them)."""
     return name if config == full else f"{name}-{config}"

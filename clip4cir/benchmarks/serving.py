@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ import torch
 
 from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.report import stem_for, write_report
+from clip4cir.core.ports import free_port
 from clip4cir.data.datasets import GalleryDataset
 from clip4cir.data.sources import open_source
 from clip4cir.data.synthetic import make_synthetic_fashioniq
@@ -43,11 +43,6 @@ QUERIES = ("composed_reference", "composed_upload", "text")
 CAPTIONS = ("is red with shorter sleeves", "is darker and has a collar", "is blue instead of white")
 K = 10
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def catalog_engine(model: str, root: Path, size: int) -> tuple[SearchEngine, list[str], list[str]]:
@@ -151,7 +146,7 @@ def run_serving(config: str, out: Path, work: str | None = None) -> dict:
             towers = reference if runtime == "torch" else \
                 load_towers(engine.encoder, runtime, Path(tmp), threads["torch"])
             engine.towers, engine.runtime_note = BatchedTowers(towers), towers.describe()
-            port = _free_port()
+            port = free_port()
             ui = serve(engine, Path(tmp) / "app-cache", port=port, quiet=True) \
                 if set(cfg["apis"]) - {"engine"} else None
             try:

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from clip4cir.benchmarks.index import (CATEGORY_SHARES, K, categories_of, folder_bytes, ground_truth,
-                                       recall_at_k, synthetic_vectors)
+from clip4cir.benchmarks.index import (
+    CATEGORY_SHARES,
+    K,
+    categories_of,
+    folder_bytes,
+    ground_truth,
+    recall_at_k,
+    synthetic_vectors,
+)
 from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.milvus_server import MilvusServer
 from clip4cir.benchmarks.report import stem_for, write_report

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def query_cost(encoder_path: Path, phi: Path, sum_weight: float, repeats: int = 
         cost["text_ms"] = p50(lambda: encoder.encode_text(["is red with shorter sleeves"]))
         for key, weight in (("zero_shot_ms", 0.0), ("zero_shot_sum_ms", sum_weight)):
             queries = zero_shot_queries(phi, encoder, weight)
-            cost[key] = p50(lambda: queries(reference, ["is red with shorter sleeves"]))
+            cost[key] = p50(partial(queries, reference, ["is red with shorter sleeves"]))
     return cost
 
 

@@ -1,2 +1,2 @@
-"""Layer 7, the commands: every argparse parser and ``main``; ``scripts/*.py``, ``app.py`` and the console entry
-points are thin shells over these."""
+"""Layer 7, the commands: every argparse parser and ``main``, each a subcommand of ``clip4cir`` (cli);
+``python -m clip4cir``, ``app.py`` and ``scripts/benchmark.py`` are thin shells over these."""

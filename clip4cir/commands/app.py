@@ -1,4 +1,4 @@
-"""The app (``python app.py``, ``clip4cir-app``): composed, image and text search over a catalog in a Gradio
+"""The app (``python app.py``, ``clip4cir serve``): composed, image and text search over a catalog in a Gradio
 page, also the Hugging Face Spaces entry point.
 
     python app.py                      # offline demo: synthetic catalog + the small model in demo/
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from clip4cir.commands.common import whole
 from clip4cir.data.sources import SourceOptions
@@ -25,12 +25,13 @@ from clip4cir.serving.ui import serve
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="clip4cir serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", default=env("CLIP4CIR_INDEX"), help="index folder (or hf://OWNER/REPO/PATH)")
     parser.add_argument("--clip-checkpoint", default=env("CLIP4CIR_CLIP_CHECKPOINT"), help="stage-one checkpoint")
     parser.add_argument("--combiner", default=env("CLIP4CIR_COMBINER"), help="stage-two checkpoint")
     parser.add_argument("--phi", default=env("CLIP4CIR_PHI"), help="a φ for zero-shot composed search (no triplets: "
-                        "scripts/train_phi.py)")
+                        "clip4cir train-phi)")
     parser.add_argument("--model", default=env("CLIP4CIR_MODEL"), help="open_clip model for zero-shot search")
     parser.add_argument("--pretrained", default=env("CLIP4CIR_PRETRAINED"), help="its pretrained tag, e.g. openai")
     parser.add_argument("--data", default=env("CLIP4CIR_DATA"),

@@ -1,5 +1,5 @@
-"""The benchmarks (``scripts/benchmark.py``, ``scripts/ablation.py``): argument parsing for each, which then
-runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into ``--out``.
+"""The benchmarks (``clip4cir benchmark [NAME]``, ``python scripts/benchmark.py [NAME]``): argument parsing for each,
+which then runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into ``--out``.
 
     python scripts/benchmark.py [--quick | --config smoke|quick|full]   the pipeline
     python scripts/benchmark.py index [--config smoke|1m|10m]           index kinds against exact search
@@ -9,15 +9,15 @@ runs the benchmark of clip4cir.benchmarks and writes its JSON and markdown into 
     python scripts/benchmark.py zero-shot [--config smoke|full]         no triplets: zero-shot φ, catalog adaptation
     python scripts/benchmark.py reliability [--url URL --pid PID]       good and hostile traffic against a live app
     python scripts/benchmark.py storefront                              the demo's match levels and category changes
-    python scripts/ablation.py [--config smoke|full]                    the training recipes
+    python scripts/benchmark.py ablation [--config smoke|full]          the training recipes
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from clip4cir.benchmarks import ablation, index, labels, pipeline, reliability, serving, store, storefront, zero_shot
 from clip4cir.commands.common import WORKERS, run, whole
@@ -55,7 +55,7 @@ def pipeline_main(argv: Sequence[str] | None) -> int:
         parser.add_argument("--no-http", action="store_true", help="skip the HTTP-API latencies")
         parser.add_argument("--steps", default=",".join(pipeline.STEPS))
 
-    args = benchmark_args(argv, "benchmark.py", pipeline.__doc__, pipeline.CONFIGS, "full",
+    args = benchmark_args(argv, "clip4cir benchmark", pipeline.__doc__, pipeline.CONFIGS, "full",
                           "report.json and report.md", more)
     steps = [s for s in args.steps.split(",") if s]
     unknown = sorted(set(steps) - set(pipeline.STEPS))
@@ -66,7 +66,7 @@ def pipeline_main(argv: Sequence[str] | None) -> int:
 
 
 # subcommand -> (its module: docstring and CONFIGS, its run function, the default config, what it writes)
-SUBCOMMANDS = {"index": (index, index.run_index, "1m", "index.json, index.md and the plot"),
+BENCHMARKS = {"index": (index, index.run_index, "1m", "index.json, index.md and the plot"),
                "labels": (labels, labels.run_labels, "full", "labels.json and labels.md"),
                "serving": (serving, serving.run_serving, "full", "serving.json and serving.md"),
                "store": (store, store.run_store, "full", "store.json and store.md"),
@@ -76,8 +76,8 @@ SUBCOMMANDS = {"index": (index, index.run_index, "1m", "index.json, index.md and
 
 def subcommand_main(name: str, argv: Sequence[str] | None) -> int:
     """``benchmark.py NAME [--config ...]``: that benchmark, run with the options every benchmark takes."""
-    module, run_benchmark, default, writes = SUBCOMMANDS[name]
-    args = benchmark_args(argv, f"benchmark.py {name}", module.__doc__, module.CONFIGS, default, writes)
+    module, run_benchmark, default, writes = BENCHMARKS[name]
+    args = benchmark_args(argv, f"clip4cir benchmark {name}", module.__doc__, module.CONFIGS, default, writes)
     run_benchmark(args.config, args.out, args.work)
     return 0
 
@@ -94,7 +94,7 @@ def reliability_main(argv: Sequence[str] | None) -> int:
 
 
 def ablation_main(argv: Sequence[str] | None = None) -> int:
-    args = benchmark_args(argv, "ablation.py", ablation.__doc__, ablation.CONFIGS, "full",
+    args = benchmark_args(argv, "clip4cir benchmark ablation", ablation.__doc__, ablation.CONFIGS, "full",
                           "ablation.json and ablation.md",
                           lambda parser: parser.add_argument("--workers", type=WORKERS, default=2))
     ablation.run_ablation(args.config, args.out, args.work, args.workers)
@@ -106,14 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["reliability"]:
         return reliability_main(argv[1:])
-    if argv[:1] and argv[0] in SUBCOMMANDS:
+    if argv[:1] == ["ablation"]:
+        return ablation_main(argv[1:])
+    if argv[:1] and argv[0] in BENCHMARKS:
         return subcommand_main(argv[0], argv[1:])
     return pipeline_main(argv)
 
 
 def console() -> int:
     return run(main)
-
-
-def console_ablation() -> int:
-    return run(ablation_main)

@@ -1,4 +1,4 @@
-"""Build a search index (``scripts/build_index.py``, ``clip4cir-index``): encode the images of a data set's
+"""Build a search index (``clip4cir index``): encode the images of a data set's
 splits (or any image folder) with an encoder, index them (clip4cir.retrieval.building). Under ``torchrun`` every
 process encodes its share; an interrupted build resumes without encoding a finished chunk again."""
 from __future__ import annotations
@@ -7,26 +7,34 @@ import argparse
 import os
 import re
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, check_encoder_given,
-                                      encoder_from_args, number, run, source_options, whole)
+from clip4cir.commands.common import (
+    WORKERS,
+    add_model_args,
+    add_source_args,
+    check_encoder_given,
+    encoder_from_args,
+    number,
+    source_options,
+    whole,
+)
 from clip4cir.core.distributed import Dist, run_distributed
 from clip4cir.core.errors import CatalogIndexError
 from clip4cir.models.combiner import combining_function
-from clip4cir.retrieval.tuning import describe_tuning
 from clip4cir.retrieval.building import CHUNK, BuildOptions, build_index, unreadable_reason
 from clip4cir.retrieval.catalog import catalog_items
 from clip4cir.retrieval.index import DEFAULTS, KINDS, METRICS, CatalogIndex
 from clip4cir.retrieval.milvus_index import TOKEN_ENV, MilvusIndex
 from clip4cir.retrieval.stores import STORES
+from clip4cir.retrieval.tuning import describe_tuning
 from clip4cir.retrieval.vector_store import check_pq_m
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="build_index.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="clip4cir index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(parser)
     add_model_args(parser)
@@ -119,7 +127,3 @@ def build(args: argparse.Namespace, ddp: Dist, device: torch.device) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return run_distributed(lambda ddp, device: build(args, ddp, device), args.device)
-
-
-def console() -> int:
-    return run(main)

@@ -8,9 +8,10 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from clip4cir.core.device import resolve_device
 from clip4cir.core.distributed import run_distributed
@@ -92,7 +93,8 @@ def add_recipe_args(parser: argparse.ArgumentParser, stage: int) -> None:
     """--recipe and each of its components as a flag of its own (see clip4cir.training.recipes)."""
     group = parser.add_argument_group("recipe")
     group.add_argument("--recipe", choices=RECIPES.names(), default=DEFAULT_RECIPE,
-                       help="clip4cir: the paper exactly; plus: this project's recipe (the README's ablation table)")
+                       help="clip4cir: the paper exactly; plus: this project's components (measured below it: "
+                            "benchmark/README.md)")
     flag = argparse.BooleanOptionalAction
     group.add_argument("--symmetric", action=flag, default=None, help="add the target→query loss")
     group.add_argument("--learn-temperature", action=flag, default=None, help="learn the logit scale (from 100)")

@@ -1,4 +1,4 @@
-"""The evaluation command (``scripts/evaluate.py``, ``clip4cir-eval``): Recall@K under each data set's protocol
+"""The evaluation command (``clip4cir evaluate``): Recall@K under each data set's protocol
 (FashionIQ, CIRR, a user's own triplets), test-split predictions for the test servers, the paper's ablation
 table, and the other tasks of clip4cir.evaluation.tasks."""
 from __future__ import annotations
@@ -7,14 +7,22 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, encoder_from_args, number, run,
-                                      source_options, whole)
+from clip4cir.commands.common import (
+    WORKERS,
+    add_model_args,
+    add_source_args,
+    encoder_from_args,
+    number,
+    source_options,
+    whole,
+)
 from clip4cir.core.artifacts import check_distinct_outputs, check_output_file, resolve, write_output_text
 from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import DataError
+from clip4cir.data.sources import EvaluationProtocol, Source
 from clip4cir.evaluation.composed import query_records, test_predictions
 from clip4cir.evaluation.table import TABLE_ENCODERS, ablation_table
 from clip4cir.evaluation.tasks import TASKS, EvalRequest
@@ -56,11 +64,11 @@ def print_metrics(metrics: dict, indent: str = "") -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clip4cir evaluate", description=__doc__)
     add_source_args(parser)
     add_model_args(parser)
     parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
-    parser.add_argument("--phi", help="zero-shot: a φ checkpoint (scripts/train_phi.py), composing queries by "
+    parser.add_argument("--phi", help="zero-shot: a φ checkpoint (clip4cir train-phi), composing queries by "
                         "textual inversion")
     parser.add_argument("--sum-weight", type=number(0, 100),
                         help="--mode phi: add the Sum query × this to φ's (default: the weight in φ's file; "
@@ -111,9 +119,9 @@ def check_outputs(args: argparse.Namespace, testing: bool, test_split: str) -> N
             check_output_file(args.predictions / name, "--predictions", args.overwrite, inputs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    source = source_options(args).open()
+def checked_split(args: argparse.Namespace, source: Source) -> bool:
+    """Fill in ``--split`` (the protocol's test split for labels, else its val split) and check it is one of the
+    source's; whether it is the test split, checked to have somewhere to write (it has no targets to score)."""
     protocol = source.protocol
     args.split = args.split or (protocol.test_split if args.task == "labels" else protocol.val_split)
     source.check_split(args.split)
@@ -122,6 +130,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--split {args.split} has no targets to score: give --predictions FOLDER for the test "
                          f"server's files")
     check_outputs(args, testing, protocol.test_split)
+    return testing
+
+
+def query_mode(args: argparse.Namespace) -> str:
+    """How queries are composed: --mode, else the Combiner when given, φ when given, else the Sum."""
+    mode = args.mode or ("combiner" if args.combiner else "phi" if args.phi else "sum")
+    if args.sum_weight is not None and mode != "phi":
+        raise ValueError(f"--sum-weight weighs the Sum in φ's queries: it needs --phi (the mode is {mode})")
+    return mode
+
+
+def write_predictions(folder: Path, rankings, protocol: EvaluationProtocol) -> None:
+    """The test server's files of a test split's rankings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in test_predictions(rankings, protocol).items():
+        write_json(folder / name, content)
+    print(f"wrote the test predictions of {sum(len(r.triplets) for r in rankings):,} queries to {folder}")
+
+
+def result_record(args: argparse.Namespace, result, source, encoder, mode: str, request: EvalRequest,
+                  seconds: float) -> dict:
+    """What ``--json`` writes: the metrics and what they were measured on."""
+    composing = args.task in COMPOSING
+    return {"written_by": WRITTEN_BY, **result.metrics, "task": args.task, "split": args.split,
+            "data": source.record(), "protocol": source.protocol.name, "model": encoder.describe(),
+            "combiner": args.combiner if mode == "combiner" and composing else None,
+            "phi": args.phi if mode == "phi" and composing else None,
+            **({"phi_sum_weight": request.combine.sum_weight} if mode == "phi" and composing else {}),
+            "seconds": seconds}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    source = source_options(args).open()
+    protocol = source.protocol
+    testing = checked_split(args, source)
     start = time.perf_counter()
     request = EvalRequest(args.split, cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet)
@@ -131,9 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              parse_pairs(args.table_combiners, "--table-combiners"), request))
         return 0
     encoder = encoder_from_args(args)
-    mode = args.mode or ("combiner" if args.combiner else "phi" if args.phi else "sum")
-    if args.sum_weight is not None and mode != "phi":
-        raise ValueError(f"--sum-weight weighs the Sum in φ's queries: it needs --phi (the mode is {mode})")
+    mode = query_mode(args)
     if args.task in COMPOSING:
         request.combine = combining_function(encoder, args.combiner, mode, args.phi, args.sum_weight)
     result = TASKS[args.task](encoder, source, request)
@@ -141,23 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]
         write_output_text(args.dump, "".join(line + "\n" for line in lines))
     if args.task == "composed" and testing:
-        folder = Path(args.predictions)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, content in test_predictions(result.rankings, protocol).items():
-            write_json(folder / name, content)
-        print(f"wrote the test predictions of {sum(len(r.triplets) for r in result.rankings):,} queries to {folder}")
+        write_predictions(Path(args.predictions), result.rankings, protocol)
         return 0
     print_metrics(result.metrics)
     if args.json:
-        write_json(args.json, {"written_by": WRITTEN_BY, **result.metrics, "task": args.task, "split": args.split,
-                               "data": source.record(), "protocol": protocol.name, "model": encoder.describe(),
-                               "combiner": args.combiner if mode == "combiner" and args.task in COMPOSING else None,
-                               "phi": args.phi if mode == "phi" and args.task in COMPOSING else None,
-                               **({"phi_sum_weight": request.combine.sum_weight}
-                                  if mode == "phi" and args.task in COMPOSING else {}),
-                               "seconds": time.perf_counter() - start})
+        write_json(args.json, result_record(args, result, source, encoder, mode, request, time.perf_counter() - start))
     return 0
-
-
-def console() -> int:
-    return run(main)

@@ -1,11 +1,11 @@
-"""Make the pretrained base model (``scripts/make_base_model.py``): draw the image-text pretraining corpus,
+"""Make the pretrained base model (``clip4cir make-base-model``): draw the image-text pretraining corpus,
 train cir-tiny on it from a random init with CLIP's loss (clip4cir.training.pairs), and measure it against the
 random init on the held-out pairs of a catalog it never saw. Writes one folder, committed as a unit:
 ``encoder.safetensors`` (what ``--clip-checkpoint`` takes; in half precision, under the 10 MB a Hugging Face Space
 takes without Git LFS, and measured as stored) and ``metrics.json``.
 
-    python scripts/make_base_model.py --work ~/base-work --out demo/base
-    python scripts/make_base_model.py --work ~/base-work --trained demo/base/encoder.safetensors   # store, measure
+    python -m clip4cir make-base-model --work ~/base-work --out demo/base
+    python -m clip4cir make-base-model --work ~/base-work --trained demo/base/encoder.safetensors   # store, measure
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from clip4cir.commands.common import POSITIVE, WORKERS, run, whole
+from clip4cir.commands.common import POSITIVE, WORKERS, whole
 from clip4cir.core.artifacts import is_artifact, write_folder
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import SYNTHETIC_FORMAT, make_pretraining_corpus, make_synthetic_fashioniq
@@ -50,7 +50,8 @@ def pretrain(work: Path, args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="clip4cir make-base-model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="scratch folder (the corpus, the run)")
     parser.add_argument("--out", default="demo/base", help="the base model's folder")
     parser.add_argument("--images", type=whole(200), default=30_000, help="photos in the pretraining corpus")
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                (("random init", load_model("cir-tiny", seed=0)), ("base", load_encoder(stored)))}
     ratio = metrics["base"]["text→image R@10"] / max(metrics["random init"]["text→image R@10"], 1e-9)
     given = sys.argv[1:] if argv is None else list(argv)
-    report = {"command": " ".join(["python scripts/make_base_model.py", *given]), "corpus_images": args.images,
+    report = {"command": " ".join(["python -m clip4cir make-base-model", *given]), "corpus_images": args.images,
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "held_out": f"synthetic FashionIQ layout, size {args.held_out_size}, seed {HELD_OUT_SEED}, val pairs",
               "metrics": metrics, "text_to_image_r10_over_random_init": round(ratio, 2),
@@ -87,7 +88,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({"text→image R@10": {k: round(v["text→image R@10"], 2) for k, v in metrics.items()},
                       "ratio": report["text_to_image_r10_over_random_init"]}, ensure_ascii=False))
     return 0
-
-
-def console() -> int:
-    return run(main)

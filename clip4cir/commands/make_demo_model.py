@@ -1,29 +1,29 @@
-"""Make the offline demo's model (``scripts/make_demo_model.py``): generate the `demo` synthetic catalog, fine-tune
-the pretrained base (``demo/base``: cir-tiny trained on image-text pairs, scripts/make_base_model.py) with stage
+"""Make the offline demo's model (``clip4cir make-demo-model``): generate the `demo` synthetic catalog, fine-tune
+the pretrained base (``demo/base``: cir-tiny trained on image-text pairs, clip4cir make-base-model) with stage
 one (stored in half precision: every file of the demo stays under the 10 MB a Hugging Face Space takes without
 Git LFS), train a Combiner (stage two) and a zero-shot φ (pic2word) for that encoder, and write
 ``demo/encoder.safetensors``, ``demo/combiner.safetensors``, ``demo/phi.safetensors``, ``demo/metrics.json``,
 and the app's catalog ``demo/catalog`` (the validation split, drawn larger) with its index ``demo/index``.
 
-    python scripts/make_demo_model.py --work ~/demo-work --out demo
-    python scripts/make_demo_model.py --work ~/demo-work --stage-one demo/encoder.safetensors   # keep the encoder
+    python -m clip4cir make-demo-model --work ~/demo-work --out demo
+    python -m clip4cir make-demo-model --work ~/demo-work --stage-one demo/encoder.safetensors   # keep the encoder
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from clip4cir.commands.common import POSITIVE, WORKERS, run, whole
+from clip4cir.commands.common import POSITIVE, WORKERS, whole
 from clip4cir.core.artifacts import atomic_write, atomic_write_text, is_artifact, write_folder
 from clip4cir.data.sources import SourceOptions, open_source
 from clip4cir.data.synthetic import SYNTHETIC_FORMAT, make_synthetic_fashioniq
 from clip4cir.evaluation.composed import evaluate
 from clip4cir.models.combiner import combining_function, load_combiner
-from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder_file import load_encoder, save_encoder
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.serving.demo import DEMO_DIR, DEMO_SEED, write_demo_catalog
 from clip4cir.training.stage_one import StageOneConfig, StageOneTask
 from clip4cir.training.textual_inversion import PhiConfig, PhiTask
@@ -32,7 +32,8 @@ from combiner.stage_two import StageTwoConfig, StageTwoTask
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="clip4cir make-demo-model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="scratch folder (catalog, runs)")
     parser.add_argument("--out", default="demo", help="where the demo checkpoints go")
     parser.add_argument("--base", default=str(DEMO_DIR / "base" / "encoder.safetensors"),
@@ -81,7 +82,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_demo_catalog(out, encoder, combiner.combine)
     print(json.dumps({k: v["average"] for k, v in metrics.items()}))
     return 0
-
-
-def console() -> int:
-    return run(main)

@@ -1,17 +1,25 @@
-"""Generate synthetic data sets in the real layouts (``scripts/make_synthetic_fashioniq.py``, ``..._cirr.py``,
+"""Generate synthetic data sets in the real layouts (``clip4cir make-synthetic fashioniq``, ``..._cirr.py``,
 ``..._identities.py``): each is committed as one folder (clip4cir.core.artifacts), so a folder of yours is never
 written into and an interrupted run leaves no half data set."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-from clip4cir.commands.common import MAX_SEED, WORKERS, run, whole
+from clip4cir.commands.common import MAX_SEED, WORKERS, whole
 from clip4cir.core.artifacts import write_folder
-from clip4cir.data.synthetic import (CIRR_SIZES, SIZES, SYNTHETIC_FORMAT, make_synthetic_cirr,
-                                     make_synthetic_fashioniq, make_synthetic_identities)
+from clip4cir.core.errors import DataError
+from clip4cir.data.synthetic import (
+    CIRR_SIZES,
+    SIZES,
+    SYNTHETIC_FORMAT,
+    make_synthetic_cirr,
+    make_synthetic_fashioniq,
+    make_synthetic_identities,
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,8 @@ GENERATORS = {
 def generate_main(kind: str, argv: Sequence[str] | None = None) -> int:
     """Parse a generator's arguments, draw into a temporary folder and commit it at ``--out``."""
     generator = GENERATORS[kind]
-    parser = argparse.ArgumentParser(description=generator.description)
+    parser = argparse.ArgumentParser(prog=f"clip4cir make-synthetic {kind}",
+                                     description=generator.description)
     parser.add_argument("--out", required=True,
                         help=f"folder to write ({generator.layout}); a new one, or one this command made")
     parser.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
@@ -74,13 +83,10 @@ def generate_main(kind: str, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def console_fashioniq() -> int:
-    return run(lambda argv: generate_main("fashioniq", argv))
-
-
-def console_cirr() -> int:
-    return run(lambda argv: generate_main("cirr", argv))
-
-
-def console_identities() -> int:
-    return run(lambda argv: generate_main("identities", argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """``clip4cir make-synthetic KIND --out FOLDER ...``: one of the generators, by name."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise DataError(f"name what to draw first: clip4cir make-synthetic {{{','.join(GENERATORS)}}} --out FOLDER")
+    GENERATORS[argv[0]]  # an unknown kind: one line naming the known ones
+    return generate_main(argv[0], argv[1:])

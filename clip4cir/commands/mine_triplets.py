@@ -1,4 +1,4 @@
-"""Mine triplets from a catalog's titles (``scripts/mine_triplets.py``, ``clip4cir-mine-triplets``): for a shop
+"""Mine triplets from a catalog's titles (``clip4cir mine-triplets``): for a shop
 with image-text pairs and no triplets, write a triplet file that stage one and the Combiner train on as they are
 (clip4cir.training.triplet_mining)."""
 from __future__ import annotations
@@ -6,11 +6,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from clip4cir.commands.common import (WORKERS, add_model_args, add_source_args, check_encoder_given,
-                                      encoder_from_args, run, source_options, whole)
+from clip4cir.commands.common import (
+    WORKERS,
+    add_model_args,
+    add_source_args,
+    check_encoder_given,
+    encoder_from_args,
+    source_options,
+    whole,
+)
 from clip4cir.data.sources.base import check_images_readable, detect_kind
 from clip4cir.training import triplet_mining
 from clip4cir.training.triplet_mining import check_output, mine_triplets, plan_triplets
@@ -19,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mine_triplets.py", description=f"{__doc__}\n\n{triplet_mining.__doc__}",
+    parser = argparse.ArgumentParser(prog="clip4cir mine-triplets",
+                                     description=f"{__doc__}\n\n{triplet_mining.__doc__}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(parser)
     add_model_args(parser)
@@ -44,11 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = mine_triplets(encoder_from_args(args), source, plan, args.output, args.workers, not args.quiet)
     folder = "" if source.images.root.resolve() == Path(args.output).resolve().parent else \
         f" --images {source.images.root}"
-    log.info("wrote %s: %s train and %s val triplets; train on them: python scripts/train_clip.py --data %s%s "
-             "--output RUN (then scripts/train_combiner.py)", args.output, f"{counts['train']:,}",
+    log.info("wrote %s: %s train and %s val triplets; train on them: python -m clip4cir train --data %s%s "
+             "--output RUN (then clip4cir train-combiner)", args.output, f"{counts['train']:,}",
              f"{counts['val']:,}", args.output, folder)
     return 0
-
-
-def console() -> int:
-    return run(main)

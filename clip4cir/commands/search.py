@@ -1,20 +1,20 @@
-"""Search an index from the command line (``scripts/search.py``, ``clip4cir-search``): a reference and a caption
+"""Search an index from the command line (``clip4cir search``): a reference and a caption
 make a composed search, a reference alone an image search, a caption alone a text search."""
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Sequence
 
-from clip4cir.commands.common import run, whole
+from clip4cir.commands.common import whole
 from clip4cir.core.errors import SearchError
 from clip4cir.retrieval.search import MAX_K, MODES, SearchEngine
 from clip4cir.retrieval.threads import configure_serving_threads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="search.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clip4cir search", description=__doc__)
     parser.add_argument("--index", required=True, help="index folder made by build_index.py")
     parser.add_argument("--clip-checkpoint", help="where the index's encoder checkpoint lives now, if moved")
     parser.add_argument("--combiner", help="stage-two checkpoint for --mode combiner")
@@ -47,7 +47,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rank, hit in enumerate(result.hits, 1):
             print(f"{rank:>4}  {hit.score:8.4f}  {hit.id}  {','.join(hit.categories) or '-'}  {hit.path}")
     return 0
-
-
-def console() -> int:
-    return run(main)

@@ -1,16 +1,16 @@
-"""Stage one (``scripts/train_clip.py``, ``clip4cir-train``): fine-tune the CLIP image and/or text encoder on
+"""Stage one (``clip4cir train``): fine-tune the CLIP image and/or text encoder on
 composed-retrieval triplets (clip4cir.training.stage_one)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from clip4cir.commands.common import add_tower_args, run, train, training_parser, triplet_run_config
+from clip4cir.commands.common import add_tower_args, train, training_parser, triplet_run_config
 from clip4cir.training import stage_one
 from clip4cir.training.stage_one import StageOneConfig, StageOneTask
 
 
 def parse_args(argv: Sequence[str] | None) -> StageOneConfig:
-    parser = training_parser("train_clip.py", stage_one.__doc__, StageOneConfig)
+    parser = training_parser("clip4cir train", stage_one.__doc__, StageOneConfig)
     add_tower_args(parser, StageOneConfig)
     parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
     return triplet_run_config(parser, StageOneConfig, argv)
@@ -18,7 +18,3 @@ def parse_args(argv: Sequence[str] | None) -> StageOneConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return train(StageOneTask, parse_args(argv))
-
-
-def console() -> int:
-    return run(main)

@@ -1,16 +1,16 @@
-"""Stage two (``scripts/train_combiner.py``, ``clip4cir-train-combiner``): train the Combiner on cached features
+"""Stage two (``clip4cir train-combiner``): train the Combiner on cached features
 of the frozen encoders (combiner.stage_two)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import combiner.stage_two
-from clip4cir.commands.common import MAX_WIDTH, run, train, training_parser, triplet_run_config, whole
+from clip4cir.commands.common import MAX_WIDTH, train, training_parser, triplet_run_config, whole
 from combiner.stage_two import StageTwoConfig, StageTwoTask
 
 
 def parse_args(argv: Sequence[str] | None) -> StageTwoConfig:
-    parser = training_parser("train_combiner.py", combiner.stage_two.__doc__, StageTwoConfig)
+    parser = training_parser("clip4cir train-combiner", combiner.stage_two.__doc__, StageTwoConfig)
     parser.add_argument("--proj-dim", type=whole(1, MAX_WIDTH), default=None,
                         help="projection dim P (default 4 × feature dim)")
     parser.add_argument("--hidden-dim", type=whole(1, MAX_WIDTH), default=None,
@@ -25,7 +25,3 @@ def parse_args(argv: Sequence[str] | None) -> StageTwoConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return train(StageTwoTask, parse_args(argv))
-
-
-def console() -> int:
-    return run(main)

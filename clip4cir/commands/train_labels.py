@@ -1,11 +1,19 @@
-"""Learning image similarity from labels (``scripts/train_labels.py``, ``clip4cir-train-labels``): fine-tune an
+"""Learning image similarity from labels (``clip4cir train-labels``): fine-tune an
 image encoder with a metric-learning loss on labelled images (clip4cir.training.labels)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from clip4cir.commands.common import (MAX_WIDTH, POSITIVE, check_run_config, config_from_args, number, run, train,
-                                      training_parser, whole)
+from clip4cir.commands.common import (
+    MAX_WIDTH,
+    POSITIVE,
+    check_run_config,
+    config_from_args,
+    number,
+    train,
+    training_parser,
+    whole,
+)
 from clip4cir.core.errors import DataError
 from clip4cir.data.sources.base import check_images_readable
 from clip4cir.data.sources.labels import LabelledImages
@@ -15,9 +23,9 @@ from clip4cir.training.metric_losses import DEFAULT_LOSS, LOSSES
 
 
 def parse_args(argv: Sequence[str] | None) -> LabelConfig:
-    parser = training_parser("train_labels.py", labels.__doc__, LabelConfig)
+    parser = training_parser("clip4cir train-labels", labels.__doc__, LabelConfig)
     parser.add_argument("--loss", choices=LOSSES.names(), default=DEFAULT_LOSS,
-                        help="the metric-learning loss (the default measured best: see the README's table)")
+                        help="the metric-learning loss (the default measured best: benchmark/README.md)")
     parser.add_argument("--m-per-class", type=whole(2), default=4, help="images of each label in a batch")
     parser.add_argument("--embed-dim", type=whole(1, MAX_WIDTH), default=128,
                         help="timm encoders: the projection's size")
@@ -39,7 +47,3 @@ def parse_args(argv: Sequence[str] | None) -> LabelConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return train(LabelTask, parse_args(argv))
-
-
-def console() -> int:
-    return run(main)

@@ -1,13 +1,19 @@
-"""Image-text training (``scripts/train_pairs.py``, ``clip4cir-train-pairs``): adapt CLIP to a catalog's own
+"""Image-text training (``clip4cir train-pairs``): adapt CLIP to a catalog's own
 image-text pairs, titles or descriptions, before any triplet exists (clip4cir.training.pairs)."""
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
-from clip4cir.commands.common import (POSITIVE, add_tower_args, check_run_config, config_from_args, run, train,
-                                      training_parser)
+from clip4cir.commands.common import (
+    POSITIVE,
+    add_tower_args,
+    check_run_config,
+    config_from_args,
+    train,
+    training_parser,
+)
 from clip4cir.core.errors import DataError
 from clip4cir.data.sources.base import check_images_readable, detect_kind
 from clip4cir.training import pairs
@@ -16,7 +22,7 @@ from clip4cir.training.stage_one import check_batch_fits
 
 
 def parse_args(argv: Sequence[str] | None) -> PairsConfig:
-    parser = training_parser("train_pairs.py", pairs.__doc__, PairsConfig)
+    parser = training_parser("clip4cir train-pairs", pairs.__doc__, PairsConfig)
     add_tower_args(parser, PairsConfig)
     parser.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction, default=True,
                         help="learn the logit scale, from the model's own (default: yes, as CLIP does)")
@@ -43,7 +49,3 @@ def parse_args(argv: Sequence[str] | None) -> PairsConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return train(PairsTask, parse_args(argv))
-
-
-def console() -> int:
-    return run(main)

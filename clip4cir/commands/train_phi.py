@@ -1,18 +1,18 @@
-"""Zero-shot composed retrieval without triplets (``scripts/train_phi.py``, ``clip4cir-train-phi``): train the
+"""Zero-shot composed retrieval without triplets (``clip4cir train-phi``): train the
 textual-inversion network φ for a frozen encoder, from catalog images (``--method pic2word``) or from texts alone
 (``--method lincir``) (clip4cir.training.textual_inversion)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from clip4cir.commands.common import check_run_config, config_from_args, number, run, train, training_parser
+from clip4cir.commands.common import check_run_config, config_from_args, number, train, training_parser
 from clip4cir.data.sources.base import check_images_readable
 from clip4cir.training import textual_inversion
 from clip4cir.training.textual_inversion import METHODS, PhiConfig, PhiTask, training_texts
 
 
 def parse_args(argv: Sequence[str] | None) -> PhiConfig:
-    parser = training_parser("train_phi.py", textual_inversion.__doc__, PhiConfig)
+    parser = training_parser("clip4cir train-phi", textual_inversion.__doc__, PhiConfig)
     parser.add_argument("--method", choices=METHODS.names(), default="pic2word",
                         help="pic2word: from the catalog's images; lincir: from its texts (titles) alone")
     parser.add_argument("--weight-decay", type=number(0, 1e3), default=0.01)
@@ -36,7 +36,3 @@ def parse_args(argv: Sequence[str] | None) -> PhiConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return train(PhiTask, parse_args(argv))
-
-
-def console() -> int:
-    return run(main)

@@ -1,7 +1,7 @@
 """Scale-out training with torchrun (DistributedDataParallel): process-group set-up from torchrun's environment,
 the global-batch gather of the contrastive loss, and helpers that keep side effects on rank 0.
 
-Launch: ``torchrun --nproc_per_node N scripts/train_clip.py ...`` (and across machines with ``--nnodes`` and a
+Launch: ``torchrun --nproc_per_node N -m clip4cir train ...`` (and across machines with ``--nnodes`` and a
 rendezvous endpoint); without torchrun everything runs as one process.
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

@@ -1,5 +1,5 @@
 """The project's error types: each names the file, field or value that is wrong, and the tools turn any of them
-into one line and exit status 2 (``clip4cir.cli.run``)."""
+into one line and exit status 2 (``clip4cir.commands.common.run``)."""
 from __future__ import annotations
 
 

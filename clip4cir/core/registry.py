@@ -3,7 +3,8 @@ an index kind) mapped to what makes it, so that adding one is one definition and
 of an if-chain."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import Clip4CirError
 

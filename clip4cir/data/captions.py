@@ -7,7 +7,7 @@ FashionIQ gives two captions per triplet; CLIP4Cir trains on four variants ("c1 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

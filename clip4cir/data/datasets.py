@@ -1,10 +1,10 @@
-"""Torch datasets over any data set (a :class:`~clip4cir.sources.Source`): the triplets of a split with their
+"""Torch datasets over any data set (a :class:`~clip4cir.data.sources.Source`): the triplets of a split with their
 training captions and images, and the images of a split's gallery. Missing images are found when the dataset
 is made, before any work starts."""
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils.data import Dataset
@@ -47,27 +47,35 @@ class TripletDataset(Dataset):
         triplets = [t for t in source.triplets(split) if self.categories is None or t.category in self.categories]
         self.skipped = 0
         if check_images or transform is not None:
-            def has_images(t: Triplet) -> bool:
-                return source.has_image(t.reference) and (t.target is None or source.has_image(t.target))
-
-            missing = [t for t in triplets if not has_images(t)]
-            if missing and not skip_missing:
-                ids = sorted({i for t in missing for i in (t.reference, t.target) if i and not source.has_image(i)})
-                raise DataError(missing_message(f"{split} triplets", len(missing), len(triplets), ids,
-                                                source.describe()))
-            if missing:
-                self.skipped = len(missing)
-                warnings.warn(f"skipped {len(missing):,} of {len(triplets):,} {split} triplets with missing images")
-                triplets = [t for t in triplets if has_images(t)]
+            triplets = self._with_images(triplets, skip_missing)
         self.empty_captions = count_empty_captions(triplets)
         if skip_empty_captions and self.empty_captions:
             warnings.warn(f"skipped {self.empty_captions:,} of {len(triplets):,} {split} triplets with an empty "
-                          f"caption (such as '' or 'n/a')")
+                          f"caption (such as '' or 'n/a')", stacklevel=2)
             triplets = [t for t in triplets if not any(map(is_empty_caption, t.captions))]
         if not triplets:
             raise DataError(f"no {split} triplets in {source.describe()}"
                             + (f" for {','.join(self.categories)}" if self.categories else ""))
         self.triplets = triplets
+
+    def _with_images(self, triplets: list[Triplet], skip_missing: bool) -> list[Triplet]:
+        """The triplets whose images are there; a missing one is an error naming the images, or, with
+        ``skip_missing``, a warning counting the triplets left out (``skipped``)."""
+        source = self.source
+
+        def has_images(t: Triplet) -> bool:
+            return source.has_image(t.reference) and (t.target is None or source.has_image(t.target))
+
+        missing = [t for t in triplets if not has_images(t)]
+        if missing and not skip_missing:
+            ids = sorted({i for t in missing for i in (t.reference, t.target) if i and not source.has_image(i)})
+            raise DataError(missing_message(f"{self.split} triplets", len(missing), len(triplets), ids,
+                                            source.describe()))
+        if missing:
+            self.skipped = len(missing)
+            warnings.warn(f"skipped {len(missing):,} of {len(triplets):,} {self.split} triplets with missing images",
+                          stacklevel=3)
+        return [t for t in triplets if has_images(t)] if missing else triplets
 
     def fingerprint_parts(self) -> dict:
         """What the triplets were read from, part by part: the annotation files' contents and the images' files."""
@@ -130,7 +138,7 @@ class GalleryDataset(Dataset):
                                             source.describe()))
         if missing:
             self.skipped = len(missing)
-            warnings.warn(f"skipped {len(missing):,} of {len(ids):,} {split} images that are missing")
+            warnings.warn(f"skipped {len(missing):,} of {len(ids):,} {split} images that are missing", stacklevel=2)
             ids = [i for i in ids if source.has_image(i)]
         if not ids:
             raise DataError(f"no {split} images in {source.describe()}"

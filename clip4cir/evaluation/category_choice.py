@@ -3,7 +3,7 @@ whole gallery, or only the items of a category chosen for it (the reference's ow
 target outside the chosen category is a miss. Measured by ``evaluate --task category`` to pick the app's default."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from clip4cir.core.errors import DataError
 from clip4cir.data.captions import count_empty_captions, eval_caption
-from clip4cir.data.sources import Protocol, Source, Triplet
+from clip4cir.data.sources import EvaluationProtocol, Source, Triplet
 from clip4cir.evaluation.ranking import recall_at_k, subset_ranks, target_ranks, top_k
 from clip4cir.models.combiner import Combine, compose_queries
-from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder import CLIPEncoder
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import check_finite, gallery_features
 
 
@@ -42,6 +42,39 @@ class Ranking:
     subset_ranks: torch.Tensor | None = None
 
 
+def split_queries(source: Source, split: str, category: str | None, index: dict[str, int]) -> list[Triplet]:
+    """The triplets whose composed queries a gallery is evaluated on, each image checked to be in the gallery
+    (``index``: gallery id -> position); empty captions are kept, as the published protocol does, and counted."""
+    triplets = [t for t in source.triplets(split) if category is None or t.category == category]
+    name = f"{category} " if category else ""
+    if not triplets:
+        raise DataError(f"no {split} queries{f' of {category}' if category else ''} in {source.describe()}")
+    empty = count_empty_captions(triplets)
+    if empty:  # the published protocol counts these queries: keep them, but say so
+        warnings.warn(f"{empty:,} of {len(triplets):,} {name}{split} queries have an empty caption (such as '' or "
+                      f"'n/a'); they are kept, as in CLIP4Cir's evaluation and the published figures", stacklevel=3)
+    for t in triplets:
+        for role, image_id in (("reference", t.reference), ("target", t.target)):
+            if image_id is not None and image_id not in index:
+                raise DataError(f"{role} {image_id} of a {name}{split} triplet is not in the {name}{split} gallery "
+                                f"of {source.describe()}")
+    return triplets
+
+
+def ranks_of(queries: torch.Tensor, gallery: torch.Tensor, triplets: Sequence[Triplet], index: dict[str, int],
+             exclude: torch.Tensor | None, subsets: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Each target's rank in the gallery (and within its query's subset, when ``subsets``); (None, None) on a
+    split without targets."""
+    if not all(t.target is not None for t in triplets):
+        return None, None
+    targets = torch.tensor([index[t.target] for t in triplets])
+    ranks = target_ranks(queries, gallery, targets, exclude)
+    if not subsets:
+        return ranks, None
+    members = [[index[m] for m in t.subset if m != t.reference] for t in triplets]
+    return ranks, subset_ranks(queries, gallery, targets, members)
+
+
 def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str | None = None,
                combine: Combine = combine_sum, cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
                workers: int = 0, progress: bool = True, gallery: tuple[list[str], torch.Tensor] | None = None
@@ -53,31 +86,14 @@ def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str |
     ids, features = gallery or gallery_features(encoder, source, split, category, cache_dir, batch_size, workers,
                                                 progress)
     index = {image_id: i for i, image_id in enumerate(ids)}
-    triplets = [t for t in source.triplets(split) if category is None or t.category == category]
-    if not triplets:
-        raise DataError(f"no {split} queries{f' of {category}' if category else ''} in {source.describe()}")
+    triplets = split_queries(source, split, category, index)
     name = f"{category} " if category else ""
-    empty = count_empty_captions(triplets)
-    if empty:  # the published protocol counts these queries: keep them, but say so
-        warnings.warn(f"{empty:,} of {len(triplets):,} {name}{split} queries have an empty caption (such as '' or "
-                      f"'n/a'); they are kept, as in CLIP4Cir's evaluation and the published figures")
-    for t in triplets:
-        for role, image_id in (("reference", t.reference), ("target", t.target)):
-            if image_id is not None and image_id not in index:
-                raise DataError(f"{role} {image_id} of a {name}{split} triplet is not in the {name}{split} gallery "
-                                f"of {source.describe()}")
     reference = features[[index[t.reference] for t in triplets]]
     queries = check_finite(compose_queries(encoder, combine, reference, [eval_caption(t.captions) for t in triplets])
                            .float().cpu(), f"{name}{split} query features")
     gallery_matrix = F.normalize(check_finite(features, f"{name}{split} gallery features"), dim=-1)
     exclude = torch.tensor([index[t.reference] for t in triplets]) if protocol.remove_reference else None
-    ranks = subsets = None
-    if all(t.target is not None for t in triplets):
-        targets = torch.tensor([index[t.target] for t in triplets])
-        ranks = target_ranks(queries, gallery_matrix, targets, exclude)
-        if protocol.subset_ks:
-            members = [[index[m] for m in t.subset if m != t.reference] for t in triplets]
-            subsets = subset_ranks(queries, gallery_matrix, targets, members)
+    ranks, subsets = ranks_of(queries, gallery_matrix, triplets, index, exclude, bool(protocol.subset_ks))
     return Ranking(category or "all", ids, triplets, queries, gallery_matrix, exclude, ranks, subsets)
 
 
@@ -90,7 +106,7 @@ def rankings_of(encoder: CLIPEncoder, source: Source, split: str, combine: Combi
                        (galleries or {}).get(name)) for name in names]
 
 
-def summarize(rankings: Sequence[Ranking], protocol: Protocol) -> dict:
+def summarize(rankings: Sequence[Ranking], protocol: EvaluationProtocol) -> dict:
     """Recall@K (and Recall_subset@K) per ranking, their average, and the protocol's headline ``score``, in percent."""
     metrics = {}
     for r in rankings:
@@ -118,16 +134,10 @@ BLEND_WEIGHTS = tuple(i / 10 for i in range(11))
 def blended(combined: Sequence[Ranking], summed: Sequence[Ranking], weight: float) -> list[Ranking]:
     """The rankings of the queries weight · Combiner query + (1 − weight) · sum query, on the same galleries."""
     out = []
-    for c, s in zip(combined, summed):
+    for c, s in zip(combined, summed, strict=True):
         queries = weight * c.queries + (1 - weight) * s.queries
-        ranks = subsets = None
-        if c.ranks is not None:
-            index = {image_id: i for i, image_id in enumerate(c.gallery_ids)}
-            targets = torch.tensor([index[t.target] for t in c.triplets])
-            ranks = target_ranks(queries, c.gallery, targets, c.exclude)
-            if c.subset_ranks is not None:
-                subsets = subset_ranks(queries, c.gallery, targets, [[index[m] for m in t.subset if m != t.reference]
-                                                                     for t in c.triplets])
+        index = {image_id: i for i, image_id in enumerate(c.gallery_ids)}
+        ranks, subsets = ranks_of(queries, c.gallery, c.triplets, index, c.exclude, c.subset_ranks is not None)
         out.append(Ranking(c.name, c.gallery_ids, c.triplets, queries, c.gallery, c.exclude, ranks, subsets))
     return out
 
@@ -162,7 +172,7 @@ def query_records(ranking: Ranking, k: int = 10) -> list[dict]:
     return records
 
 
-def test_predictions(rankings: Sequence[Ranking], protocol: Protocol) -> dict[str, dict | list]:
+def test_predictions(rankings: Sequence[Ranking], protocol: EvaluationProtocol) -> dict[str, dict | list]:
     """What a test server takes, by file name: CIRR's two JSON files (top-50 of the gallery, top-3 of the
     subset, by pair id); otherwise the top-50 ids of each query."""
     if protocol.name == "cirr":
@@ -171,7 +181,7 @@ def test_predictions(rankings: Sequence[Ranking], protocol: Protocol) -> dict[st
         recall = {"version": "rc2", "metric": "recall"}
         subset = {"version": "rc2", "metric": "recall_subset"}
         index = {image_id: i for i, image_id in enumerate(ranking.gallery_ids)}
-        for t, query, row in zip(ranking.triplets, ranking.queries, top.tolist()):
+        for t, query, row in zip(ranking.triplets, ranking.queries, top.tolist(), strict=True):
             recall[t.pair_id] = [ranking.gallery_ids[j] for j in row]
             members = sorted({index[m] for m in t.subset if m != t.reference})
             scores = ranking.gallery[members] @ query
@@ -182,5 +192,6 @@ def test_predictions(rankings: Sequence[Ranking], protocol: Protocol) -> dict[st
     for r in rankings:
         _, top = top_k(r.queries, r.gallery, 50, r.exclude)
         out[r.name] = [{"reference": t.reference, "captions": list(t.captions),
-                        "top50": [r.gallery_ids[j] for j in row]} for t, row in zip(r.triplets, top.tolist())]
+                        "top50": [r.gallery_ids[j] for j in row]}
+                       for t, row in zip(r.triplets, top.tolist(), strict=True)]
     return {"predictions.json": out}

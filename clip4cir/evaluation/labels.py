@@ -3,7 +3,7 @@ is relevant. Recall@1/2/4/8, MAP@R, R-precision and precision@1 (pytorch-metric-
 and the top-10 attribute agreement of face retrieval where images have binary attributes."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

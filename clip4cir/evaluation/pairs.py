@@ -3,7 +3,7 @@ images (text→image), each image retrieves its texts among the split's texts (i
 own texts counts). Recall@1/5/10 in percent."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@ gallery index, as a stable sort would), within a query's subset, Recall@K, and t
 Small pure functions that the tests check against brute-force NumPy."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ def subset_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Te
     """0-based rank of each target among its query's subset (gallery indices, the reference already left out),
     by descending score, ties to the lower gallery index."""
     ranks = torch.empty(len(members), dtype=torch.long)
-    for i, (query, target, subset) in enumerate(zip(queries, targets.tolist(), members)):
+    for i, (query, target, subset) in enumerate(zip(queries, targets.tolist(), members, strict=True)):
         subset = torch.tensor(sorted(set(subset)), dtype=torch.long)
         scores, target_score = gallery[subset] @ query, gallery[target] @ query
         ranks[i] = int(((scores > target_score) | ((scores == target_score) & (subset < target))).sum())

@@ -6,18 +6,18 @@ image→text retrieval on held-out image-text pairs."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from clip4cir.core.errors import DataError
 from clip4cir.core.registry import Registry
+from clip4cir.data.captions import eval_caption
 from clip4cir.data.datasets import GalleryDataset
 from clip4cir.data.sources import Source
 from clip4cir.data.sources.labels import LabelledImages
-from clip4cir.data.captions import eval_caption
 from clip4cir.evaluation.category_choice import ranks_within
 from clip4cir.evaluation.composed import Ranking, rankings_of, summarize
 from clip4cir.evaluation.image_search import image_retrieval_metrics
@@ -26,9 +26,9 @@ from clip4cir.evaluation.pairs import pair_metrics
 from clip4cir.evaluation.ranking import recall_at_k
 from clip4cir.models.category_probe import predict_category, train_probe
 from clip4cir.models.combiner import Combine, compose_queries
-from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.factory import load_model
+from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import extract_image_features
 
 
@@ -94,7 +94,7 @@ def category_task(encoder: Encoder, source: Source, request: EvalRequest) -> Tas
                         f"{len(source.categories())}")
     ids, feats, categories_of = features[request.split]
     predicted = predict_category(probe, feats.numpy())
-    right = sum(p in categories_of[i] for p, i in zip(predicted, ids))
+    right = sum(p in categories_of[i] for p, i in zip(predicted, ids, strict=True))
     metrics = {"accuracy": 100.0 * right / len(ids), "images": len(ids), "train_images": len(features[train][0])}
     triplets = [t for t in source.triplets(request.split) if t.target is not None]
     if triplets:
@@ -120,7 +120,7 @@ def composed_category_choices(encoder: Encoder, request: EvalRequest, probe: dic
     for name, chosen in choices.items():
         ranks = ranks_within(queries, gallery, targets, exclude, [categories_of[i] for i in ids], chosen)
         out[name] = {**recall_at_k(ranks), "right_category": 100.0 * sum(
-            c is None or c in categories_of[t.target] for c, t in zip(chosen, triplets)) / len(triplets)}
+            c is None or c in categories_of[t.target] for c, t in zip(chosen, triplets, strict=True)) / len(triplets)}
     return out
 
 

@@ -2,7 +2,7 @@
 as the seed system's SVM step did, trained when the index is built and stored in it."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

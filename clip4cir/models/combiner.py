@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from clip4cir.models.pseudo_tokens import zero_shot_queries
 from clip4cir.models.tensor_files import read_tensor_file
 
 COMBINER_FORMAT = "clip4cir.combiner"
-COMBINER_VERSION = "1"
+COMBINER_VERSION = 1  # written as text: safetensors metadata holds strings (CHANGELOG.md: each bump)
 log = logging.getLogger(__name__)
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -122,7 +122,7 @@ def save_combiner(combiner: Combiner, path: str | os.PathLike, encoder: dict | N
                   info: dict | None = None, data: dict | None = None) -> None:
     """Save atomically in the self-describing ``.safetensors`` format."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in combiner.state_dict().items()}
-    metadata = {"format": COMBINER_FORMAT, "version": COMBINER_VERSION, "feature_dim": str(combiner.feature_dim),
+    metadata = {"format": COMBINER_FORMAT, "version": str(COMBINER_VERSION), "feature_dim": str(combiner.feature_dim),
                 "projection_dim": str(combiner.projection_dim), "hidden_dim": str(combiner.hidden_dim),
                 "blend": str(combiner.blend), "encoder": json.dumps(encoder or {}), "data": json.dumps(data or {}),
                 "info": json.dumps(info or {})}
@@ -174,7 +174,7 @@ def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: st
         return combine_sum
     if mode == "phi":
         if not phi_path:
-            raise ModelError("--mode phi needs --phi PATH (a φ trained by scripts/train_phi.py)")
+            raise ModelError("--mode phi needs --phi PATH (a φ trained by clip4cir train-phi)")
         return zero_shot_queries(phi_path, encoder, sum_weight)
     if not combiner_path:
         raise ModelError("--mode combiner needs --combiner PATH (a stage-two checkpoint)")

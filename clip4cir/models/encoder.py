@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import open_clip
 import torch
@@ -47,7 +47,7 @@ class Encoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: str | torch.device) -> "Encoder":
+    def to(self, device: str | torch.device) -> Encoder:
         self.model.to(device)
         return self
 

@@ -3,7 +3,7 @@ encoder's, when ``model_config`` says ``"family": "timm"``), whose metadata desc
 open_clip (or timm) and safetensors alone.
 
 Metadata: ``format`` = ``clip4cir.encoder``, ``version``, ``model_name``, ``model_config`` (JSON, the open_clip
-config incl. ``quick_gelu``), ``preprocess`` (JSON, see :class:`clip4cir.transforms.Preprocess`), ``source``
+config incl. ``quick_gelu``), ``preprocess`` (JSON, see :class:`clip4cir.models.transforms.Preprocess`), ``source``
 (JSON: how the weights were first obtained), ``fingerprint`` (of the weights and preprocessing) and ``info``
 (JSON: e.g. epoch, metrics, and the ``data`` it was trained on).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -26,7 +26,7 @@ from clip4cir.models.timm_encoder import TimmEncoder, TimmImageModel
 from clip4cir.models.transforms import Preprocess
 
 ENCODER_FORMAT = "clip4cir.encoder"
-ENCODER_VERSION = "1"
+ENCODER_VERSION = 1  # written as text: safetensors metadata holds strings (CHANGELOG.md: each bump)
 JSON_FIELDS = ("model_config", "preprocess", "source", "info")
 
 
@@ -36,7 +36,7 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike, info: dict | None = 
     Hugging Face Space takes without Git LFS; loading casts them back to the model's precision)."""
     tensors = {k: v.detach().to("cpu", torch.float16 if half and v.is_floating_point() else v.dtype).contiguous()
                for k, v in encoder.model.state_dict().items()}
-    metadata = {"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "model_name": encoder.name,
+    metadata = {"format": ENCODER_FORMAT, "version": str(ENCODER_VERSION), "model_name": encoder.name,
                 "model_config": json.dumps(encoder.config), "preprocess": json.dumps(encoder.preprocess.to_dict()),
                 "source": json.dumps(encoder.source), "fingerprint": encoder.fingerprint(),
                 "info": json.dumps(info if info is not None else encoder.info)}

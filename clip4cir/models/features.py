@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -90,7 +90,7 @@ def cached(path: Path | None, key: str, compute: Callable[[], dict]) -> tuple[di
             reason = "it was computed from other inputs"
         except Exception as e:  # truncated, corrupt, foreign: a cache is derived data, compute it again
             reason = f"it cannot be read ({type(e).__name__}: {e})"
-        warnings.warn(f"feature cache {path}: {reason}; computing the features again")
+        warnings.warn(f"feature cache {path}: {reason}; computing the features again", stacklevel=2)
     value = {**compute(), "key": key}
     if path is not None:
         atomic_write(path, lambda tmp: torch.save(value, tmp))

@@ -6,14 +6,14 @@ Runtime fp32 on a CPU when it is installed, torch on a GPU.
 The exported graphs are an artifact (clip4cir.core.artifacts) cached under the encoder's fingerprint, checked once
 against torch on probe inputs when made (fp32 must reach cosine ≥ 0.999; the check is recorded in the manifest).
 Whether int8 is good enough depends on the catalog: the search engine accepts it only when its top-10 lists agree
-with fp32's on the data set's queries (clip4cir.retrieval.search.SearchEngine.use_towers)."""
+with fp32's on the data set's queries (clip4cir.serving.service.choose_towers)."""
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

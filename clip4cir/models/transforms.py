@@ -4,9 +4,9 @@ Every transform first converts the image to RGB (RGBA, palette, greyscale, CMYK 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable
 
 import torchvision.transforms.functional as TF
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -39,7 +39,7 @@ class Preprocess:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         return cls(kind=d["kind"], size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    target_ratio=float(d.get("target_ratio", 1.25)))
 
@@ -63,7 +63,7 @@ def square_pad(image: Image.Image) -> Image.Image:
     return TF.pad(image, [hp, vp, hp, vp], 0, "constant")
 
 
-def build_transform(pre: Preprocess) -> Callable[[Image.Image], "torch.Tensor"]:  # noqa: F821
+def build_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:  # noqa: F821
     """The image → tensor transform ``pre`` describes."""
     if pre.kind == "openclip":
         clip_transform = image_transform_v2(PreprocessCfg(size=pre.size, mean=pre.mean, std=pre.std), is_train=False)

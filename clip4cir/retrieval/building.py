@@ -11,9 +11,10 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,20 +24,21 @@ from tqdm.auto import tqdm
 
 from clip4cir.core.artifacts import atomic_write, owned_folder, remove_owned_folder
 from clip4cir.core.distributed import Dist, barrier
-from clip4cir.data.captions import eval_caption
-from clip4cir.models.combiner import Combine
-from clip4cir.models.feature_sum import combine_sum
-from clip4cir.models.features import encode_texts
-from clip4cir.retrieval.vector_store import KINDS
 from clip4cir.core.errors import ArtifactError, BusyError, Clip4CirError, DataError, StoreError
 from clip4cir.core.fingerprints import digest
+from clip4cir.data.captions import eval_caption
 from clip4cir.data.sources import Source
 from clip4cir.models.category_probe import train_probe
+from clip4cir.models.combiner import Combine
 from clip4cir.models.encoder import Encoder
+from clip4cir.models.feature_sum import combine_sum
+from clip4cir.models.features import encode_texts
 from clip4cir.retrieval.catalog import annotated_captions, encode_items, item_titles, items_fingerprint
-from clip4cir.retrieval.stores import STORES, AnyIndex
 from clip4cir.retrieval.index import CatalogIndex, Item
+from clip4cir.retrieval.index_protocol import Index
+from clip4cir.retrieval.stores import STORES
 from clip4cir.retrieval.tuning import QUERIES, calibration_half, choose_kind
+from clip4cir.retrieval.vector_store import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ CHUNK = 4096  # images per saved chunk of features
 PROBE_SAMPLE = 50_000  # the category probe learns from at most this many items
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
     """How to index: the kind (``auto`` chooses by size and ``memory_budget`` bytes), the metric, the Recall@10
     the approximate kinds are calibrated to, their knobs (None: defaults), and the encoding's batch, workers,
@@ -94,9 +96,9 @@ def encode_catalog(encoder: Encoder, items: Sequence[Item], source: Source, work
         part = items[i * chunk:(i + 1) * chunk]
         kept, features, _ = encode_items(encoder, part, source, batch_size, workers, progress=False, start=i * chunk)
         positions = {item.id: p for p, item in enumerate(part)}
-        atomic_write(_chunk_file(work, i), lambda tmp: torch.save(
-            {"positions": torch.tensor([i * chunk + positions[item.id] for item in kept], dtype=torch.long),
-             "features": torch.from_numpy(features)}, tmp))
+        chunk_data = {"positions": torch.tensor([i * chunk + positions[item.id] for item in kept], dtype=torch.long),
+                      "features": torch.from_numpy(features)}
+        atomic_write(_chunk_file(work, i), partial(torch.save, chunk_data))
         bar.update(len(part))
     bar.close()
     barrier()
@@ -115,7 +117,7 @@ def encode_catalog(encoder: Encoder, items: Sequence[Item], source: Source, work
 
 def build_index(encoder: Encoder, source: Source, items: Sequence[Item], output: str | os.PathLike,
                 options: BuildOptions = BuildOptions(), record: dict | None = None, ddp: Dist = Dist(),
-                message: Callable[[str], None] = log.info) -> tuple[AnyIndex | None, list[Item]]:
+                message: Callable[[str], None] = log.info) -> tuple[Index | None, list[Item]]:
     """Encode the items and write their index to ``output``; returns the index (None on processes other than the
     main one) and the items whose image could not be read. DataError when none can be read: an empty index is
     never a result, and an index already at ``output`` stays as it was. The chunks are kept in
@@ -171,7 +173,7 @@ def clear_other_encodings(work: Path) -> None:
 
 def _build(encoder: Encoder, source: Source, items: Sequence[Item], output: Path, work: Path,
            options: BuildOptions, record: dict | None, ddp: Dist, message: Callable[[str], None]
-           ) -> tuple[AnyIndex | None, list[Item]]:
+           ) -> tuple[Index | None, list[Item]]:
     positions, features = encode_catalog(encoder, items, source, work, options.batch_size, options.workers,
                                          options.progress, ddp, options.chunk)
     if not ddp.is_main:
@@ -204,35 +206,48 @@ STAND_IN_WORDS = ("red", "blue", "green", "black", "white", "yellow", "pink", "g
                   "plain", "checked", "dotted", "long", "short", "large", "small", "leather", "cotton")
 
 
+def calibration_pairs(source: Source, rows: dict[str, int]) -> list[tuple[str, str]]:
+    """The (reference, evaluation caption) pairs of the data set whose reference is indexed (``rows``) and that
+    fall in the calibration half, sorted; a split whose captions are not there (e.g. CIRR's train) is passed over."""
+    pairs = set()
+    for split in source.splits():
+        try:
+            triplets = source.triplets(split)
+        except DataError:
+            continue
+        pairs.update((t.reference, eval_caption(t.captions)) for t in triplets
+                     if t.reference in rows and calibration_half(t.reference, eval_caption(t.captions)))
+    return sorted(pairs)
+
+
+def stand_in_queries(items: Sequence[Item], rng: np.random.Generator, limit: int
+                     ) -> tuple[list[int], list[str], list[str]]:
+    """Without captions: composed queries ("is red" on a random catalog item) and text queries ("a red dress")
+    from the catalog's category names and common attribute words."""
+    names = sorted({c for item in items for c in item.categories}) or ["item"]
+    words = [(w, name) for w in STAND_IN_WORDS for name in names]
+    words = [words[i] for i in sorted(rng.permutation(len(words))[:limit])]
+    references = rng.integers(0, len(items), len(words)).tolist()
+    return references, [f"is {w}" for w, _ in words], [f"a {w} {name}" for w, name in words]
+
+
 def serving_queries(encoder: Encoder, source: Source, items: Sequence[Item], features: np.ndarray,
                     combine: Combine = combine_sum, limit: int = QUERIES) -> dict[str, np.ndarray]:
     """The composed and text queries an index of ``items`` will serve, as unit-length features, for calibration:
     the data set's captions of indexed references (the calibration half of its triplets, at most ``limit``), each
     with its reference as a composed query and alone as a text query; without captions, a stand-in from the
-    catalog's category names and common attribute words ("a red dress", and "is red" on a catalog item). None
-    for an encoder without a text tower (image queries only)."""
+    catalog's category names and common attribute words. None for an encoder without a text tower (image queries
+    only)."""
     if not encoder.has_text:
         return {}
     rows = {item.id: i for i, item in enumerate(items)}
-    pairs = set()
-    for split in source.splits():
-        try:
-            triplets = source.triplets(split)
-        except DataError:  # e.g. CIRR's train captions, not downloaded
-            continue
-        pairs.update((t.reference, eval_caption(t.captions)) for t in triplets
-                     if t.reference in rows and calibration_half(t.reference, eval_caption(t.captions)))
+    pairs = calibration_pairs(source, rows)
     rng = np.random.default_rng(0)
     if pairs:
-        chosen = sorted(pairs)
-        chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[:limit])]
+        chosen = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:limit])]
         references, captions, texts = [rows[r] for r, _ in chosen], [c for _, c in chosen], [c for _, c in chosen]
     else:
-        names = sorted({c for item in items for c in item.categories}) or ["item"]
-        words = [(w, name) for w in STAND_IN_WORDS for name in names]
-        words = [words[i] for i in sorted(rng.permutation(len(words))[:limit])]
-        references = rng.integers(0, len(items), len(words)).tolist()
-        captions, texts = [f"is {w}" for w, _ in words], [f"a {w} {name}" for w, name in words]
+        references, captions, texts = stand_in_queries(items, rng, limit)
     with torch.inference_mode():
         composed = combine(torch.from_numpy(np.asarray(features[references])).to(encoder.device),
                            encode_texts(encoder, captions).to(encoder.device)).float().cpu()

@@ -2,8 +2,8 @@
 that lists it, and their features."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import islice
-from typing import Sequence
 
 import numpy as np
 from torch.utils.data import Dataset

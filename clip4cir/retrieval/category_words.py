@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 AWAY = re.compile(r"\b(?:instead of|rather than|in place of|not|no longer|unlike|than|from)\s+(?:an?\s+|the\s+)?"

@@ -4,10 +4,10 @@ item belongs to (a name list and, per item, the names' numbers). Removed items s
 index is rebuilt; the category filters of a search are derived from these columns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class StringColumn:
         np.save(folder / f"{name}.offsets.npy", self.offsets)
 
     @classmethod
-    def load(cls, folder: Path, name: str) -> "StringColumn":
+    def load(cls, folder: Path, name: str) -> StringColumn:
         return cls(np.load(folder / f"{name}.bytes.npy", mmap_mode="r"),
                    np.load(folder / f"{name}.offsets.npy", mmap_mode="r"))
 
@@ -94,7 +94,7 @@ class NameSets:
         np.save(folder / f"{name}.offsets.npy", self.offsets)
 
     @classmethod
-    def load(cls, folder: Path, name: str, names: list[str]) -> "NameSets":
+    def load(cls, folder: Path, name: str, names: list[str]) -> NameSets:
         return cls(list(names), np.load(folder / f"{name}.codes.npy", mmap_mode="r"),
                    np.load(folder / f"{name}.offsets.npy", mmap_mode="r"))
 
@@ -176,7 +176,7 @@ class ItemTable:
         return {group: sets.names for group, sets in self.groups.items()}
 
     @classmethod
-    def load(cls, folder: Path, names: dict) -> "ItemTable":
+    def load(cls, folder: Path, names: dict) -> ItemTable:
         table = cls()
         table.ids = np.load(folder / "ids.npy", mmap_mode="r")
         table._sorted = (np.load(folder / "ids.sorted.npy", mmap_mode="r"),

@@ -7,8 +7,8 @@ the other half measures it (``scripts/benchmark.py storefront``). A query whose 
 the first results of nine in ten right-answer queries gets a notice that nothing in the catalog fits well."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def answer_z(levels_sample: np.ndarray, answers: RightAnswers, feature: Callable
     """Each query's z-score of its right answer and of its first result."""
     probe = MatchLevels(levels_sample, {})
     own, first = [], []
-    for query, answer in zip(answers.queries, answers.answers):
+    for query, answer in zip(answers.queries, answers.answers, strict=True):
         target = float(query @ (feature(answer) / max(float(np.linalg.norm(feature(answer))), 1e-12)))
         z_target, z_first = probe.z(query, [target, top_score(query)])
         own.append(z_target)

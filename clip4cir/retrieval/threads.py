@@ -2,7 +2,7 @@
 
 A single query cannot use more than one FAISS thread, and FAISS's OpenMP threads busy-wait: left at their
 default they compete with torch's own threads for the same cores, and single queries slow down. Serving (the
-app, ``scripts/search.py``) therefore calls :func:`configure_serving_threads` once: FAISS gets one thread, torch
+app, ``clip4cir search``) therefore calls :func:`configure_serving_threads` once: FAISS gets one thread, torch
 the cores. FAISS (its own OpenMP runtime) keeps the setting per thread, so every thread that searches applies
 it with :func:`apply_serving_threads` (the search engine does, e.g. in Gradio's worker threads). Batch work
 (building and calibrating an index, evaluation) keeps the defaults.

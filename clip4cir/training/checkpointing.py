@@ -3,7 +3,7 @@
     OUTPUT/params.json                  hyper-parameters and the data trained on (written at the start)
     OUTPUT/metrics.jsonl                one JSON line per epoch
     OUTPUT/best.safetensors             the best validated model (--save-best)
-    OUTPUT/checkpoints/step-000000120/  one save, committed as one unit (clip4cir.artifacts): model.safetensors,
+    OUTPUT/checkpoints/step-000000120/  one save, committed as one unit (clip4cir.core.artifacts): model.safetensors,
                                         state.pt (optimizer, grad scaler, loop state, every rank's RNG state),
                                         metrics.jsonl (the log up to this step) and manifest.json
 
@@ -16,14 +16,22 @@ import json
 import os
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from clip4cir.core.artifacts import (atomic_write, atomic_write_text, clean_temporaries, read_json, read_manifest,
-                                     remove_artifact, temp_path, write_folder)
+from clip4cir.core.artifacts import (
+    atomic_write,
+    atomic_write_text,
+    clean_temporaries,
+    read_json,
+    read_manifest,
+    remove_artifact,
+    temp_path,
+    write_folder,
+)
 from clip4cir.core.distributed import gather_objects
 from clip4cir.core.errors import ArtifactError, DataError
 from clip4cir.data.sources.base import describe_change
@@ -54,7 +62,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def open_run(config: RunConfig, world_size: int) -> tuple["RunDir", dict]:
+def open_run(config: RunConfig, world_size: int) -> tuple[RunDir, dict]:
     """The run folder ``config.output`` and the run's parameters, checked before any work: a new run, or one
     that ``resume`` continues with the same parameters."""
     run_dir = RunDir(config.output)
@@ -79,7 +87,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as e:
             if number == len(lines):
                 warnings.warn(f"{path}: the last line is incomplete (the run was interrupted while logging); "
-                              f"it is left out")
+                              f"it is left out", stacklevel=2)
                 break
             raise DataError(f"{path}: line {number} is not JSON: {e}") from e
     return records
@@ -161,7 +169,7 @@ class RunDir:
                     raise ArtifactError(f"its manifest is of step {step}")
                 return folder
             except (ArtifactError, TypeError, ValueError) as e:
-                warnings.warn(f"passing over checkpoint {folder}: {e}")
+                warnings.warn(f"passing over checkpoint {folder}: {e}", stacklevel=2)
         return None
 
     def save_checkpoint(self, step: int, write_model: Callable[[Path], None], state: dict, optimizer, scaler,
@@ -183,7 +191,7 @@ class RunDir:
             try:
                 remove_artifact(old, CHECKPOINT_FORMAT)
             except ArtifactError as e:  # e.g. a file of the user's inside it: kept, and said
-                warnings.warn(f"keeping the old checkpoint {old}: {e}")
+                warnings.warn(f"keeping the old checkpoint {old}: {e}", stacklevel=2)
 
     def save_best(self, write_model: Callable[[Path], None]) -> None:
         atomic_write(self.file("best.safetensors"), write_model)
@@ -206,6 +214,6 @@ class RunDir:
             for newer in (p for p in self._steps() if p.name > folder.name):  # passed over as incomplete: kept aside
                 aside = temp_path(newer, "broken")
                 os.replace(newer, aside)
-                warnings.warn(f"moved the incomplete checkpoint {newer.name} aside to {aside}")
+                warnings.warn(f"moved the incomplete checkpoint {newer.name} aside to {aside}", stacklevel=2)
             atomic_write_text(self.metrics_file, _metrics_text(self.log))
         return {"modules": {}, **{k: v for k, v in saved.items() if k not in ("optimizer", "scaler", "rng")}}

@@ -12,8 +12,8 @@ every anchor has positives. The rates are those the labels benchmark chose on va
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from pytorch_metric_learning import losses, miners

@@ -7,9 +7,9 @@ and app load. Validated by text→image and image→text Recall@1/5/10 on held-o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ global batches that each process takes its slice of, so N processes at batch b t
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch

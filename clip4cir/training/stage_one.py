@@ -7,9 +7,9 @@ feature of the target), logits = 100 · query · targetᵀ over the (global) bat
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn

@@ -17,9 +17,9 @@ method, prompt template, Sum weight and encoder.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,19 @@ from clip4cir.evaluation.ranking import recall_at_k, target_ranks
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.factory import load_model
 from clip4cir.models.features import encode_texts, extract_image_features
-from clip4cir.models.pseudo_tokens import (PLACEHOLDER, TEMPLATE, Phi, PseudoTokenQueries, encode_with_pseudo_tokens,
-                                           load_phi, save_phi, token_width)
+from clip4cir.models.pseudo_tokens import (
+    PLACEHOLDER,
+    TEMPLATE,
+    Phi,
+    PseudoTokenQueries,
+    encode_with_pseudo_tokens,
+    load_phi,
+    save_phi,
+    token_width,
+)
 from clip4cir.training.config import RunConfig
-from clip4cir.training.pairs import initial_scale
 from clip4cir.training.losses import contrastive_loss
+from clip4cir.training.pairs import initial_scale
 from clip4cir.training.samplers import EpochSampler
 from clip4cir.training.stage_one import check_batch_fits
 from clip4cir.training.trainer import TrainingTask
@@ -96,11 +104,11 @@ class PhiConfig(RunConfig):
 class Method:
     """What one way of training φ supplies: its training examples (and their features) and its loss."""
 
-    def examples(self, task: "PhiTask") -> tuple[list[str], torch.Tensor]:
+    def examples(self, task: PhiTask) -> tuple[list[str], torch.Tensor]:
         """(example keys, their frozen features): what a batch indexes."""
         raise NotImplementedError
 
-    def loss(self, task: "PhiTask", index: torch.Tensor) -> torch.Tensor:
+    def loss(self, task: PhiTask, index: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -111,12 +119,12 @@ METHODS: Registry[Method] = Registry("--method")
 class Pic2Word(Method):
     """From images: "a photo of $" with $ = φ(image feature) must retrieve the image (Pic2Word, SEARLE's φ)."""
 
-    def examples(self, task: "PhiTask") -> tuple[list[str], torch.Tensor]:
+    def examples(self, task: PhiTask) -> tuple[list[str], torch.Tensor]:
         dataset = GalleryDataset(task.source, task.source.splits()[0], transform=task.encoder.transform)
         return extract_image_features(task.encoder, dataset, 128, task.config.workers, not task.config.quiet,
                                       desc="training images")
 
-    def loss(self, task: "PhiTask", index: torch.Tensor) -> torch.Tensor:
+    def loss(self, task: PhiTask, index: torch.Tensor) -> torch.Tensor:
         images = F.normalize(task.features[index].to(task.device), dim=-1)
         prompts = [f"a photo of {PLACEHOLDER}"] * len(index)
         queries = encode_with_pseudo_tokens(task.encoder, prompts, task.forward(images))
@@ -127,12 +135,12 @@ class Pic2Word(Method):
 class LinCIR(Method):
     """From texts: keyword phrases replaced by $ = φ(noised feature of the text) must give the text's feature."""
 
-    def examples(self, task: "PhiTask") -> tuple[list[str], torch.Tensor]:
+    def examples(self, task: PhiTask) -> tuple[list[str], torch.Tensor]:
         texts = training_texts(task.source)
         task.masked = [mask_keywords(t) for t in texts]
         return texts, encode_texts(task.encoder, texts)
 
-    def loss(self, task: "PhiTask", index: torch.Tensor) -> torch.Tensor:
+    def loss(self, task: PhiTask, index: torch.Tensor) -> torch.Tensor:
         target = F.normalize(task.features[index].to(task.device), dim=-1)
         strength = torch.rand(len(index), 1, device=task.device) * task.config.noise
         noise = torch.randn_like(target) / target.shape[1] ** 0.5  # about unit norm

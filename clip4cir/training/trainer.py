@@ -17,8 +17,9 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,10 +120,10 @@ class TrainingTask(ABC):
     def loss(self, batch: Any, epoch: int) -> tuple[torch.Tensor, int]:
         """The loss of one batch and how many samples it held (this process's)."""
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:  # noqa: B027 (an optional hook)
         """Before an epoch: e.g. the caption draw of the epoch, training modes."""
 
-    def after_step(self) -> None:
+    def after_step(self) -> None:  # noqa: B027 (an optional hook)
         """After an optimizer step: e.g. forget a cached fingerprint of the weights."""
 
     def end_epoch(self, epoch: int, loss: float) -> dict:

@@ -202,11 +202,11 @@ def mine_triplets(encoder: Encoder, source: Source, plan: Plan, output: str | os
     for split, groups in plan.items():
         ids, feats = extract_image_features(encoder, GalleryDataset(source, split, transform=encoder.transform),
                                             128, workers, progress, desc=f"{split} images")
-        unit = dict(zip(ids, F.normalize(feats.float(), dim=-1).numpy()))
+        unit = dict(zip(ids, F.normalize(feats.float(), dim=-1).numpy(), strict=True))
         categories = source.gallery(split)
         for titles, edits in groups:
             targets = titles.targets(edits, np.stack([unit[i] for i in titles.images]))
-            for edit, target in zip(edits, targets):
+            for edit, target in zip(edits, targets, strict=True):
                 shared = [c for c in categories[edit.reference] if c in categories[target]]
                 rows.append({"reference": edit.reference, "target": target, "caption": list(edit.captions),
                              **({"category": shared[0]} if shared else {}), "split": split})

@@ -7,9 +7,9 @@ is one module that registers its Source class in ``SOURCES``, and its name in th
 from __future__ import annotations
 
 from clip4cir.data.sources import cirr, fashioniq, folder, hub, labels, pairs, triplet_files  # noqa: F401 (they register)
-from clip4cir.data.sources.base import SOURCES, Protocol, Source, SourceOptions, Triplet
+from clip4cir.data.sources.base import SOURCES, EvaluationProtocol, Source, SourceOptions, Triplet
 
-__all__ = ["Protocol", "Source", "SourceOptions", "Triplet", "SOURCES", "open_source", "reopen"]
+__all__ = ["EvaluationProtocol", "Source", "SourceOptions", "Triplet", "SOURCES", "open_source", "reopen"]
 
 
 def open_source(data: str, dataset: str = "auto", **options) -> Source:

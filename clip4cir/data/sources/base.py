@@ -10,9 +10,9 @@ import os
 import stat
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from PIL import Image
 
@@ -38,7 +38,7 @@ class Triplet:
 
 
 @dataclass(frozen=True)
-class Protocol:
+class EvaluationProtocol:
     """How a data set is evaluated (see clip4cir.evaluation): Recall@K over a gallery of the split (per category
     and averaged, or one gallery), with the reference left out of its own ranking or not, Recall_subset@K within
     each query's subset, and the headline score (what --save-best maximises)."""
@@ -53,9 +53,9 @@ class Protocol:
     test_split: str = "test"
 
 
-FASHIONIQ_PROTOCOL = Protocol("fashioniq", (10, 50), per_category=True, remove_reference=False)
-CIRR_PROTOCOL = Protocol("cirr", (1, 5, 10, 50), per_category=False, remove_reference=True, subset_ks=(1, 2, 3),
-                         score=("R@5", "Rs@1"), test_split="test1")
+FASHIONIQ_PROTOCOL = EvaluationProtocol("fashioniq", (10, 50), per_category=True, remove_reference=False)
+CIRR_PROTOCOL = EvaluationProtocol("cirr", (1, 5, 10, 50), per_category=False, remove_reference=True,
+                                             subset_ks=(1, 2, 3), score=("R@5", "Rs@1"), test_split="test1")
 
 
 def read_json_file(path: Path):
@@ -105,14 +105,14 @@ class SourceOptions:
     target_column: str | None = None
     streaming: bool = False
 
-    def open(self) -> "Source":
+    def open(self) -> Source:
         if not str(self.data or "").strip():  # "" would be the current folder
             raise DataError("--data is empty: give a data set, a triplet or label file, or an image folder")
         kind = detect_kind(str(self.data)) if self.dataset in ("auto", None) else self.dataset
         return SOURCES[kind].open(self)
 
     @classmethod
-    def from_record(cls, record: dict) -> "SourceOptions":
+    def from_record(cls, record: dict) -> SourceOptions:
         """The options that open the source a ``Source.record()`` describes again."""
         record = dict(record)
         categories = record.pop("categories", None)
@@ -125,7 +125,7 @@ class Source(ABC):
     Each kind registers a :class:`SourceKind` in ``SOURCES``."""
 
     kind: str = ""
-    protocol: Protocol = FASHIONIQ_PROTOCOL
+    protocol: EvaluationProtocol = FASHIONIQ_PROTOCOL
 
     @abstractmethod
     def splits(self) -> tuple[str, ...]:
@@ -167,7 +167,7 @@ class Source(ABC):
             raise DataError(f"no image for id {image_id!r} in {self.describe()}")
         return load_image(self.path(image_id))
 
-    def check_image(self, image_id: str) -> None:
+    def check_image(self, image_id: str) -> None:  # noqa: B027 (an optional hook)
         """DataError naming the image when it is not a complete image file (checked without decoding it; a
         source whose images are not files checks nothing here)."""
 
@@ -177,7 +177,7 @@ class Source(ABC):
 
     @abstractmethod
     def record(self) -> dict:
-        """How to open this source again (``clip4cir.sources.open_source(**record)``)."""
+        """How to open this source again (``clip4cir.data.sources.open_source(**record)``)."""
 
     def describe(self) -> str:
         return f"{self.kind} {self.record().get('data', '')}"
@@ -277,6 +277,15 @@ def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def table_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, fields) of every row of a CSV or JSON Lines file (by its suffix)."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return [(reader.line_num, row) for row in reader]
+    return jsonl_rows(path)
+
+
 def titles_beside(root: Path, name: str = "pairs.jsonl") -> dict[str, str]:
     """The titles in the image-text pairs file ``root/name`` (JSON Lines of ``image`` and ``text``, as this
     project writes beside a FashionIQ or CIRR layout), by image id (the file name without its extension);
@@ -347,7 +356,7 @@ class ImageFolder:
         paths, problems = image_files(self.root)
         if problems:
             shown = "; ".join(problems[:SHOWN]) + ("; ..." if len(problems) > SHOWN else "")
-            warnings.warn(f"{len(problems):,} entries under {self.root} are left out: {shown}")
+            warnings.warn(f"{len(problems):,} entries under {self.root} are left out: {shown}", stacklevel=2)
         for path in paths:
             relative = path.relative_to(self.root).as_posix()
             self.files.setdefault(relative, relative)
@@ -378,13 +387,13 @@ class FileSource(Source):
     def has_image(self, image_id: str) -> bool:
         return image_id in self.images
 
-    def check_image(self, image_id: str) -> None:
+    def check_image(self, image_id: str) -> None:  # noqa: B027 (an optional hook)
         check_image_file(self.path(image_id))
 
 
 def check_images_readable(source: Source, image_ids) -> None:
     """Before a run: every image it will read is a complete image file (header and end marker, see
-    clip4cir.images.check_image_file), so a bad one stops it now, not at an epoch's end. One DataError lists
+    clip4cir.data.images.check_image_file), so a bad one stops it now, not at an epoch's end. One DataError lists
     the bad files."""
     bad = []
     for image_id in dict.fromkeys(image_ids):

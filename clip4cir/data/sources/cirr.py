@@ -13,8 +13,16 @@ import os
 from pathlib import Path
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import (CIRR_PROTOCOL, SOURCES, Source, SourceKind, Triplet, read_json_file,
-                                        titles_beside, triplet_entries)
+from clip4cir.data.sources.base import (
+    CIRR_PROTOCOL,
+    SOURCES,
+    Source,
+    SourceKind,
+    Triplet,
+    read_json_file,
+    titles_beside,
+    triplet_entries,
+)
 
 SPLITS = ("train", "val", "test1")
 

@@ -7,12 +7,21 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import (FASHIONIQ_PROTOCOL, SOURCES, FileSource, ImageFolder, SourceKind, Triplet,
-                                        read_json_file, titles_beside, triplet_entries)
+from clip4cir.data.sources.base import (
+    FASHIONIQ_PROTOCOL,
+    SOURCES,
+    FileSource,
+    ImageFolder,
+    SourceKind,
+    Triplet,
+    read_json_file,
+    titles_beside,
+    triplet_entries,
+)
 
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import SOURCES, FileSource, ImageFolder, Protocol, SourceKind
+from clip4cir.data.sources.base import SOURCES, EvaluationProtocol, FileSource, ImageFolder, SourceKind
 
-CATALOG_PROTOCOL = Protocol("catalog", (1, 5, 10, 50), per_category=False, remove_reference=True, val_split="all")
+CATALOG_PROTOCOL = EvaluationProtocol("catalog", (1, 5, 10, 50), per_category=False, remove_reference=True,
+                                                val_split="all")
 
 
 class ImageCatalog(FileSource):

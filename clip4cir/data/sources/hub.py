@@ -12,19 +12,19 @@ Every named column must exist: a missing one is an error naming it and the colum
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
 from clip4cir.core.errors import DataError
 from clip4cir.core.fingerprints import digest
 from clip4cir.data.images import to_rgb
-from clip4cir.data.sources.base import SOURCES, Protocol, Source, SourceKind, SourceOptions, Triplet
+from clip4cir.data.sources.base import SOURCES, EvaluationProtocol, Source, SourceKind, SourceOptions, Triplet
 
 HUB_PREFIX = "hf://datasets/"
-HUB_PROTOCOL = Protocol("recall", (1, 5, 10, 50), per_category=False, remove_reference=True)
+HUB_PROTOCOL = EvaluationProtocol("recall", (1, 5, 10, 50), per_category=False, remove_reference=True)
 COLUMNS = ("image", "id", "category", "caption", "reference", "target")  # the options that name columns
 VAL_NAMES = ("val", "validation", "valid", "dev")
 
@@ -83,10 +83,10 @@ class HubDataset(Source):
         self._galleries: dict[str, dict[str, tuple[str, ...]]] = {}
         self._id_rows: dict[str, dict[str, int]] = {}
         splits = self.splits()
-        self.protocol = Protocol(HUB_PROTOCOL.name, HUB_PROTOCOL.ks, per_category=self.triplet_shaped and
-                                 bool(category_column), remove_reference=True,
-                                 val_split=next((s for s in VAL_NAMES if s in splits), splits[0]),
-                                 test_split=next((s for s in ("test",) if s in splits), ""))
+        self.protocol = EvaluationProtocol(HUB_PROTOCOL.name, HUB_PROTOCOL.ks, per_category=self.triplet_shaped and
+                                           bool(category_column), remove_reference=True,
+                                           val_split=next((s for s in VAL_NAMES if s in splits), splits[0]),
+                                           test_split=next((s for s in ("test",) if s in splits), ""))
 
     def splits(self) -> tuple[str, ...]:
         return tuple(sorted(self.data, key=lambda s: (s != "train", s not in VAL_NAMES, s)))
@@ -160,7 +160,7 @@ class HubDataset(Source):
         if not self.has_texts:
             return {}
         column, out = self.columns["caption"], {}
-        for image_id, (row, values) in zip(self.gallery(split), self._rows(split, [column])):
+        for image_id, (row, values) in zip(self.gallery(split), self._rows(split, [column]), strict=True):
             value = values[column]
             texts = tuple(t.strip() for t in ([value] if isinstance(value, str) else list(value or []))
                           if isinstance(t, str) and t.strip())

@@ -8,8 +8,6 @@ A label with a single image has no positive: it is left out, and counted.
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 import warnings
 import zlib
@@ -18,12 +16,21 @@ from pathlib import Path
 import numpy as np
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import SHOWN, SOURCES, FileSource, ImageFolder, Protocol, SourceKind, csv_header
+from clip4cir.data.sources.base import (
+    SHOWN,
+    SOURCES,
+    EvaluationProtocol,
+    FileSource,
+    ImageFolder,
+    SourceKind,
+    csv_header,
+    table_rows,
+)
 
 SPLITS = ("train", "val", "test")
 SHARES = (0.7, 0.15, 0.15)  # of the labels (or of each label's images)
-LABEL_PROTOCOL = Protocol("labels", (1, 2, 4, 8), per_category=False, remove_reference=True,
-                          score=("MAP@R",), test_split="test")
+LABEL_PROTOCOL = EvaluationProtocol("labels", (1, 2, 4, 8), per_category=False, remove_reference=True,
+                                    score=("MAP@R",), test_split="test")
 ATTRIBUTE_VALUES = {"1": 1, "0": 0, "-1": 0, 1: 1, 0: 0, -1: 0}
 
 
@@ -40,6 +47,29 @@ def is_label_file(data: str) -> bool:
     return path.is_file() and path.suffix.lower() == ".csv" and "label" in csv_header(path)
 
 
+def _single_image_labels(by_label: dict[str, list[str]]) -> set[str]:
+    """The labels with one image (no positive to learn from or to find), said in a warning: they are left out."""
+    singles = sorted(label for label, ids in by_label.items() if len(ids) < 2)
+    if singles:
+        shown = ", ".join(singles[:SHOWN]) + (", ..." if len(singles) > SHOWN else "")
+        warnings.warn(f"left out {len(singles):,} of {len(by_label):,} labels with a single image (no positive to "
+                      f"learn from or to find): {shown}", stacklevel=3)
+    return set(singles)
+
+
+def _share_out(by_label: dict[str, list[str]], split_by: str) -> dict[str, list[str]]:
+    """The images of each split: whole labels by a hash of the label (open set), or, closed set, each label's
+    images shared out by a hash of the image, at least two of each to train on."""
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for label, ids in by_label.items():
+        if split_by == "label":
+            splits[_bucket(label)] += ids
+        else:
+            for n, image_id in enumerate(ids):
+                splits["train" if n < 2 else _bucket(image_id)].append(image_id)
+    return splits
+
+
 class LabelledImages(FileSource):
     kind = "labels"
     protocol = LABEL_PROTOCOL
@@ -52,29 +82,20 @@ class LabelledImages(FileSource):
         by_label: dict[str, list[str]] = {}
         for image_id, label, _ in rows:
             by_label.setdefault(label, []).append(image_id)
-        singles = sorted(label for label, ids in by_label.items() if len(ids) < 2)
-        if singles:
-            shown = ", ".join(singles[:SHOWN]) + (", ..." if len(singles) > SHOWN else "")
-            warnings.warn(f"left out {len(singles):,} of {len(by_label):,} labels with a single image (no positive "
-                          f"to learn from or to find): {shown}")
+        singles = _single_image_labels(by_label)
         self.skipped_labels = len(singles)
         self.label_of = {i: label for i, label, _ in rows if label not in singles}
         self.attributes = {i: a for i, label, a in rows if label not in singles and a is not None}
-        self._splits: dict[str, list[str]] = {s: [] for s in SPLITS}
-        for label, ids in by_label.items():
-            if label in singles:
-                continue
-            if split_by == "label":
-                self._splits[_bucket(label)] += ids
-            else:  # closed set: each label's images shared out, at least two to train on
-                for n, image_id in enumerate(ids):
-                    self._splits["train" if n < 2 else _bucket(image_id)].append(image_id)
-        labels_in = {s: {self.label_of[i] for i in ids} for s, ids in self._splits.items()}
+        self._splits = _share_out({label: ids for label, ids in by_label.items() if label not in singles}, split_by)
+        self._check_splits(len(by_label) - len(singles))
+
+    def _check_splits(self, labels: int) -> None:
+        """Held-out labels need at least two in val and in test; training needs images."""
         for split in ("val", "test"):
-            if split_by == "label" and len(labels_in[split]) < 2:
-                raise DataError(f"{self.data}: {len(labels_in[split])} labels fall in the {split} split; held-out "
-                                f"labels need at least two (the data set has {len(by_label) - len(singles)} labels "
-                                f"with two or more images)")
+            held = {self.label_of[i] for i in self._splits[split]}
+            if self.split_by == "label" and len(held) < 2:
+                raise DataError(f"{self.data}: {len(held)} labels fall in the {split} split; held-out labels need "
+                                f"at least two (the data set has {labels} labels with two or more images)")
         if not self._splits["train"]:
             raise DataError(f"{self.data}: no training images")
 
@@ -90,39 +111,30 @@ class LabelledImages(FileSource):
         if not self.data.is_file():
             raise DataError(f"--data {self.data} does not exist")
         self.images = ImageFolder(Path(images) if images else self.data.parent)
-        if self.data.suffix.lower() == ".csv":
-            with open(self.data, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                records = [(reader.line_num, row) for row in reader]
-                fields = reader.fieldnames or []
-        else:
-            records, fields = [], []
-            for number, line in enumerate(self.data.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        records.append((number, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{self.data}: line {number} is not JSON: {e}") from e
-            fields = list(dict.fromkeys(k for _, r in records for k in r))
+        records = table_rows(self.data)
+        fields = list(dict.fromkeys(k for _, record in records for k in record))
+        if not records:
+            raise DataError(f"{self.data}: no rows of images and labels")
         if "image" not in fields or "label" not in fields:
             raise DataError(f"{self.data}: expected the columns 'image' and 'label' (got {', '.join(fields)})")
         attributes = [f for f in fields if f not in ("image", "label", "split")]
-        rows = []
-        for number, record in records:
-            image, label = record.get("image"), record.get("label")
-            if not image or label in (None, ""):
-                raise DataError(f"{self.data}: line {number}: 'image' or 'label' is empty")
-            if image not in self.images:
-                raise DataError(f"{self.data}: line {number}: image {image!r} is not in {self.images.root}")
-            values = []
-            for name in attributes:
-                value = record.get(name)
-                if value not in ATTRIBUTE_VALUES:
-                    raise DataError(f"{self.data}: line {number}: attribute {name!r} is {value!r}; attributes are "
-                                    f"1, 0 or -1")
-                values.append(ATTRIBUTE_VALUES[value])
-            rows.append((image, str(label), np.array(values, dtype=np.int8) if attributes else None))
-        return rows, attributes
+        return [self._row(number, record, attributes) for number, record in records], attributes
+
+    def _row(self, number: int, record: dict, attributes: list[str]) -> tuple[str, str, np.ndarray | None]:
+        """One row checked: an image that is there, a label, and each attribute 1, 0 or -1."""
+        image, label = record.get("image"), record.get("label")
+        if not image or label in (None, ""):
+            raise DataError(f"{self.data}: line {number}: 'image' or 'label' is empty")
+        if image not in self.images:
+            raise DataError(f"{self.data}: line {number}: image {image!r} is not in {self.images.root}")
+        values = []
+        for name in attributes:
+            value = record.get(name)
+            if value not in ATTRIBUTE_VALUES:
+                raise DataError(f"{self.data}: line {number}: attribute {name!r} is {value!r}; attributes are 1, 0 "
+                                f"or -1")
+            values.append(ATTRIBUTE_VALUES[value])
+        return image, str(label), np.array(values, dtype=np.int8) if attributes else None
 
     def splits(self) -> tuple[str, ...]:
         return SPLITS

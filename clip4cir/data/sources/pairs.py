@@ -10,20 +10,27 @@ trained on.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import zlib
 from pathlib import Path
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import (SHOWN, SOURCES, FileSource, ImageFolder, Protocol, SourceKind, csv_header,
-                                        jsonl_rows)
+from clip4cir.data.sources.base import (
+    SHOWN,
+    SOURCES,
+    EvaluationProtocol,
+    FileSource,
+    ImageFolder,
+    SourceKind,
+    csv_header,
+    table_rows,
+)
 
 SPLITS = ("train", "val", "test")
 HELD_OUT = {"val": range(80, 90), "test": range(90, 100)}  # hash buckets of 100
-PAIRS_PROTOCOL = Protocol("pairs", (1, 5, 10), per_category=False, remove_reference=False,
-                          score=("text→image R@10", "image→text R@10"))
+PAIRS_PROTOCOL = EvaluationProtocol("pairs", (1, 5, 10), per_category=False, remove_reference=False,
+                                    score=("text→image R@10", "image→text R@10"))
 FIELDS = ("image", "text")
 
 
@@ -53,15 +60,6 @@ def is_pairs_file(data: str) -> bool:
     suffix = path.suffix.lower()
     names = csv_header(path) if suffix == ".csv" else list(_first_json_row(path)) if suffix == ".jsonl" else []
     return all(f in names for f in FIELDS)
-
-
-def _file_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, fields) of every row of a CSV or JSON Lines file."""
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            return [(reader.line_num, row) for row in reader]
-    return jsonl_rows(path)
 
 
 class ImageTextPairs(FileSource):
@@ -112,7 +110,7 @@ class ImageTextPairs(FileSource):
         if not self.data.is_file():
             raise DataError(f"--data {self.data} does not exist")
         self.images = ImageFolder(Path(images) if images else self.data.parent)
-        rows = _file_rows(self.data)
+        rows = table_rows(self.data)
         if not rows:
             raise DataError(f"{self.data} holds no image-text pairs")
         for number, row in rows:

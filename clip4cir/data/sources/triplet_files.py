@@ -15,10 +15,18 @@ import zlib
 from pathlib import Path
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.sources.base import (SOURCES, FileSource, ImageFolder, Protocol, SourceKind, Triplet, csv_header,
-                                        jsonl_rows)
+from clip4cir.data.sources.base import (
+    SOURCES,
+    EvaluationProtocol,
+    FileSource,
+    ImageFolder,
+    SourceKind,
+    Triplet,
+    csv_header,
+    jsonl_rows,
+)
 
-OWN_PROTOCOL = Protocol("recall", (1, 5, 10, 50), per_category=False, remove_reference=True)
+OWN_PROTOCOL = EvaluationProtocol("recall", (1, 5, 10, 50), per_category=False, remove_reference=True)
 FIELDS = ("reference", "caption", "target", "category", "split")
 
 
@@ -100,8 +108,8 @@ class TripletFile(FileSource):
                         row.get("category") or None))
         if not self._triplets:
             raise DataError(f"{self.file} holds no triplets")
-        self.protocol = Protocol(OWN_PROTOCOL.name, OWN_PROTOCOL.ks, per_category=bool(self.categories()),
-                                 remove_reference=True, test_split="test")
+        self.protocol = EvaluationProtocol(OWN_PROTOCOL.name, OWN_PROTOCOL.ks, per_category=bool(self.categories()),
+                                           remove_reference=True, test_split="test")
 
     def splits(self) -> tuple[str, ...]:
         return tuple(sorted(self._triplets, key=lambda s: (s != "train", s != "val", s)))

@@ -6,8 +6,17 @@ import os
 from pathlib import Path
 
 from clip4cir.data.sources.fashioniq import CATEGORIES
-from clip4cir.data.synthetic.garments import (ATTRIBUTES, IMAGE_WIDTH, Catalog, Item, attrs_of, phrases,
-                                              render_all, write_json, write_pairs)
+from clip4cir.data.synthetic.garments import (
+    ATTRIBUTES,
+    IMAGE_WIDTH,
+    Catalog,
+    Item,
+    attrs_of,
+    phrases,
+    render_all,
+    write_json,
+    write_pairs,
+)
 
 # (triplets, images) per CIRR split; "full" is CIRR's real sizes (train captions: about 28k)
 CIRR_SIZES = {
@@ -34,7 +43,7 @@ def _cirr_split(catalog: Catalog, split: str, n_triplets: int, n_images: int, fi
                             for _ in range(SET_SIZE - 1)]
         names = [f"{prefix}-{s}-{j // 2}-img{j % 2}" for j in range(SET_SIZE)]
         folder = f"./{prefix}/{s % 100}" if split == "train" else f"./{prefix}"
-        images.update({name: (item, f"{folder}/{name}.png") for name, item in zip(names, members)})
+        images.update({name: (item, f"{folder}/{name}.png") for name, item in zip(names, members, strict=True)})
         sets.append((category, members, names))
     for extra in range(n_images - len(images)):  # images in no subset
         name = f"{prefix}-extra-{extra}-img0"

@@ -11,8 +11,16 @@ import os
 from pathlib import Path
 
 from clip4cir.data.sources.fashioniq import CATEGORIES, SPLITS
-from clip4cir.data.synthetic.garments import (IMAGE_WIDTH, Catalog, Item, attrs_of, captions_for, render_all,
-                                              write_json, write_pairs)
+from clip4cir.data.synthetic.garments import (
+    IMAGE_WIDTH,
+    Catalog,
+    Item,
+    attrs_of,
+    captions_for,
+    render_all,
+    write_json,
+    write_pairs,
+)
 
 # (triplets, images) per split (train, val, test) and category; "full" is FashionIQ's real sizes
 SIZES = {

@@ -217,23 +217,31 @@ def _shade(rgb: tuple[int, int, int], amount: float) -> tuple[int, ...]:
     return tuple(int(c + (255 - c) * amount) if amount > 0 else int(c * (1 + amount)) for c in rgb)
 
 
-def render(item: Item, width: int = IMAGE_WIDTH) -> Image.Image:
-    """Draw the product photo of an item: a garment on a plain background, slightly shifted and scaled."""
-    height = int(round(width * item.aspect))
-    ss = 2  # draw at twice the size, then downsample, for smooth edges
-    W, H = width * ss, height * ss
-    image = Image.new("RGB", (W, H), (item.background,) * 3)
-    mask = Image.new("L", (W, H), 0)
-    draw = ImageDraw.Draw(mask)
-    gw = W * 0.78 * item.scale
-    gh = min(H * 0.9, gw * 1.45) * item.scale
-    x0 = (W - gw) / 2 + item.dx * W
-    y0 = (H - gh) / 2 + item.dy * H
+@dataclass(frozen=True)
+class Frame:
+    """Where the garment sits in a drawing of ``W`` × ``H`` pixels: its box (``gw`` × ``gh`` from ``x0, y0``)."""
 
-    def p(u: float, v: float) -> tuple[float, float]:
-        return x0 + u * gw, y0 + v * gh
+    W: int
+    H: int
+    gw: float
+    gh: float
+    x0: float
+    y0: float
 
-    dress = item.category == "dress"
+    @classmethod
+    def of(cls, item: Item, W: int, H: int) -> Frame:
+        gw = W * 0.78 * item.scale
+        gh = min(H * 0.9, gw * 1.45) * item.scale
+        return cls(W, H, gw, gh, (W - gw) / 2 + item.dx * W, (H - gh) / 2 + item.dy * H)
+
+    def p(self, u: float, v: float) -> tuple[float, float]:
+        """A point given as fractions of the garment's box."""
+        return self.x0 + u * self.gw, self.y0 + v * self.gh
+
+
+def _silhouette(item: Item, f: Frame, draw: ImageDraw.ImageDraw) -> list[tuple[float, float]]:
+    """The garment's shape drawn into a mask (body, then sleeves or straps); returns the body's outline."""
+    p, dress = f.p, item.category == "dress"
     bottom = {"mini": 0.55, "knee": 0.75, "maxi": 0.98}[item.specific] if dress else \
         (0.85 if item.category == "shirt" else 0.68)
     if dress:  # bodice then a flared skirt
@@ -253,19 +261,23 @@ def render(item: Item, width: int = IMAGE_WIDTH) -> Image.Image:
     elif dress:  # straps
         for side in (-1, 1):
             draw.rectangle([p(0.5 + side * 0.12 - 0.025, 0.0), p(0.5 + side * 0.12 + 0.025, 0.1)], fill=255)
-    base = PALETTE[item.colour]
-    accent = _shade(base, 0.55) if luminance(item.colour) < 100 else _shade(base, -0.45)
+    return body
+
+
+def _fabric(pattern: str, base: tuple, accent: tuple, f: Frame) -> Image.Image:
+    """The cloth, plain or patterned in the accent colour, as large as the drawing."""
+    W, H = f.W, f.H
     fabric = Image.new("RGB", (W, H), base)
     fd = ImageDraw.Draw(fabric)
-    step = max(4, int(gw / 9))
-    if item.pattern == "striped":
+    step = max(4, int(f.gw / 9))
+    if pattern == "striped":
         for y in range(0, H, step):
             fd.rectangle([0, y, W, y + step // 2 - 1], fill=accent)
-    elif item.pattern == "dotted":
+    elif pattern == "dotted":
         for y in range(step // 2, H, step):
             for x in range((y // step % 2) * step // 2, W, step):
                 fd.ellipse([x - step / 4, y - step / 4, x + step / 4, y + step / 4], fill=accent)
-    elif item.pattern == "checked":
+    elif pattern == "checked":
         for x in range(0, W, 2 * step):
             fd.rectangle([x, 0, x + step - 1, H], fill=accent)
         check = Image.new("L", (W, H), 0)
@@ -273,12 +285,12 @@ def render(item: Item, width: int = IMAGE_WIDTH) -> Image.Image:
         for y in range(0, H, 2 * step):
             cd.rectangle([0, y, W, y + step - 1], fill=120)
         fabric = Image.composite(Image.new("RGB", (W, H), accent), fabric, check)
-        fd = ImageDraw.Draw(fabric)
-    image.paste(fabric, (0, 0), mask)
-    d = ImageDraw.Draw(image)
-    outline = _shade(base, -0.5) if item.colour != "black" else (90, 90, 90)
-    d.polygon(body, outline=outline, width=ss)
-    neck_bg = (item.background,) * 3
+    return fabric
+
+
+def _neckline(item: Item, f: Frame, d: ImageDraw.ImageDraw) -> None:
+    """A v-neck, a collar with buttons, or a round neck."""
+    p, neck_bg = f.p, (item.background,) * 3
     if item.category == "shirt" and item.specific == "v-neck":
         d.polygon([p(0.42, 0.1), p(0.58, 0.1), p(0.5, 0.25)], fill=neck_bg)
     elif item.category == "shirt" and item.specific == "collar":
@@ -289,18 +301,42 @@ def render(item: Item, width: int = IMAGE_WIDTH) -> Image.Image:
             d.ellipse([p(0.49, v), p(0.51, v + 0.015)], fill=collar)
     else:
         d.ellipse([p(0.42, 0.05), p(0.58, 0.15)], fill=neck_bg)
-    if item.category == "toptee" and item.specific != "none":
-        graphic = (250, 250, 250) if luminance(item.colour) < 140 else (20, 20, 20)
-        cx, cy = p(0.5, 0.38)
-        r = gw * 0.13
-        if item.specific == "star":
-            angles = np.linspace(-np.pi / 2, 1.5 * np.pi, 11)[:-1]
-            radii = [r if i % 2 == 0 else r * 0.45 for i in range(10)]
-            d.polygon([(cx + rr * np.cos(a), cy + rr * np.sin(a)) for rr, a in zip(radii, angles)], fill=graphic)
-        else:
-            d.ellipse([cx - r, cy - r * 0.8, cx, cy + r * 0.1], fill=graphic)
-            d.ellipse([cx, cy - r * 0.8, cx + r, cy + r * 0.1], fill=graphic)
-            d.polygon([(cx - r * 0.97, cy - r * 0.2), (cx + r * 0.97, cy - r * 0.2), (cx, cy + r)], fill=graphic)
+
+
+def _graphic(item: Item, f: Frame, d: ImageDraw.ImageDraw) -> None:
+    """A top's print: a star or a heart on the chest."""
+    if item.category != "toptee" or item.specific == "none":
+        return
+    graphic = (250, 250, 250) if luminance(item.colour) < 140 else (20, 20, 20)
+    cx, cy = f.p(0.5, 0.38)
+    r = f.gw * 0.13
+    if item.specific == "star":
+        angles = np.linspace(-np.pi / 2, 1.5 * np.pi, 11)[:-1]
+        radii = [r if i % 2 == 0 else r * 0.45 for i in range(10)]
+        points = [(cx + rr * np.cos(a), cy + rr * np.sin(a)) for rr, a in zip(radii, angles, strict=True)]
+        d.polygon(points, fill=graphic)
+    else:
+        d.ellipse([cx - r, cy - r * 0.8, cx, cy + r * 0.1], fill=graphic)
+        d.ellipse([cx, cy - r * 0.8, cx + r, cy + r * 0.1], fill=graphic)
+        d.polygon([(cx - r * 0.97, cy - r * 0.2), (cx + r * 0.97, cy - r * 0.2), (cx, cy + r)], fill=graphic)
+
+
+def render(item: Item, width: int = IMAGE_WIDTH) -> Image.Image:
+    """Draw the product photo of an item: a garment on a plain background, slightly shifted and scaled."""
+    height = int(round(width * item.aspect))
+    ss = 2  # draw at twice the size, then downsample, for smooth edges
+    W, H = width * ss, height * ss
+    image = Image.new("RGB", (W, H), (item.background,) * 3)
+    mask = Image.new("L", (W, H), 0)
+    frame = Frame.of(item, W, H)
+    body = _silhouette(item, frame, ImageDraw.Draw(mask))
+    base = PALETTE[item.colour]
+    accent = _shade(base, 0.55) if luminance(item.colour) < 100 else _shade(base, -0.45)
+    image.paste(_fabric(item.pattern, base, accent, frame), (0, 0), mask)
+    d = ImageDraw.Draw(image)
+    d.polygon(body, outline=_shade(base, -0.5) if item.colour != "black" else (90, 90, 90), width=ss)
+    _neckline(item, frame, d)
+    _graphic(item, frame, d)
     return image.resize((width, height), Image.LANCZOS)
 
 

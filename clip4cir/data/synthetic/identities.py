@@ -10,8 +10,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clip4cir.data.sources.fashioniq import CATEGORIES
-from clip4cir.data.synthetic.garments import (COLOURS, PATTERNS, SLEEVES, SPECIFIC, Catalog, Item, luminance, render,
-                                              render_all)
+from clip4cir.data.synthetic.garments import (
+    COLOURS,
+    PATTERNS,
+    SLEEVES,
+    SPECIFIC,
+    Catalog,
+    Item,
+    luminance,
+    render,
+    render_all,
+)
 
 IDENTITY_ATTRIBUTES = ("dark", "patterned", "striped", "dotted", "long_sleeves", "sleeveless", "dress", "shirt",
                        "toptee", "first_style")

@@ -1,6 +1,0 @@
-"""Generate a synthetic catalog in FashionIQ's exact layout. See --help (clip4cir.commands.make_synthetic)."""
-import _bootstrap  # noqa: F401
-from clip4cir.commands.make_synthetic import console_fashioniq
-
-if __name__ == "__main__":
-    raise SystemExit(console_fashioniq())
