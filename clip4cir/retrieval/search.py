@@ -307,6 +307,24 @@ class SearchEngine:
         return self._search("image", feature, k, self._category(category, feature, notes, feature, reference_id),
                             notes, started, exclude=reference_id)
 
+    def embedding_search(self, feature, k: int = 10, category: str | None = None) -> SearchResult:
+        """Items nearest a query feature a client computed itself (with this index's encoder: the dimension is
+        checked, the length does not matter), scored and levelled as an image query."""
+        started, notes = time.perf_counter(), []
+        self._check_types(category=category)
+        self._check_k(k)
+        try:
+            vector = np.asarray(feature, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise SearchError("the embedding must be a list of numbers") from None
+        if vector.shape != (self.index.dim,):
+            raise SearchError(f"the embedding must hold {self.index.dim} numbers (this index's dimension), got "
+                              f"shape {vector.shape}")
+        if not np.isfinite(vector).all() or not np.abs(vector).max() > 0:
+            raise SearchError("the embedding must hold finite numbers, not all zero")
+        query = torch.from_numpy(vector)
+        return self._search("image", query, k, self._category(category or "all", query, notes), notes, started)
+
     def text_search(self, caption: str, k: int = 10, category: str | None = None) -> SearchResult:
         """Items the description fits."""
         started, notes = time.perf_counter(), []

@@ -28,6 +28,7 @@ from clip4cir.retrieval.threads import configure_serving_threads  # noqa: E402
 from clip4cir.retrieval.tuning import describe_tuning  # noqa: E402
 from clip4cir.serving.api import add_named_api  # noqa: E402
 from clip4cir.serving.catalog_routes import add_catalog_routes  # noqa: E402
+from clip4cir.serving.clip_retrieval_api import add_clip_retrieval_api  # noqa: E402
 from clip4cir.serving.http_api import add_http_api  # noqa: E402
 from clip4cir.serving.links import Link, read_link, shown_id  # noqa: E402
 from clip4cir.serving.page import (  # noqa: E402
@@ -554,6 +555,7 @@ def serve(engine: SearchEngine, cache: str | os.PathLike, host: str | None = Non
                app_kwargs={"docs_url": None, "openapi_url": None, "redoc_url": None})
     add_catalog_routes(app.app, engine.index, thumbnails)
     add_http_api(app.app, engine)
+    add_clip_retrieval_api(app.app, engine)
     return app
 
 
