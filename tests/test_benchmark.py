@@ -178,3 +178,19 @@ def test_the_query_bootstrap_gives_the_standard_error_of_a_mean_difference():
     analytic = 100 * np.sqrt(sum(d.var() / len(d) for d in diff)) / 2  # mean of two independent category means
     assert query_sampling_se(variant, baseline) == pytest.approx(analytic, rel=0.1)
     assert query_sampling_se(variant[:1] * 3, baseline[:1] * 3) > query_sampling_se(variant, baseline)  # seeds average
+
+
+def test_the_clip_retrieval_targets_can_fail():
+    from clip4cir.benchmarks import clip_retrieval
+
+    def report(our_qps, our_p99, our_recall, our_seconds):
+        cell = {"p50_ms": 5.0, "p99_ms": 20.0, "qps": 100.0}
+        return {"images": 20_000, "build": {"theirs": {"encode_s": 100.0}, "ours": {"encode_index_s": our_seconds}},
+                "recall_at_10": {"theirs": {"text": 1.0, "image": 0.99}, "ours": {"text": our_recall, "image": 1.0}},
+                "serving": {"clip back /knn-service": {"1": cell, "8": cell, "16": cell},
+                            "ours /knn-service": {"1": cell, "16": cell,
+                                                  "8": {"p50_ms": 5.0, "p99_ms": our_p99, "qps": our_qps}}}}
+
+    assert all(clip_retrieval.verdicts(report(250.0, 15.0, 1.0, 90.0)).values())
+    missed = clip_retrieval.verdicts(report(150.0, 25.0, 0.9, 120.0))
+    assert not any(missed.values()) and "≥ 2× clip back's queries/s at 8 clients" in missed

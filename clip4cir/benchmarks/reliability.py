@@ -34,8 +34,7 @@ import numpy as np
 from PIL import Image
 
 from clip4cir.benchmarks.machine import machine
-from clip4cir.benchmarks.report import stem_for, write_report
-from clip4cir.core.errors import Clip4CirError
+from clip4cir.benchmarks.report import BenchmarkError, stem_for, write_report
 from clip4cir.core.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -47,10 +46,6 @@ EDITS = ("is red with shorter sleeves", "is darker and has a collar", "is blue i
 K = 10
 MAX_ERROR_BODY = 2_000  # bytes an error answer may have (no echo of a huge input)
 REPO = Path(__file__).resolve().parents[2]
-
-
-class BenchmarkError(Clip4CirError):
-    """The benchmark cannot run (the app does not start or answer) or a target is missed."""
 
 
 # --- the app and its memory -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clip4cir.core.artifacts import atomic_write_text
+from clip4cir.core.errors import Clip4CirError
 
 
 def write_report(out: Path, stem: str, report: dict, markdown: Callable[[dict], str]) -> str:
@@ -22,3 +23,7 @@ def stem_for(name: str, config: str, full: str) -> str:
     """The files of the documented run (benchmark/README.md) are NAME.*, others NAME-CONFIG.* (a smoke run never
     replaces them)."""
     return name if config == full else f"{name}-{config}"
+
+
+class BenchmarkError(Clip4CirError):
+    """A benchmark cannot run (e.g. the app does not start or answer) or a target is missed."""

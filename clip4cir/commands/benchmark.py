@@ -9,6 +9,7 @@ which then runs the benchmark of clip4cir.benchmarks and writes its JSON and mar
     python scripts/benchmark.py zero-shot [--config smoke|full]         no triplets: zero-shot φ, catalog adaptation
     python scripts/benchmark.py reliability [--url URL --pid PID]       good and hostile traffic against a live app
     python scripts/benchmark.py storefront                              the demo's match levels and category changes
+    python scripts/benchmark.py clip-retrieval [--config smoke|full]    side by side with clip-retrieval
     python scripts/benchmark.py ablation [--config smoke|full]          the training recipes
 """
 from __future__ import annotations
@@ -19,7 +20,18 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from clip4cir.benchmarks import ablation, index, labels, pipeline, reliability, serving, store, storefront, zero_shot
+from clip4cir.benchmarks import (
+    ablation,
+    clip_retrieval,
+    index,
+    labels,
+    pipeline,
+    reliability,
+    serving,
+    store,
+    storefront,
+    zero_shot,
+)
 from clip4cir.commands.common import WORKERS, run, whole
 
 ANNOTATIONS = Path(__file__).resolve().parents[3] / "shared" / "fashioniq"  # beside the checkout
@@ -71,7 +83,9 @@ BENCHMARKS = {"index": (index, index.run_index, "1m", "index.json, index.md and 
                "serving": (serving, serving.run_serving, "full", "serving.json and serving.md"),
                "store": (store, store.run_store, "full", "store.json and store.md"),
                "zero-shot": (zero_shot, zero_shot.run_zero_shot, "full", "zero-shot.json and zero-shot.md"),
-               "storefront": (storefront, storefront.run_storefront, "full", "storefront.json and storefront.md")}
+               "storefront": (storefront, storefront.run_storefront, "full", "storefront.json and storefront.md"),
+               "clip-retrieval": (clip_retrieval, clip_retrieval.run_clip_retrieval, "full",
+                                  "clip-retrieval.json and clip-retrieval.md")}
 
 
 def subcommand_main(name: str, argv: Sequence[str] | None) -> int:
