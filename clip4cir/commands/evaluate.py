@@ -29,7 +29,8 @@ from clip4cir.evaluation.tasks import TASKS, EvalRequest
 from clip4cir.models.combiner import combining_function
 
 WRITTEN_BY = "clip4cir evaluate"  # who wrote a --json file (it is replaced only while unchanged)
-PREDICTION_FILES = ("recall_submission.json", "recall_subset_submission.json", "predictions.json")
+PREDICTION_FILES = ("recall_submission.json", "recall_subset_submission.json", "circo_test_submission.json",
+                    "predictions.json")
 
 
 def parse_pairs(text: str | None, flag: str) -> dict[str, str]:

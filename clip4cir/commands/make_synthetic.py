@@ -13,9 +13,11 @@ from clip4cir.commands.common import MAX_SEED, WORKERS, whole
 from clip4cir.core.artifacts import write_folder
 from clip4cir.core.errors import DataError
 from clip4cir.data.synthetic import (
+    CIRCO_SIZES,
     CIRR_SIZES,
     SIZES,
     SYNTHETIC_FORMAT,
+    make_synthetic_circo,
     make_synthetic_cirr,
     make_synthetic_fashioniq,
     make_synthetic_identities,
@@ -56,6 +58,14 @@ GENERATORS = {
         lambda out, a: make_synthetic_cirr(out, a.size, a.seed, a.workers),
         lambda c: ", ".join(f"{split}: {v['triplets']:,} triplets over {v['images']:,} images"
                             for split, v in c.items())),
+    "circo": Generator(
+        "Generate a synthetic data set in CIRCO's layout (several ground truths a query).",
+        "annotations/, COCO2017_unlabeled/",
+        sizes(CIRCO_SIZES, "tiny: seconds, for tests; demo: CIRCO's 220 val queries over 3,000 images; full: "
+                           "CIRCO's query counts"),
+        lambda out, a: make_synthetic_circo(out, a.size, a.seed, a.workers),
+        lambda c: f"{c['images']:,} images, {c['val']} val and {c['test']} test queries "
+                  f"({c['ground_truths_per_val_query']} ground truths a val query)"),
     "identities": Generator(
         "Generate labelled images for learning similarity.", "a sub-folder per identity, labels.csv", identity_args,
         lambda out, a: make_synthetic_identities(out, a.identities, a.views, a.seed, a.workers),

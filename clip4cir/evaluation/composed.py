@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from clip4cir.core.errors import DataError
 from clip4cir.data.captions import count_empty_captions, eval_caption
 from clip4cir.data.sources import EvaluationProtocol, Source, Triplet
-from clip4cir.evaluation.ranking import recall_at_k, subset_ranks, target_ranks, top_k
+from clip4cir.evaluation.ranking import map_at_k, recall_at_k, subset_ranks, target_ranks, top_k
 from clip4cir.models.combiner import Combine, compose_queries
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.feature_sum import combine_sum
@@ -106,6 +106,18 @@ def rankings_of(encoder: CLIPEncoder, source: Source, split: str, combine: Combi
                        (galleries or {}).get(name)) for name in names]
 
 
+def ground_truth_metrics(r: Ranking, ks: Sequence[int]) -> dict[str, float]:
+    """mAP@K over each query's ground truths (CIRCO), and mAP@10 per semantic aspect ("mAP@10 ASPECT")."""
+    _, top = top_k(r.queries, r.gallery, max(ks), r.exclude)
+    found = [[r.gallery_ids[j] for j in row] for row in top.tolist()]
+    truths = [set(t.ground_truths) for t in r.triplets]
+    out = map_at_k(found, truths, ks)
+    for aspect in sorted({a for t in r.triplets for a in t.aspects}):
+        rows = [n for n, t in enumerate(r.triplets) if aspect in t.aspects]
+        out[f"mAP@10 {aspect}"] = map_at_k([found[n] for n in rows], [truths[n] for n in rows], [10])["mAP@10"]
+    return out
+
+
 def summarize(rankings: Sequence[Ranking], protocol: EvaluationProtocol) -> dict:
     """Recall@K (and Recall_subset@K) per ranking, their average, and the protocol's headline ``score``, in percent."""
     metrics = {}
@@ -113,6 +125,8 @@ def summarize(rankings: Sequence[Ranking], protocol: EvaluationProtocol) -> dict
         metrics[r.name] = recall_at_k(r.ranks, protocol.ks)
         if r.subset_ranks is not None:
             metrics[r.name].update(recall_at_k(r.subset_ranks, protocol.subset_ks, prefix="Rs"))
+        if protocol.map_ks:
+            metrics[r.name].update(ground_truth_metrics(r, protocol.map_ks))
     keys = list(metrics[rankings[0].name])
     metrics["average"] = {k: sum(m[k] for m in metrics.values()) / len(rankings) for k in keys}
     metrics["score"] = sum(metrics["average"][k] for k in protocol.score) / len(protocol.score)
@@ -174,7 +188,12 @@ def query_records(ranking: Ranking, k: int = 10) -> list[dict]:
 
 def test_predictions(rankings: Sequence[Ranking], protocol: EvaluationProtocol) -> dict[str, dict | list]:
     """What a test server takes, by file name: CIRR's two JSON files (top-50 of the gallery, top-3 of the
-    subset, by pair id); otherwise the top-50 ids of each query."""
+    subset, by pair id); CIRCO's (the top 50 unique ids by query id); otherwise the top-50 ids of each query."""
+    if protocol.name == "circo":
+        (ranking,) = rankings
+        _, top = top_k(ranking.queries, ranking.gallery, 50, ranking.exclude)
+        return {"circo_test_submission.json": {t.pair_id: [ranking.gallery_ids[j] for j in row]
+                                               for t, row in zip(ranking.triplets, top.tolist(), strict=True)}}
     if protocol.name == "cirr":
         (ranking,) = rankings
         _, top = top_k(ranking.queries, ranking.gallery, 50, ranking.exclude)

@@ -41,6 +41,23 @@ def subset_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Te
     return ranks
 
 
+def average_precision_at_k(found: Sequence, truths: set, k: int) -> float:
+    """AP@K of one ranked list against a query's ground truths (CIRCO's definition): the sum of the precisions at
+    the ranks within K that hold a ground truth, over min(K, number of ground truths)."""
+    hits, total = 0, 0.0
+    for rank, item in enumerate(found[:k], 1):
+        if item in truths:
+            hits += 1
+            total += hits / rank
+    return total / min(k, len(truths)) if truths else 0.0
+
+
+def map_at_k(found: Sequence[Sequence], truths: Sequence[set], ks: Sequence[int]) -> dict[str, float]:
+    """mAP@K in percent over queries: each query's ranked ids (unique) against its ground truths."""
+    return {f"mAP@{k}": 100.0 * sum(average_precision_at_k(f, t, k) for f, t in zip(found, truths, strict=True))
+            / max(len(found), 1) for k in ks}
+
+
 def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = RECALL_KS, prefix: str = "R") -> dict[str, float]:
     """Recall@K in percent: the share of queries whose target ranks within the top K."""
     return {f"{prefix}@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}

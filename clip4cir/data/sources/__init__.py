@@ -1,12 +1,21 @@
 """Data sets behind one interface (:class:`~clip4cir.data.sources.base.Source`): a user's own triplets (JSONL or
 CSV over an image folder), labelled images (a folder per label, or image,label rows), image-text pairs (image,text
-rows, or images with sidecar texts), CIRR, FashionIQ, Hugging Face ``datasets``, and a plain image folder.
+rows, or images with sidecar texts), CIRR, CIRCO, FashionIQ, Hugging Face ``datasets``, and a plain image folder.
 ``--data`` names one; its kind is recognised from what is there, or given with ``--dataset`` (a folder of label
 sub-folders needs ``--dataset labels``, a folder of images with sidecar texts ``--dataset pairs``). A new data set
 is one module that registers its Source class in ``SOURCES``, and its name in the import line here."""
 from __future__ import annotations
 
-from clip4cir.data.sources import cirr, fashioniq, folder, hub, labels, pairs, triplet_files  # noqa: F401 (they register)
+from clip4cir.data.sources import (  # noqa: F401 (they register)
+    circo,
+    cirr,
+    fashioniq,
+    folder,
+    hub,
+    labels,
+    pairs,
+    triplet_files,
+)
 from clip4cir.data.sources.base import SOURCES, EvaluationProtocol, Source, SourceOptions, Triplet
 
 __all__ = ["EvaluationProtocol", "Source", "SourceOptions", "Triplet", "SOURCES", "open_source", "reopen"]

@@ -27,7 +27,8 @@ SHOWN = 5  # how many ids an error message lists
 @dataclass(frozen=True)
 class Triplet:
     """A reference image, the target image (None on a test split), the modification caption(s); the category
-    when the data set has them; CIRR's pair id and the image subset its Recall_subset ranks within."""
+    when the data set has them; CIRR's pair id (CIRCO's query id) and the image subset its Recall_subset ranks
+    within; CIRCO's ground truths (every image that fits, the target among them) and semantic aspects."""
 
     reference: str
     target: str | None
@@ -35,19 +36,23 @@ class Triplet:
     category: str | None = None
     pair_id: str | None = None
     subset: tuple[str, ...] = ()
+    ground_truths: tuple[str, ...] = ()
+    aspects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EvaluationProtocol:
     """How a data set is evaluated (see clip4cir.evaluation): Recall@K over a gallery of the split (per category
     and averaged, or one gallery), with the reference left out of its own ranking or not, Recall_subset@K within
-    each query's subset, and the headline score (what --save-best maximises)."""
+    each query's subset, mAP@K over each query's ground truths (CIRCO), and the headline score (what --save-best
+    maximises)."""
 
     name: str
     ks: tuple[int, ...]
     per_category: bool
     remove_reference: bool
     subset_ks: tuple[int, ...] = ()
+    map_ks: tuple[int, ...] = ()
     score: tuple[str, ...] = ("R@10", "R@50")  # the headline is the mean of these of the "average" metrics
     val_split: str = "val"
     test_split: str = "test"
