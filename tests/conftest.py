@@ -61,3 +61,18 @@ def milvus_server():
             yield running
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served_demo(tmp_path_factory):
+    """The shipped demo (its model, φ, catalog and index) served in this process as python app.py serves it:
+    (the engine, the server's address without a trailing slash)."""
+    from clip4cir.core.ports import free_port
+    from clip4cir.serving import service
+    from clip4cir.serving.ui import serve
+    engine = service.load_engine(service.Options(device="cpu"))
+    port = free_port()
+    app = serve(engine, tmp_path_factory.mktemp("cache"), port=port, quiet=True)
+    yield engine, f"http://127.0.0.1:{port}"
+    app.close()
+

@@ -194,3 +194,23 @@ def test_the_clip_retrieval_targets_can_fail():
     assert all(clip_retrieval.verdicts(report(250.0, 15.0, 1.0, 90.0)).values())
     missed = clip_retrieval.verdicts(report(150.0, 25.0, 0.9, 120.0))
     assert not any(missed.values()) and "≥ 2× clip back's queries/s at 8 clients" in missed
+
+
+def test_title_reranking_moves_a_candidate_whose_title_fits_and_fusion_changes_the_query():
+    import torch
+
+    from clip4cir.benchmarks.title_aware import hits_at_10
+    g = torch.eye(20)
+    q = torch.zeros(1, 20)
+    q[0, :12] = torch.linspace(1.0, 0.9, 12)  # items 0..11 ranked in order: item 11 is 12th
+    titles = torch.zeros(20, 20)
+    titles[11, 0] = 1.0  # only item 11's title matches the titled text
+    titled = torch.zeros(1, 20)
+    titled[0, 0] = 1.0
+    part = {"gallery": g, "queries": q, "titled": titled, "gallery_titles": titles, "targets": torch.tensor([11])}
+    assert not hits_at_10([part], 0.0, 0.0)[0]  # 12th: out of the top 10
+    assert hits_at_10([part], 0.0, 1.0)[0]  # re-ranked by its title: in
+    part["targets"] = torch.tensor([0])
+    assert hits_at_10([part], 0.0, 0.0)[0] and hits_at_10([part], 0.0, 1.0)[0]  # item 0 stays in
+    far = {**part, "titled": torch.eye(20)[19:20], "targets": torch.tensor([19])}
+    assert not hits_at_10([far], 0.0, 0.0)[0] and hits_at_10([far], 5.0, 0.0)[0]  # fusion moves the query

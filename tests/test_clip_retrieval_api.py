@@ -15,18 +15,12 @@ import pytest
 from PIL import Image
 
 from clip4cir.core.errors import SearchError
-from clip4cir.core.ports import free_port
-from clip4cir.serving import image_urls, service
-from clip4cir.serving.ui import serve
+from clip4cir.serving import image_urls
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    engine = service.load_engine(service.Options(device="cpu"))
-    port = free_port()
-    app = serve(engine, tmp_path_factory.mktemp("cache"), port=port, quiet=True)
-    yield engine, f"http://127.0.0.1:{port}"
-    app.close()
+def demo(served_demo):
+    return served_demo
 
 
 def call(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, object, dict]:

@@ -15,10 +15,6 @@ import urllib.request
 import pytest
 from helpers import outside_folder
 
-from clip4cir.core.ports import free_port
-from clip4cir.serving import service
-from clip4cir.serving.ui import serve
-
 pytestmark = pytest.mark.slow
 VERSION = "2.45.0"
 CHROMIUM = "/usr/bin/chromium"
@@ -40,12 +36,8 @@ def package():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    engine = service.load_engine(service.Options(device="cpu"))
-    port = free_port()
-    app = serve(engine, tmp_path_factory.mktemp("cache"), port=port, quiet=True)
-    yield engine, f"http://127.0.0.1:{port}"
-    app.close()
+def demo(served_demo):
+    return served_demo
 
 
 CLIENT = """

@@ -14,10 +14,6 @@ import pytest
 from helpers import code_blocks
 from PIL import Image, ImageOps
 
-from clip4cir.core.ports import free_port
-from clip4cir.serving import service
-from clip4cir.serving.ui import serve
-
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -28,13 +24,10 @@ needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"Chrom
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The shipped demo (its model, φ, catalog and index), served as python app.py serves it."""
-    engine = service.load_engine(service.Options(device="cpu"))
-    port = free_port()
-    app = serve(engine, tmp_path_factory.mktemp("cache"), port=port, quiet=True)
-    yield engine, f"http://127.0.0.1:{port}/"
-    app.close()
+def demo(served_demo):
+    """The shipped demo served as python app.py serves it, its address with a trailing slash."""
+    engine, base = served_demo
+    return engine, base + "/"
 
 
 @pytest.fixture(scope="module")

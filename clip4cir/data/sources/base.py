@@ -265,6 +265,14 @@ def detect_kind(data: str) -> str:
     raise DataError(f"--data {data}: no data set kind recognises it; give --dataset ({', '.join(SOURCES)})")
 
 
+def listed_file_exists(path_of: Callable[[str], str], image_id: str) -> bool:
+    """Whether the file the source lists for an id exists (an id it does not list: no)."""
+    try:
+        return Path(path_of(image_id)).is_file()
+    except DataError:
+        return False
+
+
 def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) of every non-empty line of a JSON Lines file; DataError naming the line otherwise."""
     rows = []

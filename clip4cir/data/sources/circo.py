@@ -22,6 +22,7 @@ from clip4cir.data.sources.base import (
     Source,
     SourceKind,
     Triplet,
+    listed_file_exists,
     read_json_file,
     titles_beside,
 )
@@ -110,10 +111,7 @@ class CIRCO(Source):
         return str(self.root / IMAGES / name)
 
     def has_image(self, image_id: str) -> bool:
-        try:
-            return Path(self.path(image_id)).is_file()
-        except DataError:
-            return False
+        return listed_file_exists(self.path, image_id)
 
     def annotation_files(self, split: str) -> list[Path]:
         return [self.root / "annotations" / f"{split}.json", self.root / IMAGE_INFO]

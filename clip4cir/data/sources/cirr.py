@@ -19,6 +19,7 @@ from clip4cir.data.sources.base import (
     Source,
     SourceKind,
     Triplet,
+    listed_file_exists,
     read_json_file,
     titles_beside,
     triplet_entries,
@@ -100,10 +101,7 @@ class CIRR(Source):
         return str(self.root / relative)
 
     def has_image(self, image_id: str) -> bool:
-        try:
-            return Path(self.path(image_id)).is_file()
-        except DataError:
-            return False
+        return listed_file_exists(self.path, image_id)
 
     def annotation_files(self, split: str) -> list[Path]:
         return [self.root / "cirr" / "captions" / f"cap.rc2.{split}.json", self._split_file(split)]
