@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead o
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
-from helpers import REPO, outside_folder  # noqa: E402
+from helpers import outside_folder, shared_annotations  # noqa: E402
 
 from clip4cir.data.synthetic import make_synthetic_fashioniq  # noqa: E402
 
@@ -23,12 +23,7 @@ def tiny_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_annotations() -> Path:
     """The official FashionIQ annotation files (no images), beside the checkout in shared/."""
-    root = Path(os.environ.get("FASHIONIQ_ANNOTATIONS", REPO.parent / "shared" / "fashioniq"))
-    if not (root / "captions").is_dir():
-        pytest.skip(f"the FashionIQ annotation files are not at {root} (set FASHIONIQ_ANNOTATIONS to where they are)")
-    return root
-
-
+    return shared_annotations("fashioniq", "FASHIONIQ_ANNOTATIONS", "captions")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +57,13 @@ def code_blocks(language: str) -> list[tuple[str, str]]:
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     return [(page.relative_to(REPO).as_posix(), block) for page in pages
             for block in re.findall(rf"```{language}\n(.*?)```", page.read_text(encoding="utf-8"), re.S)]
+
+
+def shared_annotations(name: str, env: str, marker: str) -> Path:
+    """The real annotation files of a data set, beside the checkout in shared/NAME (or where ``env`` says); the
+    test is skipped, saying where it looked, when ``marker`` is not there."""
+    root = Path(os.environ.get(env, REPO.parent / "shared" / name))
+    if not (root / marker).exists():
+        pytest.skip(f"the {name} annotation files are not at {root} (set {env} to where they are)")
+    return root
+

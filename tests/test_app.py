@@ -15,7 +15,7 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
-from helpers import user_env  # noqa: E402
+from helpers import REPO, user_env  # noqa: E402
 
 from clip4cir.core.ports import free_port  # noqa: E402
 from clip4cir.data.sources import open_source  # noqa: E402
@@ -28,7 +28,6 @@ from clip4cir.retrieval.search import SearchEngine  # noqa: E402
 from clip4cir.serving.service import thumbnails_for  # noqa: E402
 from clip4cir.serving.ui import App, plain, serve  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 

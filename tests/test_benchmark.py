@@ -1,10 +1,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 from PIL import Image
 from scipy import stats
 
@@ -13,8 +13,6 @@ from clip4cir.benchmarks.paired import paired_interval, query_sampling_se
 from clip4cir.commands.benchmark import main as benchmark_main
 from clip4cir.data.sources.fashioniq import CATEGORIES, load_image_split
 from clip4cir.data.synthetic.fashioniq import SIZES
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pipeline_benchmark_measures_what_it_reports(tmp_path, real_annotations):

@@ -1,11 +1,10 @@
 """CIRCO: its real annotation files read as they are, mAP@K as its authors define it (against a brute-force
 reference on hand-made cases), a synthetic set in its layout evaluated end to end, and the test server's file."""
 import json
-import os
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import shared_annotations
 
 from clip4cir.commands.evaluate import main as evaluate_main
 from clip4cir.data.sources import open_source
@@ -37,10 +36,7 @@ def test_average_precision_on_hand_made_cases():
 
 @pytest.fixture(scope="session")
 def real_circo() -> Path:
-    root = Path(os.environ.get("CIRCO_ANNOTATIONS", REPO.parent / "shared" / "circo"))
-    if not (root / "annotations" / "val.json").is_file():
-        pytest.skip(f"the CIRCO annotation files are not at {root} (set CIRCO_ANNOTATIONS to where they are)")
-    return root
+    return shared_annotations("circo", "CIRCO_ANNOTATIONS", "annotations/val.json")
 
 
 def test_the_real_annotations_read_as_published(real_circo):

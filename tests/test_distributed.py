@@ -5,11 +5,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,7 +23,6 @@ from clip4cir.training.checkpointing import RunDir, read_metrics
 from clip4cir.training.samplers import EpochSampler
 from clip4cir.training.stage_one import TowerFeatures, set_train_mode, set_trainable, training_step
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

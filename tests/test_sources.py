@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import shared_annotations
 from PIL import Image
 
 from clip4cir.commands.build_index import main as build_main
@@ -24,8 +25,6 @@ from clip4cir.evaluation.composed import subset_ranks, target_ranks
 from clip4cir.models.factory import create_model
 from clip4cir.retrieval.search import SearchEngine
 
-REPO = Path(__file__).resolve().parents[1]
-CIRR_SHARED = REPO.parent / "shared" / "cirr"
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet", "--device", "cpu"]
 
 
@@ -39,10 +38,10 @@ def cirr_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_cirr(tmp_path_factory):
     """The real CIRR annotation files (no train captions) with a placeholder image at every val and test1 path."""
-    assert (CIRR_SHARED / "captions").is_dir(), f"CIRR annotations not found at {CIRR_SHARED}"
+    shared = shared_annotations("cirr", "CIRR_ANNOTATIONS", "captions")
     root = tmp_path_factory.mktemp("real_cirr")
-    shutil.copytree(CIRR_SHARED / "captions", root / "cirr" / "captions")
-    shutil.copytree(CIRR_SHARED / "image_splits", root / "cirr" / "image_splits")
+    shutil.copytree(shared / "captions", root / "cirr" / "captions")
+    shutil.copytree(shared / "image_splits", root / "cirr" / "image_splits")
     rng = np.random.default_rng(0)
     for split in ("val", "test1"):
         for relative in json.loads((root / "cirr" / "image_splits" / f"split.rc2.{split}.json").read_text()).values():

@@ -8,16 +8,15 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import gradio
 import pytest
+from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from clip4cir.core.ports import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 
 

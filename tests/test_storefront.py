@@ -11,10 +11,9 @@ from pathlib import Path
 
 import axe_playwright_python
 import pytest
-from helpers import code_blocks
+from helpers import REPO, code_blocks
 from PIL import Image, ImageOps
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

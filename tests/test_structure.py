@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("clip4cir", "combiner")
 # lowest first; a package may import its own modules and those of lower layers, never a higher or a sibling one
 LAYERS = [

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from clip4cir.commands.train_clip import main as train_main
 from clip4cir.core.errors import DataError, ModelError, NonFiniteError
@@ -22,7 +23,6 @@ from clip4cir.training.losses import contrastive_loss
 from clip4cir.training.stage_one import TowerFeatures, set_train_mode, set_trainable, training_step
 
 BASE = ["--model", "cir-tiny", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--quiet"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def last_model(out):
