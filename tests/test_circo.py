@@ -69,5 +69,6 @@ def test_a_synthetic_circo_set_is_evaluated_with_map_and_the_test_file_is_writte
     assert evaluate_main(common + ["--split", "test", "--predictions", str(tmp_path / "submission")]) == 0
     submission = json.loads((tmp_path / "submission" / "circo_test_submission.json").read_text())
     assert set(submission) == {t.pair_id for t in source.triplets("test")} == {str(i) for i in range(counts["test"])}
-    assert all(len(ids) == len(set(ids)) == 50 and set(ids) <= set(source.gallery("test"))
+    assert all(len(ids) == len(set(ids)) == 50 and all(isinstance(i, int) for i in ids)  # COCO ids, as published
+               and {str(i) for i in ids} <= set(source.gallery("test"))
                for ids in submission.values())

@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -122,6 +123,10 @@ def test_a_body_that_is_not_json_is_a_400(demo):
     assert status == 400 and "not JSON" in body["detail"]
     status, body, _ = call(demo[1] + "/knn-service", b'{"embedding_input": [NaN]}')
     assert status == 400
+    status, body, _ = call(demo[1] + "/knn-service", b"[" * 5000)
+    assert status == 400 and "nested" in body["detail"]
+    status, body, _ = call(demo[1] + "/knn-service", b'{"embedding_input": [' + b"9" * 400 + b"]}")
+    assert status == 400 and "float32" in body["detail"]
     status, body, _ = call(demo[1] + "/knn-service", json.dumps({"text": "red " * 20_000}).encode())
     assert status == 413 and "at most" in body["detail"]
 
@@ -135,12 +140,35 @@ def test_image_urls_never_reach_the_servers_own_network(monkeypatch, url):
         image_urls.fetch_image_url(url)
 
 
+@pytest.mark.parametrize("address", ["64:ff9b::a00:1", "2002:7f00:1::1", "::ffff:10.0.0.1", "fe80::1",
+                                     "2001:0:4136:e378:8000:63bf:f5ff:fffe"])  # NAT64, 6to4, mapped, link, Teredo
+def test_an_ipv6_address_carrying_a_private_ipv4_one_is_not_public(address):
+    import ipaddress
+    assert not image_urls.is_public(ipaddress.ip_address(address))
+    assert image_urls.is_public(ipaddress.ip_address("2606:4700:4700::1111"))
+
+
+@pytest.mark.parametrize("url", ["http://[::1/a.jpg", "http://example.com:abc/a.jpg", "http://example.com:99999/"])
+def test_a_url_that_does_not_parse_is_a_named_refusal(monkeypatch, url):
+    monkeypatch.setenv(image_urls.ALLOW_ENV, "1")
+    with pytest.raises(SearchError, match="not a URL"):
+        image_urls.fetch_image_url(url)
+
+
 def test_an_allowed_image_url_is_fetched_bounded_and_not_redirected(monkeypatch):
     buffer = io.BytesIO()
     Image.new("RGB", (30, 40), (200, 30, 30)).save(buffer, "PNG")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/slow":  # a byte a second: each read is quick, the whole is not
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(6):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(1)
+                return
             if self.path == "/moved":
                 self.send_response(302)
                 self.send_header("Location", "http://169.254.169.254/")
@@ -158,12 +186,14 @@ def test_an_allowed_image_url_is_fetched_bounded_and_not_redirected(monkeypatch)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setenv(image_urls.ALLOW_ENV, "1")
-    monkeypatch.setattr(image_urls, "public_address", lambda host, port: "127.0.0.1")  # this test's server only
+    monkeypatch.setattr(image_urls, "public_addresses", lambda host, port: ["127.0.0.1"])  # this test's only
     try:
         assert image_urls.fetch_image_url(url + "/a.png") == buffer.getvalue()
         with pytest.raises(SearchError, match="302"):
             image_urls.fetch_image_url(url + "/moved")
         with pytest.raises(SearchError, match="more than the 10 bytes"):
             image_urls.fetch_image_url(url + "/a.png", max_bytes=10)
+        with pytest.raises(SearchError, match="longer than 2 s"):
+            image_urls.fetch_image_url(url + "/slow", timeout=2)
     finally:
         server.shutdown()

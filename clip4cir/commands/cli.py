@@ -31,10 +31,10 @@ for name, module, summary in [
     ("import-phi", "import_phi", "import a published φ (Pic2Word) checkpoint"),
     ("index", "build_index", "encode a catalog and build its search index (FAISS files or Milvus)"),
     ("search", "search", "search an index from the command line"),
-    ("evaluate", "evaluate", "Recall@K under FashionIQ's, CIRR's or a catalog's protocol"),
+    ("evaluate", "evaluate", "Recall@K (CIRCO: mAP@K) under FashionIQ's, CIRR's, CIRCO's or a catalog's protocol"),
     ("serve", "app", "the Gradio app and the JSON API (python app.py is the same)"),
     ("benchmark", "benchmark", "the benchmarks (pipeline, index, serving, store, ablation, ...)"),
-    ("make-synthetic", "make_synthetic", "draw a synthetic data set in a real layout (fashioniq, cirr, identities)"),
+    ("make-synthetic", "make_synthetic", "a synthetic data set in a real layout (fashioniq, cirr, circo, identities)"),
     ("make-base-model", "make_base_model", "make the demo's pretrained base (image-text pretraining)"),
     ("make-demo-model", "make_demo_model", "make the offline demo's model, index and φ"),
 ]:

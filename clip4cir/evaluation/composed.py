@@ -186,13 +186,18 @@ def query_records(ranking: Ranking, k: int = 10) -> list[dict]:
     return records
 
 
+def _coco_id(image_id: str) -> int | str:
+    """A CIRCO image id as its test server takes it: COCO's number (the published example submission's type)."""
+    return int(image_id) if image_id.isdigit() else image_id
+
+
 def test_predictions(rankings: Sequence[Ranking], protocol: EvaluationProtocol) -> dict[str, dict | list]:
     """What a test server takes, by file name: CIRR's two JSON files (top-50 of the gallery, top-3 of the
     subset, by pair id); CIRCO's (the top 50 unique ids by query id); otherwise the top-50 ids of each query."""
     if protocol.name == "circo":
         (ranking,) = rankings
         _, top = top_k(ranking.queries, ranking.gallery, 50, ranking.exclude)
-        return {"circo_test_submission.json": {t.pair_id: [ranking.gallery_ids[j] for j in row]
+        return {"circo_test_submission.json": {t.pair_id: [_coco_id(ranking.gallery_ids[j]) for j in row]
                                                for t, row in zip(ranking.triplets, top.tolist(), strict=True)}}
     if protocol.name == "cirr":
         (ranking,) = rankings

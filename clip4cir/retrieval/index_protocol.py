@@ -16,7 +16,7 @@ from clip4cir.retrieval.item_table import Item
 class Index(Protocol):
     """A catalog's items, their features and nearest-neighbour search over them; safe for concurrent searches."""
 
-    metric: str  # "cosine" or "dot": how scores are reported
+    metric: str  # "cosine" or "euclidean": how scores are reported
     encoder: dict  # the record of the encoder that made the features (a search must use the same)
     source: dict  # where the items came from, and its fingerprint
     probe: dict | None  # the category probe trained on the features, if any

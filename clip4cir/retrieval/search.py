@@ -315,8 +315,8 @@ class SearchEngine:
         self._check_k(k)
         try:
             vector = np.asarray(feature, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise SearchError("the embedding must be a list of numbers") from None
+        except (TypeError, ValueError, OverflowError):
+            raise SearchError("the embedding must be a list of numbers, each within float32's range") from None
         if vector.shape != (self.index.dim,):
             raise SearchError(f"the embedding must hold {self.index.dim} numbers (this index's dimension), got "
                               f"shape {vector.shape}")

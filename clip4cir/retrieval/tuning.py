@@ -92,7 +92,8 @@ def calibrate(calibration: Calibration, target: float) -> dict:
         if group:
             chosen[group] = choose(group, [chosen[""]["k_factor"]])
     return {"target_recall": target, "k": K, "queries": {kind: len(q) for kind, q in kinds.items()},
-            "rule": "the smallest effort, then the smallest re-ranking depth, reaching the target for every kind",
+            "rule": "the smallest effort" + (", then the smallest re-ranking depth," if len(calibration.k_factors) > 1
+                                             else "") + " reaching the target for every kind",
             "k_factor": chosen[""]["k_factor"], "effort": {name: c["effort"] for name, c in chosen.items()},
             "recall": {name: c["recall"] for name, c in chosen.items()}}
 

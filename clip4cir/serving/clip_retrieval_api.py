@@ -38,6 +38,7 @@ from clip4cir.serving.uploads import QUERY_SIDE
 
 NAME_ENV = "CLIP4CIR_INDEX_NAME"
 DEDUPLICATE_ABOVE = 0.94  # results this alike (cosine) are one, as clip back deduplicates
+DEDUPLICATE_DEPTH = 1_000  # candidates a deduplicated query looks at, at most
 CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
         "Access-Control-Allow-Headers": "Content-Type"}
 FIELD_TYPES = {"text": str, "image": str, "image_url": str, "embedding_input": list, "modality": str,
@@ -57,8 +58,8 @@ def parsed(body: bytes) -> dict:
     fields are not checked)."""
     try:
         fields = json.loads(body or b"{}", parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HTTPException(400, f"the body is not JSON ({str(e)[:80]})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise HTTPException(400, f"the body is not JSON, or nested too deeply ({str(e)[:80]})") from None
     if not isinstance(fields, dict):
         raise HTTPException(422, "the body must be a JSON object")
     if not fields.get("image") and len(body) > MAX_JSON_BYTES:
@@ -105,6 +106,8 @@ def search(engine: SearchEngine, fields: dict) -> SearchResult:
         raise SearchError("this index holds images: modality 'text' (a caption index) is not served here")
     num_images = fields.get("num_images") or 40
     k = min(max(fields.get("num_result_ids") or num_images, num_images), MAX_K, len(engine.index))
+    if fields.get("deduplicate"):  # each candidate's feature is read and compared: bounded
+        k = min(k, DEDUPLICATE_DEPTH)
     text, image = (fields.get("text") or "").strip(), query_image(fields)
     category = fields.get("category")
     if text and image is not None:
@@ -124,14 +127,16 @@ def default_mode(engine: SearchEngine) -> str:
 
 def deduplicated(engine: SearchEngine, result: SearchResult) -> list:
     """The hits without those nearly identical (cosine above DEDUPLICATE_ABOVE) to a better-ranked one."""
-    kept, vectors = [], []
-    for hit in result.hits:
-        vector = engine.index.feature(hit.id)
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        if all(float(vector @ other) <= DEDUPLICATE_ABOVE for other in vectors):
-            kept.append(hit)
-            vectors.append(vector)
-    return kept
+    if not result.hits:
+        return []
+    vectors = np.stack([engine.index.feature(hit.id) for hit in result.hits]).astype(np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    similar = vectors @ vectors.T
+    kept: list[int] = []
+    for n in range(len(result.hits)):
+        if not kept or similar[n, kept].max() <= DEDUPLICATE_ABOVE:
+            kept.append(n)
+    return [result.hits[n] for n in kept]
 
 
 def answer(engine: SearchEngine, fields: dict, base: str) -> list[dict]:

@@ -1,8 +1,9 @@
 """Query images given by URL, fetched only where the operator allows it (``CLIP4CIR_ALLOW_IMAGE_URLS=1``) and only
 from the public internet: a server that fetches what a request names could otherwise be made to read its own
-network (SSRF). Every address the host name resolves to must be a public one; the connection goes to the address
-that was checked (a second lookup could answer otherwise), no redirect is followed, and the body is read up to a
-size and within a time."""
+network (SSRF). Every address the host name resolves to must be a public one (also the IPv4 address an IPv6 one
+carries); the connection goes to the addresses that were checked (a second lookup could answer otherwise), no
+redirect is followed, and the body is read up to a size and within a time (10 s for the whole body; each socket
+operation within it too; the name lookup is the system resolver's)."""
 from __future__ import annotations
 
 import http.client
@@ -10,6 +11,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import time
 import urllib.parse
 
 from clip4cir.core.errors import SearchError
@@ -24,42 +26,70 @@ def allowed() -> bool:
     return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def public_address(host: str, port: int) -> str:
-    """An address ``host`` resolves to, when every one it resolves to is public; SearchError otherwise (a private,
-    loopback, link-local, multicast or reserved address: the server's own network)."""
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address, also for the IPv4 address an IPv6 one carries (mapped, 6to4, NAT64, Teredo)."""
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in NAT64):
+            return is_public(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        carried = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if carried is not None:
+            return is_public(carried)
+    return True
+
+
+def public_addresses(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to, in the resolver's order, when every one of them is public; SearchError
+    otherwise (a private, loopback, link-local, multicast or reserved address, also one inside an IPv6 address:
+    the server's own network)."""
     try:
-        found = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    except (socket.gaierror, UnicodeError) as e:
+        found = list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+    except (socket.gaierror, UnicodeError, ValueError) as e:
         raise SearchError(f"image_url: the host {host!r} cannot be resolved ({e})") from None
-    for address in sorted(found):
+    for address in found:
         ip = ipaddress.ip_address(address.split("%")[0])
-        if not ip.is_global or ip.is_multicast:
+        if not is_public(ip):
             raise SearchError(f"image_url: {host!r} is not on the public internet ({ip}); this server fetches "
                               f"public images only")
-    return sorted(found)[0]
+    return found
+
+
+def _connect(addresses: list[str], port: int, timeout: float) -> socket.socket:
+    """A connection to the first of the checked addresses that answers."""
+    error: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as e:
+            error = e
+    raise error or OSError("no address")
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
     """HTTPS to an address checked beforehand, the certificate checked against the URL's host name."""
 
-    def __init__(self, host: str, address: str, port: int, timeout: float):
+    def __init__(self, host: str, addresses: list[str], port: int, timeout: float):
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+        self._addresses = addresses
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._context.wrap_socket(_connect(self._addresses, self.port, self.timeout),
+                                              server_hostname=self.host)
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
     """HTTP to an address checked beforehand."""
 
-    def __init__(self, host: str, address: str, port: int, timeout: float):
+    def __init__(self, host: str, addresses: list[str], port: int, timeout: float):
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._addresses = addresses
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = _connect(self._addresses, self.port, self.timeout)
 
 
 CONNECTIONS = {"http": (_PinnedHTTP, 80), "https": (_PinnedHTTPS, 443)}
@@ -71,12 +101,17 @@ def fetch_image_url(url: str, max_bytes: int = MAX_BYTES, timeout: float = TIMEO
     if not allowed():
         raise SearchError(f"image_url is off on this server (its operator turns it on with {ALLOW_ENV}=1); send "
                           f"the image itself (base64)")
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise SearchError(f"image_url is not a URL ({e})") from None
     if parts.scheme not in CONNECTIONS or not parts.hostname:
         raise SearchError("image_url must be an http or https URL with a host")
     connection_class, default_port = CONNECTIONS[parts.scheme]
-    port = parts.port or default_port
-    connection = connection_class(parts.hostname, public_address(parts.hostname, port), port, timeout)
+    port = port or default_port
+    deadline = time.monotonic() + timeout
+    connection = connection_class(parts.hostname, public_addresses(parts.hostname, port), port, timeout)
     try:
         connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
                            headers={"User-Agent": "clip4cir", "Accept": "image/*"})
@@ -87,11 +122,19 @@ def fetch_image_url(url: str, max_bytes: int = MAX_BYTES, timeout: float = TIMEO
         declared = response.getheader("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise SearchError(f"image_url's image has {int(declared):,} bytes; at most {max_bytes:,} are read")
-        data = response.read(max_bytes + 1)
+        chunks, size = [], 0
+        while size <= max_bytes:
+            if time.monotonic() > deadline:
+                raise SearchError(f"image_url took longer than {timeout:g} s to send its image")
+            chunk = response.read1(64 * 1024)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except (OSError, http.client.HTTPException) as e:
         raise SearchError(f"image_url could not be fetched: {type(e).__name__}: {e}") from None
     finally:
         connection.close()
-    if len(data) > max_bytes:
+    if size > max_bytes:
         raise SearchError(f"image_url's image has more than the {max_bytes:,} bytes that are read")
-    return data
+    return b"".join(chunks)

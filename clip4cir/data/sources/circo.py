@@ -46,6 +46,10 @@ def circo_queries(path: Path, with_truth: bool) -> list[Triplet]:
         raise DataError(f"{path}: expected a JSON list of queries")
     queries = []
     for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: query {n} is not a JSON object")
+        if not isinstance(entry.get("gt_img_ids", []), list):
+            raise DataError(f"{path}: query {n}: gt_img_ids is not a list")
         missing = [f for f in ("id", "reference_img_id", "relative_caption") if f not in entry]
         if with_truth:
             missing += [f for f in ("target_img_id", "gt_img_ids") if f not in entry]

@@ -33,7 +33,8 @@ def _query(catalog: Catalog, gallery: list[Item], n: int) -> tuple[dict, list[It
     reference = gallery[int(rng.integers(len(gallery)))]
     n_changes = int(rng.choice([1, 2], p=[0.6, 0.4]))
     attrs, changes = catalog.changed(reference.category, attrs_of(reference), n_changes)
-    fits = [catalog.item(reference.category, attrs) for _ in range(1 + int(rng.integers(*EXTRA_TRUTHS)))]
+    fits = [catalog.item(reference.category, attrs)
+            for _ in range(1 + int(rng.integers(EXTRA_TRUTHS[0], EXTRA_TRUTHS[1] + 1)))]
     entry = {"id": n, "reference_img_id": reference.id, "target_img_id": fits[0].id,
              "relative_caption": captions_for(rng, reference.category, changes)[0],
              "shared_concept": f"a {reference.category}",
