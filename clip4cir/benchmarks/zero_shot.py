@@ -1,17 +1,16 @@
 """The no-triplets benchmark (``python scripts/benchmark.py zero-shot``): what a shop without triplets gets, beside
 what triplets buy, all from the shipped pretrained base (``demo/base``).
 
-Trained on one synthetic FashionIQ-layout catalog (its train split: images and titles for the zero-shot methods
-and catalog adaptation, which choose their epoch on its held-out images without any triplet; its triplets for
-the supervised pipeline, which chooses its epoch on its val triplets); reported on the val queries of two
-catalogs drawn with another seed and never seen (FashionIQ and CIRR layouts). Rows: the Sum of the base's
-features without training; each φ (``pic2word``: from images, ``lincir``: from titles), its queries alone and
-with the Sum query added (the Sum's weight chosen on dev catalogs of a third seed, from the first seed's φ);
-catalog adaptation (image-text training on the titles) with the Sum and with each φ (alone and + Sum); CLIP4Cir
-trained on triplets mined from the titles (clip4cir.training.triplet_mining; stage one with the Sum, and with the
-Combiner); and the supervised
-CLIP4Cir pipeline on the catalog's own triplets (stage one, then the Combiner). Mean ± std over seeds; φ's
-training time and a query's cost beside a text search's.
+Trained on one synthetic FashionIQ-layout catalog (its train split: images and titles for the zero-shot methods and
+catalog adaptation, which choose their epoch on its held-out images without any triplet; its triplets for the
+supervised pipeline, which chooses its epoch on its val triplets); reported on the val queries of three catalogs
+drawn with another seed and never seen (FashionIQ, CIRR and CIRCO layouts; CIRCO's with mAP@K over several ground
+truths a query). Rows: the Sum of the base's features without training; each φ (``pic2word``: from images,
+``lincir``: from titles), its queries alone and with the Sum query added (the Sum's weight chosen on dev catalogs of
+a third seed, from the first seed's φ); catalog adaptation (image-text training on the titles) with the Sum and with
+each φ (alone and + Sum); CLIP4Cir trained on triplets mined from the titles (clip4cir.training.triplet_mining;
+stage one with the Sum, and with the Combiner); and the supervised CLIP4Cir pipeline on the catalog's own triplets
+(stage one, then the Combiner). Mean ± std over seeds; φ's training time and a query's cost beside a text search's.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.pipeline import percentiles_ms, timed
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.data.sources import SourceOptions, open_source
-from clip4cir.data.synthetic import make_synthetic_cirr, make_synthetic_fashioniq
+from clip4cir.data.synthetic import make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
 from clip4cir.evaluation.composed import evaluate
 from clip4cir.models.combiner import combining_function
 from clip4cir.models.encoder_file import load_encoder
@@ -136,11 +135,13 @@ def markdown(report: dict) -> str:
              f"base `demo/base` (cir-tiny pretrained on image-text pairs here). Trained on a synthetic "
              f"FashionIQ-layout catalog `{report['size']}` (seed {TRAIN_SEED}); reported on the val queries of "
              f"catalogs drawn with seed {HELD_OUT_SEED} (never trained on).", "",
-             "| method | triplets used | FashionIQ avg R@10 | FashionIQ avg R@50 | CIRR R@10 | CIRR R@50 |",
-             "|---|---|---|---|---|---|"]
+             "| method | triplets used | FashionIQ avg R@10 | FashionIQ avg R@50 | CIRR R@10 | CIRR R@50 "
+             "| CIRCO-layout mAP@10 | CIRCO-layout mAP@50 |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in report["rows"].items():
+        circo = f"{cell(row, 'circo/mAP@10')} | {cell(row, 'circo/mAP@50')}" if "circo/mAP@10" in row else "- | -"
         lines.append(f"| {name} | {TRIPLETS_USED.get(name, 'none')} | {cell(row, 'fashioniq/R@10')} | "
-                     f"{cell(row, 'fashioniq/R@50')} | {cell(row, 'cirr/R@10')} | {cell(row, 'cirr/R@50')} |")
+                     f"{cell(row, 'fashioniq/R@50')} | {cell(row, 'cirr/R@10')} | {cell(row, 'cirr/R@50')} | {circo} |")
     cost = report["query_cost"]
     lines += ["", f"Training φ: {', '.join(f'{m} {s:.0f} s' for m, s in report['phi_seconds'].items())} (mean per "
               f"seed); mining triplets from the titles {report['mining_seconds']:.0f} s ({report['mined']} "
@@ -169,9 +170,11 @@ def run_zero_shot(config: str, out: Path, work: str | None = None, workers: int 
         tmp = Path(tmp)
         data = tmp / "train-catalog"
         make_synthetic_fashioniq(data, cfg["size"], seed=TRAIN_SEED)
-        catalogs = {"fashioniq": tmp / "held-out-fashioniq", "cirr": tmp / "held-out-cirr"}
+        catalogs = {"fashioniq": tmp / "held-out-fashioniq", "cirr": tmp / "held-out-cirr",
+                    "circo": tmp / "held-out-circo"}
         make_synthetic_fashioniq(catalogs["fashioniq"], cfg["held_out"], seed=HELD_OUT_SEED)
         make_synthetic_cirr(catalogs["cirr"], cfg["held_out"], seed=HELD_OUT_SEED)
+        make_synthetic_circo(catalogs["circo"], cfg["held_out"], seed=HELD_OUT_SEED)
         dev = {"fashioniq": tmp / "dev-fashioniq", "cirr": tmp / "dev-cirr"}
         make_synthetic_fashioniq(dev["fashioniq"], cfg["held_out"], seed=DEV_SEED)
         make_synthetic_cirr(dev["cirr"], cfg["held_out"], seed=DEV_SEED)
