@@ -42,7 +42,7 @@ from clip4cir.data.synthetic.corpus import make_pretraining_corpus
 from clip4cir.models.encoder_file import load_encoder
 from clip4cir.models.factory import create_model
 from clip4cir.retrieval.index import CatalogIndex
-from clip4cir.retrieval.vector_store import exact_search
+from clip4cir.retrieval.vector_store import exact_search, normalized
 from clip4cir.serving.demo import DEMO_DIR
 
 VERSION = "2.45.0"
@@ -154,30 +154,25 @@ def recall(found: list[list], truth: np.ndarray, names: list) -> float:
                                 for row, want in zip(found, truth, strict=True)])), 4)
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def text_features(root: Path, titles: list[str]) -> np.ndarray:
     """The titles' features with the shared weights and open_clip's tokenizer, as both sides encode text."""
     model = create_model("cir-tiny", str(root / "model" / "cir-tiny.pt")).model.eval()
     with torch.inference_mode():
-        return unit(model.encode_text(open_clip.get_tokenizer("cir-tiny")(titles)).numpy())
+        return normalized(model.encode_text(open_clip.get_tokenizer("cir-tiny")(titles)).numpy())
 
 
 def our_image_features(root: Path, photos: list[str]) -> np.ndarray:
     encoder = create_model("cir-tiny", str(root / "model" / "cir-tiny.pt"))
     batch = torch.stack([encoder.transform(Image.open(p).convert("RGB")) for p in photos])
     with torch.inference_mode():
-        return unit(encoder.encode_image(batch).numpy())
+        return normalized(encoder.encode_image(batch).numpy())
 
 
 def recalls(root: Path, queries: dict, theirs_url: str, ours_url: str) -> dict:
     """Recall@10 of held-out text and image queries against exact search over each side's own features."""
-    their_catalog = unit(np.load(root / "their-emb" / "img_emb" / "img_emb_0.npy"))
-    their_queries = unit(np.load(root / "their-queries" / "img_emb" / "img_emb_0.npy"))
-    our_vectors = unit(np.load(root / "our-index" / "vectors.npy", mmap_mode="r"))
+    their_catalog = normalized(np.load(root / "their-emb" / "img_emb" / "img_emb_0.npy"))
+    their_queries = normalized(np.load(root / "their-queries" / "img_emb" / "img_emb_0.npy"))
+    our_vectors = normalized(np.load(root / "our-index" / "vectors.npy", mmap_mode="r"))
     texts = text_features(root, queries["titles"])
     ours_found_text = [[r["id"] for r in knn(ours_url, text=t)] for t in queries["titles"]]
     theirs_found_text = [[r["id"] for r in knn(theirs_url, text=t)] for t in queries["titles"]]
@@ -199,8 +194,9 @@ def index_ids(root: Path) -> list[str]:
 
 def start(command: list[str], root: Path, url: str, log: Path) -> subprocess.Popen:
     """A server process, once it answers ``url``."""
-    process = subprocess.Popen(command, cwd=root, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+    with open(log, "w") as out:  # the child keeps its own copy of the file
+        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:

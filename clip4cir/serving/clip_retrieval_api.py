@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from clip4cir.core.errors import BusyError, Clip4CirError, DataError, SearchError, UnknownItemError
 from clip4cir.data.images import decode_image
 from clip4cir.retrieval.search import MAX_K, SearchEngine, SearchResult
+from clip4cir.retrieval.vector_store import normalized
 from clip4cir.serving.catalog_routes import image_url
 from clip4cir.serving.http_api import MAX_IMAGE_BYTES, MAX_JSON_BYTES, bounded_body
 from clip4cir.serving.image_urls import fetch_image_url
@@ -129,8 +130,7 @@ def deduplicated(engine: SearchEngine, result: SearchResult) -> list:
     """The hits without those nearly identical (cosine above DEDUPLICATE_ABOVE) to a better-ranked one."""
     if not result.hits:
         return []
-    vectors = np.stack([engine.index.feature(hit.id) for hit in result.hits]).astype(np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    vectors = normalized(np.stack([engine.index.feature(hit.id) for hit in result.hits]))
     similar = vectors @ vectors.T
     kept: list[int] = []
     for n in range(len(result.hits)):

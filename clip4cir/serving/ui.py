@@ -64,6 +64,11 @@ def no_suggestions() -> dict:
     return gr.update(choices=[], value=None, visible=False)
 
 
+def rank_of(result: SearchResult, item_id: str) -> int | None:
+    """Where an item ranks among a search's results (None when not among them)."""
+    return next((rank for rank, h in enumerate(result.hits, 1) if h.id == item_id), None)
+
+
 def warn(message: str) -> None:
     """One short warning (it never stays long enough to follow the user elsewhere)."""
     gr.Warning(html.escape(message), duration=WARNING_SECONDS)
@@ -291,7 +296,7 @@ class App:
         """Where the known target ranks for this query (None beyond the first MAX_K)."""
         result = self.engine.composed_search(caption, None, reference_id, min(MAX_K, len(self.index) - 1),
                                              category, mode)
-        return next((rank for rank, h in enumerate(result.hits, 1) if h.id == target_id), None)
+        return rank_of(result, target_id)
 
     def composed(self, image, caption, category, k, mode, reference_id, target_id, steps) -> dict:
         """A composed search; a new step of the refinement when it found something (a repeat only updates k)."""
@@ -321,7 +326,7 @@ class App:
                                                      reference_id or None, depth, category, value)
             except Clip4CirError as e:
                 return f"⚠️ {plain(str(e))}"
-            rank = next((n for n, h in enumerate(result.hits, 1) if h.id == target_id), None) if ranked else None
+            rank = rank_of(result, target_id) if ranked else None
             first = "; ".join(plain(self.name(h.id)) + (" ★" if h.id == target_id else "")
                               for h in result.hits[:shown])
             rows.append(f"| {label} | {first} | {rank if rank else '-'} |")
