@@ -17,7 +17,6 @@ import torch
 from torch.utils.data import Dataset
 
 from clip4cir.core.fingerprints import digest
-from clip4cir.data.captions import caption_variants
 from clip4cir.data.datasets import TripletDataset
 from clip4cir.data.sources import Source
 from clip4cir.models.encoder import CLIPEncoder
@@ -63,7 +62,7 @@ def compute_triplet_features(encoder: CLIPEncoder, dataset: TripletDataset, batc
     images = _Images(dataset.source, image_ids, encoder.transform)
     _, image = extract_image_features(encoder, images, batch_size, workers, progress, desc="train image features")
     index = {image_id: i for i, image_id in enumerate(image_ids)}
-    variants = [caption_variants(t.captions) for t in dataset.triplets]
+    variants = [t.caption_variants() for t in dataset.triplets]
     text = encode_texts(encoder, [v for vs in variants for v in vs])
     offsets = torch.tensor([0] + [len(vs) for vs in variants]).cumsum(0)
     return TripletFeatures(image_ids, image, torch.tensor([index[t.reference] for t in dataset.triplets]),

@@ -195,21 +195,34 @@ def test_the_clip_retrieval_targets_can_fail():
     assert not any(missed.values()) and "≥ 2× clip back's queries/s at 8 clients" in missed
 
 
-def test_title_reranking_moves_a_candidate_whose_title_fits_and_fusion_changes_the_query():
-    import torch
+@pytest.mark.slow
+def test_the_title_aware_benchmark_pairs_every_row_on_held_out_catalogs(tmp_path):
+    from clip4cir.benchmarks.title_aware import COMBINER, SUPERVISED_ROWS, ZERO_SHOT, pair_of
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "title-aware", "--config",
+                             "smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "title-aware-smoke.json").read_text())
+    rows = set(SUPERVISED_ROWS) | set(ZERO_SHOT) | {f"{row}, with titles" for row in ZERO_SHOT}
+    for catalog in ("fashioniq", "cirr"):
+        table = report["tables"][catalog]
+        assert set(table) == rows
+        assert table[COMBINER]["paired"]["average/R@10"]["mean"] == 0  # the pair of itself
+        for row, summary in table.items():
+            paired = summary["paired"]["average/R@10"]
+            own = summary["average/R@10"]["values"]
+            other = table[pair_of(row)]["average/R@10"]["values"]
+            assert paired["mean"] == pytest.approx(np.mean(np.subtract(own, other)))
+            assert paired["low"] <= paired["mean"] <= paired["high"] and 0 <= summary["average/R@10"]["mean"] <= 100
+    assert report["query_cost"]["caption_ms"] > 0 and report["query_cost"]["titled_ms"] > 0
+    assert "| Combiner, trained with titles | " in (tmp_path / "title-aware-smoke.md").read_text()
 
-    from clip4cir.benchmarks.title_aware import hits_at_10
-    g = torch.eye(20)
-    q = torch.zeros(1, 20)
-    q[0, :12] = torch.linspace(1.0, 0.9, 12)  # items 0..11 ranked in order: item 11 is 12th
-    titles = torch.zeros(20, 20)
-    titles[11, 0] = 1.0  # only item 11's title matches the titled text
-    titled = torch.zeros(1, 20)
-    titled[0, 0] = 1.0
-    part = {"gallery": g, "queries": q, "titled": titled, "gallery_titles": titles, "targets": torch.tensor([11])}
-    assert not hits_at_10([part], 0.0, 0.0)[0]  # 12th: out of the top 10
-    assert hits_at_10([part], 0.0, 1.0)[0]  # re-ranked by its title: in
-    part["targets"] = torch.tensor([0])
-    assert hits_at_10([part], 0.0, 0.0)[0] and hits_at_10([part], 0.0, 1.0)[0]  # item 0 stays in
-    far = {**part, "titled": torch.eye(20)[19:20], "targets": torch.tensor([19])}
-    assert not hits_at_10([far], 0.0, 0.0)[0] and hits_at_10([far], 5.0, 0.0)[0]  # fusion moves the query
+
+def test_the_share_of_the_way_runs_from_the_untrained_sum_to_the_supervised_combiner():
+    from clip4cir.benchmarks.title_aware import COMBINER, ZERO_SHOT, share_of_the_way
+
+    def table(start, end, row):
+        return {ZERO_SHOT[0]: {"average/R@10": {"mean": start}}, COMBINER: {"average/R@10": {"mean": end}},
+                ZERO_SHOT[3]: {"average/R@10": {"mean": row}}}
+    assert share_of_the_way(table(50.0, 80.0, 72.0), ZERO_SHOT[3]) == pytest.approx(22 / 30)
+    assert share_of_the_way(table(50.0, 80.0, 50.0), ZERO_SHOT[0]) == 0
+    assert share_of_the_way(table(50.0, 50.0, 60.0), ZERO_SHOT[3]) is None  # no way to go

@@ -125,3 +125,11 @@ def test_the_storefront_benchmark_measures_the_demo(tmp_path):
     assert 3 <= held["told nothing fits"]["percent"] <= 25  # calibrated at one in ten on the other half
     assert report["category"]["cross-category queries honoured"]["percent"] > 50
     assert "| cross-category queries honoured |" in (tmp_path / "storefront.md").read_text()
+
+
+def test_titles_of_items_without_categories_name_no_category():
+    """A catalog of titled images with no categories (a folder with pairs.jsonl) has no category words, and
+    nothing fails on it (it raised IndexError on the first composed search)."""
+    titled = [("striped dress", ()), ("blue striped dress", ()), ("red shirt", ("shirt",))] * 10
+    assert category_words(titled, ["shirt"]) == {"shirt": "shirt", "red": "shirt"}  # words of uncategorised ones: none
+    assert category_words([("striped dress", ())] * 30, []) == {}

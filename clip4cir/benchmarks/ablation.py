@@ -21,13 +21,12 @@ from pathlib import Path
 from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.paired import paired_interval, query_sampling_se
 from clip4cir.benchmarks.report import stem_for, write_report
-from clip4cir.data.sources import SourceOptions, open_source
+from clip4cir.data.sources import Source, SourceOptions, open_source
 from clip4cir.data.synthetic import make_synthetic_fashioniq
 from clip4cir.evaluation.composed import rankings_of, summarize
 from clip4cir.evaluation.ranking import RECALL_KS
-from clip4cir.models.combiner import load_combiner
+from clip4cir.models.combiner import combining_function
 from clip4cir.models.encoder_file import load_encoder
-from clip4cir.models.feature_sum import combine_sum
 from clip4cir.serving.demo import DEMO_DIR
 from clip4cir.training.checkpointing import read_metrics
 from clip4cir.training.recipes import RECIPES, STAGE_TWO_ONLY
@@ -79,31 +78,39 @@ def check_equal_steps(results: dict, seed: int, stage: str) -> None:
         raise RuntimeError(f"seed {seed}, {stage}: the variants took different numbers of steps {steps}")
 
 
-def run_stage_one(data: Path, out: Path, seed: int, settings: dict, cfg: dict, workers: int) -> Path:
-    config = StageOneConfig(source=SourceOptions(str(data)), output=str(out), clip_checkpoint=str(BASE), seed=seed,
-                            epochs=cfg["epochs"], batch_size=cfg["batch"], lr=STAGE_ONE_LR, workers=workers,
+def run_stage_one(data: Path, out: Path, seed: int, settings: dict, cfg: dict, workers: int,
+                  titles: str | None = None) -> Path:
+    """Stage one from the base (captions in the ``titles`` template when given); returns the best epoch's file."""
+    config = StageOneConfig(source=SourceOptions(str(data), title_template=titles), output=str(out),
+                            clip_checkpoint=str(BASE), seed=seed, epochs=cfg["epochs"], batch_size=cfg["batch"],
+                            lr=STAGE_ONE_LR, workers=workers,
                             quiet=True, save_best=True, device="cpu", **settings)
     train_here(StageOneTask, config)
     return out / "best.safetensors"
 
 
 def run_stage_two(data: Path, encoder: Path, out: Path, seed: int, settings: dict, cfg: dict, workers: int,
-                  cache: Path) -> Path:
-    config = StageTwoConfig(source=SourceOptions(str(data)), output=str(out), clip_checkpoint=str(encoder),
-                            seed=seed, epochs=cfg["combiner_epochs"], batch_size=cfg["combiner_batch"],
+                  cache: Path, titles: str | None = None) -> Path:
+    """The Combiner on ``encoder`` (captions in the ``titles`` template when given); returns the best epoch's file."""
+    config = StageTwoConfig(source=SourceOptions(str(data), title_template=titles), output=str(out),
+                            clip_checkpoint=str(encoder), seed=seed, epochs=cfg["combiner_epochs"],
+                            batch_size=cfg["combiner_batch"],
                             lr=STAGE_TWO_LR, workers=workers, quiet=True, save_best=True, val_every=5,
                             cache_dir=str(cache), device="cpu", **settings)
     train_here(StageTwoTask, config)
     return out / "best.safetensors"
 
 
-def held_out(encoder_path: Path, combiner_path: Path | None, test_data: Path, cache: Path) -> dict:
-    """The metrics of a chosen model on the held-out catalog (its val split: items never seen) and, per category,
-    the rank of each query's target (what the query bootstrap resamples); gallery features cached per encoder,
-    since every stage-two variant of a seed ranks with the same one."""
+def held_out(encoder_path: Path, combiner_path: Path | None, test_data: Path | Source, cache: Path,
+             phi_path: Path | None = None) -> dict:
+    """The metrics of a chosen model (with its Combiner or φ, else the Sum) on the held-out catalog (its val
+    split: items never seen) and, per category, the rank of each query's target (what the query bootstrap
+    resamples); gallery features cached per encoder, since every stage-two variant of a seed ranks with the same
+    one."""
     encoder = load_encoder(encoder_path)
-    combine = load_combiner(combiner_path, encoder=encoder)[0].combine if combiner_path else combine_sum
-    source = open_source(test_data)
+    mode = "phi" if phi_path else "combiner" if combiner_path else "sum"
+    combine = combining_function(encoder, combiner_path and str(combiner_path), mode, phi_path and str(phi_path))
+    source = test_data if isinstance(test_data, Source) else open_source(test_data)
     rankings = rankings_of(encoder, source, source.protocol.val_split, combine, cache, progress=False)
     return {"metrics": summarize(rankings, source.protocol),
             "ranks": {r.name: r.ranks.tolist() for r in rankings}}
@@ -117,12 +124,15 @@ def hits(run: dict, k: int) -> dict:
 def summary(runs: list[dict], baseline: list[dict]) -> dict:
     """Mean and standard deviation over seeds of every metric and of the seconds per epoch; against the
     baseline's runs of the same seeds, the paired differences of avg R@10 and R@50 with their 95% intervals (the
-    seeds' spread and the query sample's, from a bootstrap over queries), and the time per epoch as a ratio (the
-    median over seeds: a seed that shared the machine with other work does not sway it)."""
+    seeds' spread and the query sample's, from a bootstrap over queries), and, for runs that record their training
+    (:func:`run_facts`), the time per epoch as a ratio (the median over seeds: a seed that shared the machine with
+    other work does not sway it) and the steps."""
     keys = [(group, metric) for group, values in runs[0]["metrics"].items() if isinstance(values, dict)
             for metric in values]
     out = {f"{g}/{m}": [r["metrics"][g][m] for r in runs] for g, m in keys}
-    out["seconds_per_epoch"] = [r["seconds_per_epoch"] for r in runs]
+    trained = "seconds_per_epoch" in runs[0]
+    if trained:
+        out["seconds_per_epoch"] = [r["seconds_per_epoch"] for r in runs]
     table = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
              for k, v in out.items()}
     table["paired"] = {}
@@ -131,9 +141,10 @@ def summary(runs: list[dict], baseline: list[dict]) -> dict:
         query_se = query_sampling_se([hits(r, k) for r in runs], [hits(b, k) for b in baseline])
         table["paired"][metric] = paired_interval(out[metric], [b["metrics"]["average"][f"R@{k}"] for b in baseline],
                                                   query_se)
-    table["paired"]["time_ratio"] = statistics.median(r["seconds_per_epoch"] / b["seconds_per_epoch"]
-                                                      for r, b in zip(runs, baseline, strict=True))
-    table["steps"] = [r["steps"] for r in runs]
+    if trained:
+        table["paired"]["time_ratio"] = statistics.median(r["seconds_per_epoch"] / b["seconds_per_epoch"]
+                                                          for r, b in zip(runs, baseline, strict=True))
+        table["steps"] = [r["steps"] for r in runs]
     return table
 
 

@@ -82,6 +82,10 @@ def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     for column in ("image", "id", "category", "caption", "reference", "target"):
         group.add_argument(f"--{column}-column", help=f"Hugging Face data sets: the {column} column")
     group.add_argument("--streaming", action="store_true", help="Hugging Face Hub: stream (index building only)")
+    group.add_argument("--title-template", metavar="TEMPLATE",
+                       help="title-aware queries: put each reference's title around its caption, e.g. "
+                            "'{title} that {caption}' (the titles of pairs.jsonl beside the data; a model trained "
+                            "so is evaluated and served so)")
 
 
 def source_options(args: argparse.Namespace) -> SourceOptions:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from clip4cir.commands.common import (
@@ -22,12 +24,15 @@ from clip4cir.commands.common import (
 from clip4cir.core.artifacts import check_distinct_outputs, check_output_file, resolve, write_output_text
 from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import DataError
+from clip4cir.data.captions import trained_title_template
 from clip4cir.data.sources import EvaluationProtocol, Source
 from clip4cir.evaluation.composed import query_records, test_predictions
 from clip4cir.evaluation.table import TABLE_ENCODERS, ablation_table
 from clip4cir.evaluation.tasks import TASKS, EvalRequest
-from clip4cir.models.combiner import combining_function
+from clip4cir.models.combiner import combining_function, load_combiner
+from clip4cir.models.encoder import Encoder
 
+log = logging.getLogger(__name__)
 WRITTEN_BY = "clip4cir evaluate"  # who wrote a --json file (it is replaced only while unchanged)
 PREDICTION_FILES = ("recall_submission.json", "recall_subset_submission.json", "circo_test_submission.json",
                     "predictions.json")
@@ -162,6 +167,20 @@ def result_record(args: argparse.Namespace, result, source, encoder, mode: str, 
             "seconds": seconds}
 
 
+def titled_as_trained(args: argparse.Namespace, source: Source, encoder: Encoder, mode: str) -> Source:
+    """The data set read as the model was trained: with the title template its training recorded (unless
+    --title-template names one)."""
+    if args.title_template is not None:
+        return source
+    data = load_combiner(args.combiner)[1]["data"] if mode == "combiner" and args.combiner else \
+        encoder.info.get("data", {}) if mode == "sum" else {}
+    template = trained_title_template(data)
+    if template is None:
+        return source
+    log.info("title-aware queries, as the model was trained: %r", template)
+    return replace(source_options(args), title_template=template).open()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     source = source_options(args).open()
@@ -179,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = query_mode(args)
     if args.task in COMPOSING:
         request.combine = combining_function(encoder, args.combiner, mode, args.phi, args.sum_weight)
+        source = titled_as_trained(args, source, encoder, mode)
     result = TASKS[args.task](encoder, source, request)
     if args.dump:
         lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from clip4cir.core.errors import DataError
 from clip4cir.core.fingerprints import digest
-from clip4cir.data.captions import caption_variants, count_empty_captions, is_empty_caption, random_caption_variant
+from clip4cir.data.captions import count_empty_captions, is_empty_caption, random_caption_variant
 from clip4cir.data.sources import Source, Triplet
 from clip4cir.data.sources.base import check_images_readable, missing_message
 
@@ -101,7 +101,7 @@ class TripletDataset(Dataset):
 
     def caption(self, index: int) -> str:
         """The caption sample ``index`` uses in the current epoch."""
-        variants = caption_variants(self.triplets[index].captions)
+        variants = self.triplets[index].caption_variants()
         if self.randomize_captions:
             return variants[random_caption_variant(self.seed, self.epoch, index, len(variants))]
         return variants[0]

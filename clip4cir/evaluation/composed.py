@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clip4cir.core.errors import DataError
-from clip4cir.data.captions import count_empty_captions, eval_caption
+from clip4cir.data.captions import count_empty_captions
 from clip4cir.data.sources import EvaluationProtocol, Source, Triplet
 from clip4cir.evaluation.ranking import map_at_k, recall_at_k, subset_ranks, target_ranks, top_k
 from clip4cir.models.combiner import Combine, compose_queries
@@ -89,7 +89,7 @@ def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str |
     triplets = split_queries(source, split, category, index)
     name = f"{category} " if category else ""
     reference = features[[index[t.reference] for t in triplets]]
-    queries = check_finite(compose_queries(encoder, combine, reference, [eval_caption(t.captions) for t in triplets])
+    queries = check_finite(compose_queries(encoder, combine, reference, [t.eval_caption() for t in triplets])
                            .float().cpu(), f"{name}{split} query features")
     gallery_matrix = F.normalize(check_finite(features, f"{name}{split} gallery features"), dim=-1)
     exclude = torch.tensor([index[t.reference] for t in triplets]) if protocol.remove_reference else None
@@ -178,7 +178,7 @@ def query_records(ranking: Ranking, k: int = 10) -> list[dict]:
     records = []
     for i, t in enumerate(ranking.triplets):
         record = {"category": t.category, "reference": t.reference, "captions": list(t.captions),
-                  "caption": eval_caption(t.captions)}
+                  "caption": t.eval_caption()}
         if ranking.ranks is not None:
             record.update(target=t.target, target_rank=int(ranking.ranks[i]) + 1)
         record[f"top{k}"] = [ranking.gallery_ids[j] for j in top[i].tolist()]

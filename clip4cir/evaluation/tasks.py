@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from clip4cir.core.errors import DataError
 from clip4cir.core.registry import Registry
-from clip4cir.data.captions import eval_caption
 from clip4cir.data.datasets import GalleryDataset
 from clip4cir.data.sources import Source
 from clip4cir.data.sources.labels import LabelledImages
@@ -108,7 +107,7 @@ def composed_category_choices(encoder: Encoder, request: EvalRequest, probe: dic
     and how often the chosen category is the target's."""
     position = {image_id: i for i, image_id in enumerate(ids)}
     reference = feats[[position[t.reference] for t in triplets]]
-    queries = compose_queries(encoder, request.combine, reference, [eval_caption(t.captions) for t in triplets]
+    queries = compose_queries(encoder, request.combine, reference, [t.eval_caption() for t in triplets]
                               ).float().cpu()
     gallery = F.normalize(feats, dim=-1)
     choices = {"all": [None] * len(triplets),

@@ -23,6 +23,7 @@ from torch import nn
 
 from clip4cir.core.artifacts import atomic_write, input_file
 from clip4cir.core.errors import ModelError
+from clip4cir.data.captions import trained_title_template
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import encode_texts
@@ -61,6 +62,7 @@ class Combiner(nn.Module):
         self.trained_on: dict = {}  # the record of the encoder whose features it was trained on (when known)
         self.path: str | None = None  # the file it was loaded from
         self.blend = 1.0  # the weight of the Combiner's query against the sum's (1: the Combiner alone)
+        self.title_template: str | None = None  # the frame of its training captions (title-aware), when one
 
     def check_fits(self, encoder: CLIPEncoder) -> None:
         """ModelError, naming both files, unless this Combiner was trained on ``encoder``'s features (a Combiner
@@ -160,6 +162,7 @@ def load_combiner(path: str | os.PathLike, device: str | torch.device = "cpu",
     except RuntimeError as e:
         raise ModelError(f"{path}: weights do not fit a Combiner: {e}") from e
     combiner.trained_on, combiner.path, combiner.blend = meta["encoder"], str(path), meta["blend"]
+    combiner.title_template = trained_title_template(meta["data"])
     if encoder is not None:
         combiner.check_fits(encoder)
     return combiner.to(device).eval(), meta

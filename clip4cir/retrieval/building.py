@@ -215,8 +215,8 @@ def calibration_pairs(source: Source, rows: dict[str, int]) -> list[tuple[str, s
             triplets = source.triplets(split)
         except DataError:
             continue
-        pairs.update((t.reference, eval_caption(t.captions)) for t in triplets
-                     if t.reference in rows and calibration_half(t.reference, eval_caption(t.captions)))
+        pairs.update((t.reference, eval_caption(t.captions)) for t in triplets  # as shoppers write them: the app
+                     if t.reference in rows and calibration_half(t.reference, eval_caption(t.captions)))  # frames them
     return sorted(pairs)
 
 

@@ -33,6 +33,8 @@ def category_words(titled: Iterable[tuple[str, tuple[str, ...]]], categories: It
     counts: dict[str, Counter] = defaultdict(Counter)
     per_category: Counter = Counter()
     for title, item_categories in titled:
+        if not item_categories:  # an item of no category names none
+            continue
         per_category.update(item_categories[:1])
         for word in set(words(title)):
             counts[word].update(item_categories[:1])

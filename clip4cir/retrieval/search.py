@@ -18,6 +18,7 @@ from PIL import Image
 
 from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError, UnknownItemError, shown
+from clip4cir.data.captions import framed, title_frame, trained_title_template
 from clip4cir.data.images import load_image
 from clip4cir.models.category_probe import predict_category
 from clip4cir.models.combiner import Combiner, load_combiner
@@ -97,8 +98,12 @@ class SearchEngine:
         encoder without words."""
         if not self.encoder.has_text:
             return {}
-        return right_answers(self.index.titles, self.index.captions, self.index.feature, self._encode_texts,
-                             self._compose_many, calibration=calibration)
+        template, titles = self.title_template("combiner" if self.combiner is not None else "sum"), self.index.titles
+        captions = self.index.captions if template is None else {
+            reference: [(framed(caption, title_frame(template, titles.get(reference))), target)
+                        for caption, target in entries] for reference, entries in self.index.captions.items()}
+        return right_answers(titles, captions, self.index.feature, self._encode_texts, self._compose_many,
+                             calibration=calibration)
 
     def top_score(self, query: np.ndarray) -> float:
         """The score of the catalog's best match for a unit-length query feature."""
@@ -182,6 +187,25 @@ class SearchEngine:
 
     def _text_feature(self, caption: str | None, notes: list[str]) -> torch.Tensor:
         return check_finite(self.towers.text([self._caption(caption, notes)])[0].float(), "caption features")
+
+    def title_template(self, mode: str) -> str | None:
+        """The title template the way ``mode`` composes was trained with (the Combiner's, or the encoder's for
+        the Sum); None when it was trained on captions alone."""
+        if mode == "combiner" and self.combiner is not None:
+            return self.combiner.title_template
+        return trained_title_template(self.encoder.info.get("data", {})) if mode == "sum" else None
+
+    def _titled(self, caption: str, reference_id: str | None, mode: str, notes: list[str]) -> str:
+        """The caption as the model was trained to read it: inside the reference's title when it was trained
+        title-aware and the reference is a catalog item with a title; alone otherwise (an uploaded photo)."""
+        template = self.title_template(mode)
+        if template is None:
+            return caption
+        title = self.index.titles.get(reference_id) if reference_id is not None else None
+        if not title:
+            notes.append("the reference has no title: the caption alone was read")
+            return caption
+        return framed(caption.strip(), title_frame(template, title))
 
     def _category(self, category: str | None, query: torch.Tensor, notes: list[str],
                   reference: torch.Tensor | None = None, reference_id: str | None = None,
@@ -287,7 +311,7 @@ class SearchEngine:
         if mode == "phi":  # the prompt's text feature, through torch (the pseudo token is an embedding)
             query = self.phi(reference[None], [self._caption(caption, notes)])[0]
         else:
-            text = self._text_feature(caption, notes)
+            text = self._text_feature(self._titled(caption, reference_id, mode, notes), notes)
             combine = self.combiner.combine if mode == "combiner" else combine_sum
             with torch.inference_mode():
                 query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]

@@ -5,6 +5,7 @@ building and the app use only this, never a data set's name.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import stat
@@ -19,6 +20,7 @@ from PIL import Image
 from clip4cir.core.errors import DataError
 from clip4cir.core.fingerprints import contents, digest, file_stats
 from clip4cir.core.registry import Registry
+from clip4cir.data.captions import CAPTION_ONLY, caption_variants, check_title_template, eval_caption, title_frame
 from clip4cir.data.images import IMAGE_EXTENSIONS, check_image_file, load_image
 
 SHOWN = 5  # how many ids an error message lists
@@ -28,7 +30,8 @@ SHOWN = 5  # how many ids an error message lists
 class Triplet:
     """A reference image, the target image (None on a test split), the modification caption(s); the category
     when the data set has them; CIRR's pair id (CIRCO's query id) and the image subset its Recall_subset ranks
-    within; CIRCO's ground truths (every image that fits, the target among them) and semantic aspects."""
+    within; CIRCO's ground truths (every image that fits, the target among them) and semantic aspects; the frame
+    its captions are put in (clip4cir.data.captions.title_frame: the reference's title around them, or alone)."""
 
     reference: str
     target: str | None
@@ -38,6 +41,15 @@ class Triplet:
     subset: tuple[str, ...] = ()
     ground_truths: tuple[str, ...] = ()
     aspects: tuple[str, ...] = ()
+    frame: str = CAPTION_ONLY
+
+    def caption_variants(self) -> list[str]:
+        """The caption variants training draws from, in this triplet's frame."""
+        return caption_variants(self.captions, self.frame)
+
+    def eval_caption(self) -> str:
+        """The caption evaluation uses, in this triplet's frame."""
+        return eval_caption(self.captions, self.frame)
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,8 @@ def missing_message(what: str, n_missing: int, total: int, ids: Sequence[str], w
 class SourceOptions:
     """How to open a data set: ``data`` (a path or ``hf://datasets/OWNER/NAME``), what it is (``dataset``, or
     "auto": recognised), and the options some kinds take (FashionIQ's ``categories``, a triplet or label file's
-    ``images`` folder, how labels are split, a Hugging Face data set's columns and streaming)."""
+    ``images`` folder, how labels are split, a Hugging Face data set's columns and streaming), and the template
+    that puts each reference's title around its captions (title-aware queries; None: the captions alone)."""
 
     data: str
     dataset: str = "auto"
@@ -109,12 +122,16 @@ class SourceOptions:
     reference_column: str | None = None
     target_column: str | None = None
     streaming: bool = False
+    title_template: str | None = None
 
     def open(self) -> Source:
         if not str(self.data or "").strip():  # "" would be the current folder
             raise DataError("--data is empty: give a data set, a triplet or label file, or an image folder")
+        if self.title_template is not None:
+            check_title_template(self.title_template)
         kind = detect_kind(str(self.data)) if self.dataset in ("auto", None) else self.dataset
-        return SOURCES[kind].open(self)
+        source = SOURCES[kind].open(self)
+        return TitledCaptions(source, self.title_template) if self.title_template is not None else source
 
     @classmethod
     def from_record(cls, record: dict) -> SourceOptions:
@@ -417,3 +434,67 @@ def check_images_readable(source: Source, image_ids) -> None:
     if bad:
         shown = "; ".join(bad[:SHOWN]) + ("; ..." if len(bad) > SHOWN else "")
         raise DataError(f"{len(bad):,} images cannot be read: {shown}")
+
+
+class TitledCaptions(Source):
+    """A data set whose triplets are title-aware: each reference's title put around its captions by ``template``
+    ("{title} that {caption}"), so training, evaluation and the app read one text; a reference without a title
+    keeps its captions alone. ``titles`` replaces the source's own (e.g. what an uploaded photo's nearest catalog
+    items are called). Everything else is the wrapped source's."""
+
+    def __init__(self, source: Source, template: str, titles: dict[str, str] | None = None):
+        self.source, self.template = source, check_title_template(template)
+        self.kind, self.protocol = source.kind, source.protocol
+        self._titles = source.titles() if titles is None else titles
+        if titles is None and not self._titles:
+            raise DataError(f"--title-template: {source.describe()} has no titles (image-text pairs beside it, "
+                            f"such as pairs.jsonl)")
+
+    def __getattr__(self, name: str):  # what only some kinds have (labels, Hub columns, attributes)
+        return getattr(self.__dict__["source"], name)
+
+    def splits(self) -> tuple[str, ...]:
+        return self.source.splits()
+
+    def categories(self) -> list[str]:
+        return self.source.categories()
+
+    def triplets(self, split: str) -> list[Triplet]:
+        return [dataclasses.replace(t, frame=title_frame(self.template, self._titles.get(t.reference)))
+                for t in self.source.triplets(split)]
+
+    def gallery(self, split: str) -> dict[str, tuple[str, ...]]:
+        return self.source.gallery(split)
+
+    def texts(self, split: str) -> dict[str, tuple[str, ...]]:
+        return self.source.texts(split)
+
+    def titles(self) -> dict[str, str]:
+        return self._titles
+
+    def path(self, image_id: str) -> str:
+        return self.source.path(image_id)
+
+    def has_image(self, image_id: str) -> bool:
+        return self.source.has_image(image_id)
+
+    def load_image(self, image_id: str) -> Image.Image:
+        return self.source.load_image(image_id)
+
+    def check_image(self, image_id: str) -> None:
+        self.source.check_image(image_id)
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return self.source.annotation_files(split)
+
+    def record(self) -> dict:
+        return {**self.source.record(), "title_template": self.template}
+
+    def describe(self) -> str:
+        return f"{self.source.describe()} with titles ({self.template!r})"
+
+    def fingerprint_parts(self, split: str, image_ids: Sequence[str] | None = None) -> dict:
+        """The wrapped source's, and the titles its references read."""
+        references = sorted({t.reference for t in self.source.triplets(split)})
+        return {**self.source.fingerprint_parts(split, image_ids), "title_template": self.template,
+                "titles": digest([self._titles.get(r, "") for r in references])}
