@@ -196,12 +196,12 @@ def test_the_clip_retrieval_targets_can_fail():
 
 
 @pytest.mark.slow
-def test_the_title_aware_benchmark_pairs_every_row_on_held_out_catalogs(tmp_path):
-    from clip4cir.benchmarks.title_aware import COMBINER, SUPERVISED_ROWS, ZERO_SHOT, pair_of
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "title-aware", "--config",
+def test_the_titles_and_reranking_benchmark_pairs_every_row_on_held_out_catalogs(tmp_path):
+    from clip4cir.benchmarks.titles_reranking import COMBINER, SUPERVISED_ROWS, ZERO_SHOT, pair_of
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "titles-reranking", "--config",
                              "smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "title-aware-smoke.json").read_text())
+    report = json.loads((tmp_path / "titles-reranking-smoke.json").read_text())
     rows = set(SUPERVISED_ROWS) | set(ZERO_SHOT) | {f"{row}, with titles" for row in ZERO_SHOT}
     for catalog in ("fashioniq", "cirr"):
         table = report["tables"][catalog]
@@ -214,11 +214,11 @@ def test_the_title_aware_benchmark_pairs_every_row_on_held_out_catalogs(tmp_path
             assert paired["mean"] == pytest.approx(np.mean(np.subtract(own, other)))
             assert paired["low"] <= paired["mean"] <= paired["high"] and 0 <= summary["average/R@10"]["mean"] <= 100
     assert report["query_cost"]["caption_ms"] > 0 and report["query_cost"]["titled_ms"] > 0
-    assert "| Combiner, trained with titles | " in (tmp_path / "title-aware-smoke.md").read_text()
+    assert "| Combiner, trained with titles | " in (tmp_path / "titles-reranking-smoke.md").read_text()
 
 
 def test_the_share_of_the_way_runs_from_the_untrained_sum_to_the_supervised_combiner():
-    from clip4cir.benchmarks.title_aware import COMBINER, ZERO_SHOT, share_of_the_way
+    from clip4cir.benchmarks.titles_reranking import COMBINER, ZERO_SHOT, share_of_the_way
 
     def table(start, end, row):
         return {ZERO_SHOT[0]: {"average/R@10": {"mean": start}}, COMBINER: {"average/R@10": {"mean": end}},

@@ -27,6 +27,7 @@ from clip4cir.evaluation.composed import rankings_of, summarize
 from clip4cir.evaluation.ranking import RECALL_KS
 from clip4cir.models.combiner import combining_function
 from clip4cir.models.encoder_file import load_encoder
+from clip4cir.models.reranker import load_reranker
 from clip4cir.serving.demo import DEMO_DIR
 from clip4cir.training.checkpointing import read_metrics
 from clip4cir.training.recipes import RECIPES, STAGE_TWO_ONLY
@@ -102,16 +103,18 @@ def run_stage_two(data: Path, encoder: Path, out: Path, seed: int, settings: dic
 
 
 def held_out(encoder_path: Path, combiner_path: Path | None, test_data: Path | Source, cache: Path,
-             phi_path: Path | None = None) -> dict:
-    """The metrics of a chosen model (with its Combiner or φ, else the Sum) on the held-out catalog (its val
-    split: items never seen) and, per category, the rank of each query's target (what the query bootstrap
-    resamples); gallery features cached per encoder, since every stage-two variant of a seed ranks with the same
-    one."""
+             phi_path: Path | None = None, reranker_path: Path | None = None) -> dict:
+    """The metrics of a chosen model (with its Combiner or φ, else the Sum; its first candidates re-ranked by the
+    re-ranker when given) on the held-out catalog (its val split: items never seen) and, per category, the rank
+    of each query's target (what the query bootstrap resamples); gallery features cached per encoder, since every
+    stage-two variant of a seed ranks with the same one."""
     encoder = load_encoder(encoder_path)
     mode = "phi" if phi_path else "combiner" if combiner_path else "sum"
     combine = combining_function(encoder, combiner_path and str(combiner_path), mode, phi_path and str(phi_path))
     source = test_data if isinstance(test_data, Source) else open_source(test_data)
-    rankings = rankings_of(encoder, source, source.protocol.val_split, combine, cache, progress=False)
+    reranker = load_reranker(reranker_path, encoder=encoder) if reranker_path else None
+    rankings = rankings_of(encoder, source, source.protocol.val_split, combine, cache, progress=False,
+                           reranker=reranker)
     return {"metrics": summarize(rankings, source.protocol),
             "ranks": {r.name: r.ranks.tolist() for r in rankings}}
 

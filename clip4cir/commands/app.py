@@ -2,12 +2,12 @@
 page, also the Hugging Face Spaces entry point.
 
     python app.py                      # offline demo: synthetic catalog + the small model in demo/
-    python app.py --index INDEX [--combiner PATH] [--phi PATH] [--share]
+    python app.py --index INDEX [--combiner PATH] [--phi PATH] [--reranker PATH] [--share]
     python app.py --model RN50 --pretrained openai --data FOLDER
 
 Every argument has an environment variable for Spaces: CLIP4CIR_INDEX, CLIP4CIR_CLIP_CHECKPOINT, CLIP4CIR_COMBINER,
-CLIP4CIR_PHI, CLIP4CIR_MODEL, CLIP4CIR_PRETRAINED, CLIP4CIR_DATA, CLIP4CIR_DATASET, CLIP4CIR_SHARE, CLIP4CIR_HOST,
-CLIP4CIR_PORT.
+CLIP4CIR_PHI, CLIP4CIR_RERANKER, CLIP4CIR_MODEL, CLIP4CIR_PRETRAINED, CLIP4CIR_DATA, CLIP4CIR_DATASET,
+CLIP4CIR_SHARE, CLIP4CIR_HOST, CLIP4CIR_PORT.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--combiner", default=env("CLIP4CIR_COMBINER"), help="stage-two checkpoint")
     parser.add_argument("--phi", default=env("CLIP4CIR_PHI"), help="a φ for zero-shot composed search (no triplets: "
                         "clip4cir train-phi)")
+    parser.add_argument("--reranker", default=env("CLIP4CIR_RERANKER"), help="re-rank composed queries' first "
+                        "candidates (clip4cir train-reranker)")
     parser.add_argument("--model", default=env("CLIP4CIR_MODEL"), help="open_clip model for zero-shot search")
     parser.add_argument("--pretrained", default=env("CLIP4CIR_PRETRAINED"), help="its pretrained tag, e.g. openai")
     parser.add_argument("--data", default=env("CLIP4CIR_DATA"),
@@ -60,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     options = Options(index=args.index, source=SourceOptions(args.data, args.dataset) if args.data else None,
                       model=args.model, pretrained=args.pretrained, clip_checkpoint=args.clip_checkpoint,
-                      combiner=args.combiner, phi=args.phi, device=args.device, runtime=args.runtime)
+                      combiner=args.combiner, phi=args.phi, reranker=args.reranker, device=args.device,
+                      runtime=args.runtime)
     try:
         engine = serving_engine(options)
     except ValueError as e:  # bad paths, models, indexes: one clear line

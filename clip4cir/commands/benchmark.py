@@ -10,7 +10,7 @@ which then runs the benchmark of clip4cir.benchmarks and writes its JSON and mar
     python scripts/benchmark.py reliability [--url URL --pid PID]       good and hostile traffic against a live app
     python scripts/benchmark.py storefront                              the demo's match levels and category changes
     python scripts/benchmark.py clip-retrieval [--config smoke|full]    side by side with clip-retrieval
-    python scripts/benchmark.py title-aware [--config smoke|full]       the reference's title at query time
+    python scripts/benchmark.py titles-reranking [--config smoke|full]  titles in queries, and a trained re-ranker
     python scripts/benchmark.py ablation [--config smoke|full]          the training recipes
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from clip4cir.benchmarks import (
     serving,
     store,
     storefront,
-    title_aware,
+    titles_reranking,
     zero_shot,
 )
 from clip4cir.commands.common import WORKERS, run, whole
@@ -88,7 +88,8 @@ BENCHMARKS = {"index": (index, index.run_index, "1m", "index.json, index.md and 
                "storefront": (storefront, storefront.run_storefront, "full", "storefront.json and storefront.md"),
                "clip-retrieval": (clip_retrieval, clip_retrieval.run_clip_retrieval, "full",
                                   "clip-retrieval.json and clip-retrieval.md"),
-               "title-aware": (title_aware, title_aware.run_title_aware, "full", "title-aware.json and title-aware.md")}
+               "titles-reranking": (titles_reranking, titles_reranking.run_titles_reranking, "full",
+                                    "titles-reranking.json and titles-reranking.md")}
 
 
 def subcommand_main(name: str, argv: Sequence[str] | None) -> int:

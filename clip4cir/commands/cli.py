@@ -24,6 +24,7 @@ SUBCOMMANDS: Registry[Subcommand] = Registry("subcommand")
 for name, module, summary in [
     ("train", "train_clip", "stage one: fine-tune the CLIP encoders on triplets"),
     ("train-combiner", "train_combiner", "stage two: train the Combiner on frozen features"),
+    ("train-reranker", "train_reranker", "re-rank the first candidates: train a re-ranker on frozen features"),
     ("train-phi", "train_phi", "zero-shot: train φ (the picture as a word) on images alone"),
     ("train-pairs", "train_pairs", "adapt CLIP to a catalog's image-text pairs (no triplets)"),
     ("train-labels", "train_labels", "learn image similarity from labels (identities, products)"),

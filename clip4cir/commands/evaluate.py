@@ -31,6 +31,7 @@ from clip4cir.evaluation.table import TABLE_ENCODERS, ablation_table
 from clip4cir.evaluation.tasks import TASKS, EvalRequest
 from clip4cir.models.combiner import combining_function, load_combiner
 from clip4cir.models.encoder import Encoder
+from clip4cir.models.reranker import load_reranker
 
 log = logging.getLogger(__name__)
 WRITTEN_BY = "clip4cir evaluate"  # who wrote a --json file (it is replaced only while unchanged)
@@ -76,6 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
     parser.add_argument("--phi", help="zero-shot: a φ checkpoint (clip4cir train-phi), composing queries by "
                         "textual inversion")
+    parser.add_argument("--reranker", help="re-rank the first candidates (clip4cir train-reranker; Recall@K of a "
+                        "split with targets)")
     parser.add_argument("--sum-weight", type=number(0, 100),
                         help="--mode phi: add the Sum query × this to φ's (default: the weight in φ's file; "
                              "0: φ alone)")
@@ -135,6 +138,9 @@ def checked_split(args: argparse.Namespace, source: Source) -> bool:
     if testing and args.task == "composed" and not args.table and not args.predictions:
         raise ValueError(f"--split {args.split} has no targets to score: give --predictions FOLDER for the test "
                          f"server's files")
+    if args.reranker and (testing or args.task != "composed"):
+        raise ValueError("--reranker re-ranks composed queries of a split with targets (Recall@K); the test server's "
+                         "files are written from the first stage: leave out --reranker")
     check_outputs(args, testing, protocol.test_split)
     return testing
 
@@ -198,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = query_mode(args)
     if args.task in COMPOSING:
         request.combine = combining_function(encoder, args.combiner, mode, args.phi, args.sum_weight)
+        request.reranker = load_reranker(args.reranker, encoder.device, encoder) if args.reranker else None
         source = titled_as_trained(args, source, encoder, mode)
     result = TASKS[args.task](encoder, source, request)
     if args.dump:

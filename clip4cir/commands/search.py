@@ -18,6 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--index", required=True, help="index folder made by build_index.py")
     parser.add_argument("--clip-checkpoint", help="where the index's encoder checkpoint lives now, if moved")
     parser.add_argument("--combiner", help="stage-two checkpoint for --mode combiner")
+    parser.add_argument("--reranker", help="re-rank the first candidates of composed queries (clip4cir train-reranker)")
     reference = parser.add_mutually_exclusive_group()
     reference.add_argument("--image", help="reference / query image file")
     reference.add_argument("--ref-id", help="id of a catalog item as the reference")
@@ -29,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list of {id, score, category, path}")
     args = parser.parse_args(argv)
     configure_serving_threads()
-    engine = SearchEngine.load(args.index, args.clip_checkpoint, args.combiner, args.device)
+    engine = SearchEngine.load(args.index, args.clip_checkpoint, args.combiner, args.device,
+                               reranker_path=args.reranker)
     if args.caption is not None and (args.image or args.ref_id):
         mode = args.mode or ("combiner" if engine.combiner is not None else "sum")
         result = engine.composed_search(args.caption, args.image, args.ref_id, args.k, args.category, mode)

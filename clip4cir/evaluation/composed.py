@@ -25,7 +25,8 @@ from clip4cir.evaluation.ranking import map_at_k, recall_at_k, subset_ranks, tar
 from clip4cir.models.combiner import Combine, compose_queries
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.feature_sum import combine_sum
-from clip4cir.models.features import check_finite, gallery_features
+from clip4cir.models.features import check_finite, encode_texts, gallery_features
+from clip4cir.models.reranker import Reranker
 
 
 @dataclass
@@ -75,13 +76,29 @@ def ranks_of(queries: torch.Tensor, gallery: torch.Tensor, triplets: Sequence[Tr
     return ranks, subset_ranks(queries, gallery, targets, members)
 
 
+def reranked_ranks(reranker: Reranker, reference: torch.Tensor, texts: torch.Tensor, queries: torch.Tensor,
+                   gallery: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None, ranks: torch.Tensor,
+                   chunk: int = 256) -> torch.Tensor:
+    """Each target's rank once the re-ranker has re-ordered the first ``reranker.depth`` candidates of its query
+    (a target further down keeps its rank ``ranks``)."""
+    out = []
+    for start in range(0, len(queries), chunk):
+        part = slice(start, start + chunk)
+        first, top = top_k(queries[part], gallery, reranker.depth, None if exclude is None else exclude[part])
+        order = reranker.rerank(torch.stack([reference[part], texts[part], queries[part]], 1), gallery[top], first)
+        found = torch.gather(top, 1, order) == targets[part, None]
+        out.append(torch.where(found.any(1), found.float().argmax(1), ranks[part]))
+    return torch.cat(out)
+
+
 def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str | None = None,
                combine: Combine = combine_sum, cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
-               workers: int = 0, progress: bool = True, gallery: tuple[list[str], torch.Tensor] | None = None
-               ) -> Ranking:
+               workers: int = 0, progress: bool = True, gallery: tuple[list[str], torch.Tensor] | None = None,
+               reranker: Reranker | None = None) -> Ranking:
     """The composed queries (evaluation caption + reference image) of a split, or of one category, ranked
     against its gallery as the source's protocol says (``gallery``: its ids and features, when extracted
-    already with this encoder)."""
+    already with this encoder), the first candidates re-ordered by ``reranker`` when given (Recall@K; the
+    subset recall and mAP@K stay the first stage's)."""
     protocol = source.protocol
     ids, features = gallery or gallery_features(encoder, source, split, category, cache_dir, batch_size, workers,
                                                 progress)
@@ -94,16 +111,21 @@ def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str |
     gallery_matrix = F.normalize(check_finite(features, f"{name}{split} gallery features"), dim=-1)
     exclude = torch.tensor([index[t.reference] for t in triplets]) if protocol.remove_reference else None
     ranks, subsets = ranks_of(queries, gallery_matrix, triplets, index, exclude, bool(protocol.subset_ks))
+    if reranker is not None and ranks is not None:
+        texts = encode_texts(encoder, [t.eval_caption() for t in triplets]).float().cpu()
+        ranks = reranked_ranks(reranker, reference.float().cpu(), texts, queries, gallery_matrix,
+                               torch.tensor([index[t.target] for t in triplets]), exclude, ranks)
     return Ranking(category or "all", ids, triplets, queries, gallery_matrix, exclude, ranks, subsets)
 
 
 def rankings_of(encoder: CLIPEncoder, source: Source, split: str, combine: Combine = combine_sum,
                 cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
-                progress: bool = True, galleries: dict | None = None) -> list[Ranking]:
+                progress: bool = True, galleries: dict | None = None, reranker: Reranker | None = None
+                ) -> list[Ranking]:
     """The rankings the protocol asks for: one per category, or one for the split."""
     names = source.categories() if source.protocol.per_category else [None]
     return [rank_split(encoder, source, split, name, combine, cache_dir, batch_size, workers, progress,
-                       (galleries or {}).get(name)) for name in names]
+                       (galleries or {}).get(name), reranker) for name in names]
 
 
 def ground_truth_metrics(r: Ranking, ks: Sequence[int]) -> dict[str, float]:
@@ -135,11 +157,11 @@ def summarize(rankings: Sequence[Ranking], protocol: EvaluationProtocol) -> dict
 
 def evaluate(encoder: CLIPEncoder, source: Source, split: str | None = None, combine: Combine = combine_sum,
              cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, reranker: Reranker | None = None) -> dict:
     """The source's validation protocol (its val split unless ``split``): the metrics ``summarize`` gives."""
     split = split or source.protocol.val_split
-    return summarize(rankings_of(encoder, source, split, combine, cache_dir, batch_size, workers, progress),
-                     source.protocol)
+    return summarize(rankings_of(encoder, source, split, combine, cache_dir, batch_size, workers, progress,
+                                 reranker=reranker), source.protocol)
 
 
 BLEND_WEIGHTS = tuple(i / 10 for i in range(11))

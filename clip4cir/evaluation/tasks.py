@@ -29,15 +29,17 @@ from clip4cir.models.encoder import Encoder
 from clip4cir.models.factory import load_model
 from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import extract_image_features
+from clip4cir.models.reranker import Reranker
 
 
 @dataclass
 class EvalRequest:
-    """What to evaluate on and how: the split, the combining function (composed), where gallery features are
-    cached, and the batch, workers and progress of feature extraction."""
+    """What to evaluate on and how: the split, the combining function (composed) and its re-ranker, where gallery
+    features are cached, and the batch, workers and progress of feature extraction."""
 
     split: str
     combine: Combine = combine_sum
+    reranker: Reranker | None = None
     cache_dir: str | os.PathLike | None = None
     batch_size: int = 64
     workers: int = 0
@@ -58,7 +60,7 @@ TASKS: Registry[Task] = Registry("--task")
 def composed_task(encoder: Encoder, source: Source, request: EvalRequest) -> TaskResult:
     """Recall@K under the protocol; on a test split (no targets) the rankings alone."""
     rankings = rankings_of(encoder, source, request.split, request.combine, request.cache_dir, request.batch_size,
-                           request.workers, request.progress)
+                           request.workers, request.progress, reranker=request.reranker)
     scored = all(r.ranks is not None for r in rankings)
     return TaskResult(summarize(rankings, source.protocol) if scored else {}, rankings)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from clip4cir.core.device import resolve_device
@@ -27,6 +28,7 @@ from clip4cir.models.factory import check_same_encoder, encoder_from_record
 from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.features import check_finite
 from clip4cir.models.pseudo_tokens import PseudoTokenQueries, zero_shot_queries
+from clip4cir.models.reranker import Reranker, load_reranker
 from clip4cir.models.runtime import Towers
 from clip4cir.retrieval.category_words import category_words, named_category
 from clip4cir.retrieval.index_protocol import Index
@@ -65,14 +67,16 @@ class SearchEngine:
     """Encoders (+ optional Combiner) and an index, answering composed, image and text queries."""
 
     def __init__(self, index: Index, encoder: Encoder, combiner: Combiner | None = None,
-                 towers: Towers | None = None, phi: PseudoTokenQueries | None = None):
+                 towers: Towers | None = None, phi: PseudoTokenQueries | None = None, reranker: Reranker | None = None):
         try:
             check_same_encoder(index.encoder, encoder, "the index")
-            if combiner is not None:
-                combiner.check_fits(encoder)
+            for model in (combiner, reranker):
+                if model is not None:
+                    model.check_fits(encoder)
         except ValueError as e:
             raise SearchError(str(e)) from e
         self.index, self.encoder, self.combiner, self.phi = index, encoder, combiner, phi
+        self.reranker = reranker.eval() if reranker is not None else None
         self.towers = towers or Towers(encoder)  # what encodes queries (clip4cir.models.runtime)
         self.runtime_note = self.towers.describe()
         self.encoder.model.eval()  # for good: serving never switches modes (other threads may be encoding)
@@ -142,18 +146,20 @@ class SearchEngine:
 
     @classmethod
     def load(cls, index_path: str | os.PathLike, clip_checkpoint: str | None = None,
-             combiner_path: str | None = None, device: str = "auto", phi_path: str | None = None) -> SearchEngine:
+             combiner_path: str | None = None, device: str = "auto", phi_path: str | None = None,
+             reranker_path: str | None = None) -> SearchEngine:
         """Load an index and rebuild the encoder it records (a checkpoint path may override where it lives); a
-        Combiner or φ trained on another encoder's features is refused."""
+        Combiner, φ or re-ranker trained on another encoder's features is refused."""
         index = load_index(index_path)
         encoder = encoder_from_record(index.encoder, clip_checkpoint, resolve_device(device),
                                       artifact=f"index {index_path}")
         try:
             combiner = load_combiner(combiner_path, encoder.device, encoder)[0] if combiner_path else None
             phi = zero_shot_queries(phi_path, encoder) if phi_path else None
+            reranker = load_reranker(reranker_path, encoder.device, encoder) if reranker_path else None
         except ModelError as e:
             raise ModelError(f"{e} (the encoder of index {index_path})") from None
-        return cls(index, encoder, combiner, phi=phi)
+        return cls(index, encoder, combiner, phi=phi, reranker=reranker)
 
     # ---- query features -------------------------------------------------------------------------------------
     def _image_feature(self, image: Image.Image | str | os.PathLike | None) -> torch.Tensor:
@@ -255,15 +261,23 @@ class SearchEngine:
         raise SearchError("no reference: give an image or the id of a catalog item")
 
     def _search(self, kind: str, query: torch.Tensor, k: int, category: str | None, notes: list[str],
-                started: float, exclude: str | None = None) -> SearchResult:
+                started: float, exclude: str | None = None, parts: torch.Tensor | None = None) -> SearchResult:
+        """The k best items for a query feature; with a composed query's ``parts`` (reference, caption, query)
+        and a re-ranker, its first ``depth`` candidates re-ordered by it (each keeps its first-stage score)."""
         apply_serving_threads()  # this thread's FAISS threads, when serving (see clip4cir.retrieval.threads)
+        first = max(k, self.reranker.depth) if parts is not None else k
         try:
-            found = self.index.top_items(query.numpy(), k + (exclude is not None), category)
+            found = self.index.top_items(query.numpy(), first + (exclude is not None), category)
         except CatalogIndexError as e:
             raise SearchError(str(e)) from e
         titles = self.index.titles
         hits = [Hit(item.id, score, list(item.categories), item.path, titles.get(item.id, ""))
-                for item, score in found if item.id != exclude][:k]
+                for item, score in found if item.id != exclude][:first]
+        if parts is not None and len(hits) > 1:
+            candidates = torch.from_numpy(np.stack([self.index.feature(h.id) for h in hits])).float()
+            order = self.reranker.rerank(parts[None], candidates[None], torch.tensor([[h.score for h in hits]]))[0]
+            hits = [hits[i] for i in order.tolist()]
+        hits = hits[:k]
         fits, levels = None, self.match_levels()
         if levels is not None and hits:
             z = levels.z(query.numpy(), [h.score for h in hits])
@@ -308,6 +322,7 @@ class SearchEngine:
             raise SearchError("the caption is empty: say how the wanted item differs "
                               "(for similar items without a change, use image search)")
         reference = self._reference(image, reference_id, notes)
+        parts = None
         if mode == "phi":  # the prompt's text feature, through torch (the pseudo token is an embedding)
             query = self.phi(reference[None], [self._caption(caption, notes)])[0]
         else:
@@ -315,9 +330,13 @@ class SearchEngine:
             combine = self.combiner.combine if mode == "combiner" else combine_sum
             with torch.inference_mode():
                 query = combine(reference[None].to(self.encoder.device), text[None].to(self.encoder.device))[0]
+            if self.reranker is not None and self.reranker.first_stage == mode:
+                parts = torch.stack([reference.float().cpu(), text.float().cpu(),
+                                     F.normalize(query.float().cpu(), dim=-1)])
         query = check_finite(query.float().cpu(), "query features")
         return self._search("composed", query, k, self._category(category, query, notes, reference, reference_id,
-                                                                 caption), notes, started, exclude=reference_id)
+                                                                 caption), notes, started, exclude=reference_id,
+                            parts=parts)
 
     def image_search(self, image: Image.Image | str | os.PathLike | None = None, k: int = 10,
                      category: str | None = None, reference_id: str | None = None) -> SearchResult:

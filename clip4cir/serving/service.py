@@ -20,6 +20,7 @@ from clip4cir.data.sources import SourceOptions, reopen
 from clip4cir.models.combiner import load_combiner
 from clip4cir.models.factory import load_model
 from clip4cir.models.pseudo_tokens import zero_shot_queries
+from clip4cir.models.reranker import load_reranker
 from clip4cir.models.runtime import Towers, load_towers, resolve_runtime
 from clip4cir.retrieval.building import BuildOptions, build_index
 from clip4cir.retrieval.catalog import catalog_items, items_fingerprint
@@ -47,6 +48,7 @@ class Options:
     clip_checkpoint: str | None = None
     combiner: str | None = None
     phi: str | None = None  # a φ for zero-shot composed queries (clip4cir.models.pseudo_tokens)
+    reranker: str | None = None  # re-ranks composed queries' first candidates (clip4cir.models.reranker)
     device: str = "auto"
     runtime: str = "torch"  # clip4cir.models.runtime: torch, onnx, onnx-int8 or auto
     cache_dir: str | None = None
@@ -64,13 +66,14 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
     clip_checkpoint = resolve_path(options.clip_checkpoint, cache)
     combiner = resolve_path(options.combiner, cache)
     phi = resolve_path(options.phi, cache)
+    reranker = resolve_path(options.reranker, cache)
     if index_path:
-        return SearchEngine.load(index_path, clip_checkpoint, combiner, str(device), phi)
+        return SearchEngine.load(index_path, clip_checkpoint, combiner, str(device), phi, reranker)
     source_options = options.source
     if not (source_options or options.model or clip_checkpoint):  # nothing given: the offline demo, shipped
         return SearchEngine.load(demo_index(), str(DEMO_DIR / "encoder.safetensors"),
                                  combiner or str(DEMO_DIR / "combiner.safetensors"), str(device),
-                                 phi or str(DEMO_DIR / "phi.safetensors"))
+                                 phi or str(DEMO_DIR / "phi.safetensors"), reranker)
     if not source_options:
         raise ValueError("give --index, or --data (a data set or an image folder) to index at start")
     if not (options.model or clip_checkpoint):
@@ -79,6 +82,7 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
     encoder = load_model(options.model, options.pretrained, clip_checkpoint, device=device)
     combiner_model = load_combiner(combiner, device, encoder)[0] if combiner else None  # before indexing
     phi_queries = zero_shot_queries(phi, encoder) if phi else None
+    reranker_model = load_reranker(reranker, device, encoder) if reranker else None
     splits = [source.protocol.val_split]
     items = catalog_items(source, splits)
     # keyed on what the index is computed from: the catalog's files as they are now, and the encoder
@@ -92,7 +96,7 @@ def load_engine(options: Options, progress: Callable[[str], None] = log.info) ->
                                         record={"splits": splits})
         if unreadable:
             progress(f"skipped {len(unreadable):,} unreadable images")
-    return SearchEngine(index, encoder, combiner_model, phi=phi_queries)
+    return SearchEngine(index, encoder, combiner_model, phi=phi_queries, reranker=reranker_model)
 
 
 def serving_engine(options: Options, progress: Callable[[str], None] = log.info) -> SearchEngine:
