@@ -99,8 +99,8 @@ def run_reranker(data: Path, encoder: Path, combiner: Path, out: Path, seed: int
     epochs on the catalog's val split)."""
     train_here(RerankerTask, RerankerConfig(
         source=SourceOptions(str(data)), output=str(out), clip_checkpoint=str(encoder), combiner=str(combiner),
-        seed=seed, epochs=cfg["reranker_epochs"], batch_size=cfg["reranker_batch"], lr=STAGE_TWO_LR, workers=workers, quiet=True, save_best=True,
-        val_every=5, cache_dir=str(cache), device="cpu"))
+        seed=seed, epochs=cfg["reranker_epochs"], batch_size=cfg["reranker_batch"], lr=STAGE_TWO_LR, workers=workers,
+        quiet=True, save_best=True, val_every=5, cache_dir=str(cache), device="cpu"))
     return out / "best.safetensors"
 
 
