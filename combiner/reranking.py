@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 from clip4cir.core.device import eval_mode
+from clip4cir.core.errors import ModelError
+from clip4cir.data.captions import trained_title_template
 from clip4cir.evaluation.composed import evaluate
 from clip4cir.models.combiner import load_combiner
 from clip4cir.models.factory import load_model
@@ -82,6 +84,11 @@ class RerankerTask(TripletTask):
         self.encoder = load_model(c.model, c.pretrained, c.clip_checkpoint, c.seed, device=self.device)
         self.encoder.model.eval().requires_grad_(False)
         self.first_stage = load_combiner(c.combiner, self.device, self.encoder)[0] if c.combiner else None
+        trained_with = self.first_stage.title_template if self.first_stage is not None else \
+            trained_title_template(self.encoder.info.get("data", {}))
+        if c.source.title_template != trained_with:
+            raise ModelError(f"the first stage was trained with title template {trained_with!r}, this run reads "
+                             f"{c.source.title_template!r}: give --title-template as the first stage was trained")
         self.prepare_triplets(self.encoder)
         if checkpoint is not None:
             self.reranker = load_reranker(checkpoint / "model.safetensors", self.device, self.encoder)
@@ -89,6 +96,7 @@ class RerankerTask(TripletTask):
             torch.manual_seed(c.seed)  # the same initial re-ranker on every rank
             self.reranker = Reranker(self.encoder.dim, c.width, c.heads, c.depth,
                                      "combiner" if c.combiner else "sum").to(self.device)
+        self.reranker.combiner = self.first_stage.fingerprint() if self.first_stage is not None else ""
         self.cache_dir = c.cache_dir or str(Path(c.output) / "feature_cache")
 
     def combine(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -97,7 +105,9 @@ class RerankerTask(TripletTask):
         return F.normalize(combine(reference, text).float(), dim=-1)
 
     def training_data(self) -> dict:
-        return {**super().training_data(), "first_stage": self.config.combiner or "sum"}
+        """The triplets, and the first stage: its Combiner's fingerprint (a Combiner changed in place is seen on
+        --resume), or the Sum."""
+        return {**super().training_data(), "first_stage": self.reranker.combiner or "sum"}
 
     def module(self) -> nn.Module:
         return self.reranker

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from clip4cir.commands.evaluate import main as evaluate_main
 from clip4cir.commands.train_combiner import main as combiner_main
 from clip4cir.commands.train_reranker import main as reranker_main
-from clip4cir.core.errors import ModelError
+from clip4cir.core.errors import ModelError, SearchError
 from clip4cir.evaluation.composed import reranked_ranks
+from clip4cir.models.combiner import Combiner
 from clip4cir.models.encoder_file import load_encoder, save_encoder
 from clip4cir.models.factory import create_model
 from clip4cir.models.feature_sum import combine_sum
@@ -89,6 +90,8 @@ def test_train_reranker_trains_on_the_combiners_candidates_and_evaluate_reads_it
     with pytest.raises(ValueError, match="--reranker re-ranks composed queries of a split with targets"):
         evaluate_main(common + ["--reranker", str(tmp_path / "rr" / "best.safetensors"), "--split", "test",
                                 "--predictions", str(tmp_path / "p")])
+    with pytest.raises(ValueError, match="re-ranks combiner queries, not --mode sum"):
+        evaluate_main(common + ["--reranker", str(tmp_path / "rr" / "best.safetensors"), "--mode", "sum"])
     with pytest.raises(ValueError, match="--width 10 must be a multiple of --heads 4"):
         reranker_main(["--data", str(tiny_root), "--output", str(tmp_path / "rr2"), "--clip-checkpoint",
                        str(encoder_file), "--width", "10"] + TRAIN)
@@ -124,6 +127,13 @@ def test_the_app_re_ranks_a_composed_querys_first_candidates(tmp_path):
     after = engine.composed_search("is blue", reference_id="item0", mode="sum", k=5)
     assert after.hits[0].id == before[3]  # the candidate it was trained to prefer comes first
     assert sorted(h.id for h in after.hits) == sorted(before)
-    # a re-ranker of the Combiner's candidates does not touch the Sum's
-    engine.reranker = Reranker(encoder.dim, width=16, heads=2, depth=5, first_stage="combiner")
-    assert [h.id for h in engine.composed_search("is blue", reference_id="item0", mode="sum", k=5).hits] == before
+    # the first results do not depend on how many are asked for: the re-ranked depth is the re-ranker's
+    assert [h.id for h in engine.composed_search("is blue", reference_id="item0", mode="sum", k=7).hits][:5] == \
+        [h.id for h in after.hits]
+    # a re-ranker of the Combiner's candidates does not touch the Sum's, and the answer says so
+    reranker.first_stage = "combiner"
+    untouched = engine.composed_search("is blue", reference_id="item0", mode="sum", k=5)
+    assert [h.id for h in untouched.hits] == before
+    assert "not re-ranked: the re-ranker re-ranks combiner queries" in untouched.notes
+    with pytest.raises(SearchError, match="another Combiner's candidates"):
+        SearchEngine(index, encoder, Combiner(encoder.dim), towers=WordTowers(encoder), reranker=reranker)

@@ -82,15 +82,20 @@ def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     for column in ("image", "id", "category", "caption", "reference", "target"):
         group.add_argument(f"--{column}-column", help=f"Hugging Face data sets: the {column} column")
     group.add_argument("--streaming", action="store_true", help="Hugging Face Hub: stream (index building only)")
-    group.add_argument("--title-template", metavar="TEMPLATE",
-                       help="title-aware queries: put each reference's title around its caption, e.g. "
-                            "'{title} that {caption}' (the titles of pairs.jsonl beside the data; a model trained "
-                            "so is evaluated and served so)")
+
+
+def add_title_args(parser: argparse.ArgumentParser) -> None:
+    """--title-template, for the commands that read composed queries' captions (both stages, the re-ranker,
+    evaluation)."""
+    parser.add_argument("--title-template", metavar="TEMPLATE",
+                        help="title-aware queries: put each reference's title around its caption, e.g. "
+                             "'{title} that {caption}' (the titles of pairs.jsonl beside the data; a model trained "
+                             "so is evaluated and served so; measured: benchmark/README.md)")
 
 
 def source_options(args: argparse.Namespace) -> SourceOptions:
-    """The data set the arguments name."""
-    return SourceOptions(**{f.name: getattr(args, f.name) for f in fields(SourceOptions)})
+    """The data set the arguments name (the options a command does not take: their defaults)."""
+    return SourceOptions(**{f.name: getattr(args, f.name) for f in fields(SourceOptions) if hasattr(args, f.name)})
 
 
 def add_recipe_args(parser: argparse.ArgumentParser, stage: int) -> None:

@@ -16,6 +16,7 @@ from clip4cir.commands.common import (
     WORKERS,
     add_model_args,
     add_source_args,
+    add_title_args,
     encoder_from_args,
     number,
     source_options,
@@ -31,7 +32,7 @@ from clip4cir.evaluation.table import TABLE_ENCODERS, ablation_table
 from clip4cir.evaluation.tasks import TASKS, EvalRequest
 from clip4cir.models.combiner import combining_function, load_combiner
 from clip4cir.models.encoder import Encoder
-from clip4cir.models.reranker import load_reranker
+from clip4cir.models.reranker import Reranker, load_reranker
 
 log = logging.getLogger(__name__)
 WRITTEN_BY = "clip4cir evaluate"  # who wrote a --json file (it is replaced only while unchanged)
@@ -73,6 +74,7 @@ def print_metrics(metrics: dict, indent: str = "") -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clip4cir evaluate", description=__doc__)
     add_source_args(parser)
+    add_title_args(parser)
     add_model_args(parser)
     parser.add_argument("--combiner", help="stage-two checkpoint (clip4cir .safetensors or CLIP4Cir combiner.pt)")
     parser.add_argument("--phi", help="zero-shot: a φ checkpoint (clip4cir train-phi), composing queries by "
@@ -138,9 +140,10 @@ def checked_split(args: argparse.Namespace, source: Source) -> bool:
     if testing and args.task == "composed" and not args.table and not args.predictions:
         raise ValueError(f"--split {args.split} has no targets to score: give --predictions FOLDER for the test "
                          f"server's files")
-    if args.reranker and (testing or args.task != "composed"):
-        raise ValueError("--reranker re-ranks composed queries of a split with targets (Recall@K); the test server's "
-                         "files are written from the first stage: leave out --reranker")
+    if args.reranker and (testing or args.task != "composed" or args.table or args.dump):
+        raise ValueError("--reranker re-ranks composed queries of a split with targets (their Recall@K); the test "
+                         "server's files, --dump's top-10 lists and --table come from the first stage: leave out "
+                         "--reranker for them")
     check_outputs(args, testing, protocol.test_split)
     return testing
 
@@ -168,7 +171,7 @@ def result_record(args: argparse.Namespace, result, source, encoder, mode: str, 
     return {"written_by": WRITTEN_BY, **result.metrics, "task": args.task, "split": args.split,
             "data": source.record(), "protocol": source.protocol.name, "model": encoder.describe(),
             "combiner": args.combiner if mode == "combiner" and composing else None,
-            "phi": args.phi if mode == "phi" and composing else None,
+            "phi": args.phi if mode == "phi" and composing else None, "reranker": args.reranker,
             **({"phi_sum_weight": request.combine.sum_weight} if mode == "phi" and composing else {}),
             "seconds": seconds}
 
@@ -184,7 +187,19 @@ def titled_as_trained(args: argparse.Namespace, source: Source, encoder: Encoder
     if template is None:
         return source
     log.info("title-aware queries, as the model was trained: %r", template)
-    return replace(source_options(args), title_template=template).open()
+    try:
+        return replace(source_options(args), title_template=template).open()
+    except DataError as e:
+        raise DataError(f"the model was trained with title template {template!r}, but: {e}") from None
+
+
+def check_reranker_mode(reranker: Reranker, args: argparse.Namespace, mode: str, source: Source) -> None:
+    """The re-ranker must have been trained on this way of composing's candidates, with the same Combiner and
+    captions read the same way."""
+    if mode != reranker.first_stage:
+        raise ValueError(f"--reranker {args.reranker} re-ranks {reranker.first_stage} queries, not --mode {mode}")
+    reranker.check_first_stage(load_combiner(args.combiner)[0] if mode == "combiner" else None,
+                               source.record().get("title_template"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,8 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = query_mode(args)
     if args.task in COMPOSING:
         request.combine = combining_function(encoder, args.combiner, mode, args.phi, args.sum_weight)
-        request.reranker = load_reranker(args.reranker, encoder.device, encoder) if args.reranker else None
         source = titled_as_trained(args, source, encoder, mode)
+        request.reranker = load_reranker(args.reranker, encoder.device, encoder) if args.reranker else None
+        if request.reranker is not None:
+            check_reranker_mode(request.reranker, args, mode, source)
     result = TASKS[args.task](encoder, source, request)
     if args.dump:
         lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]

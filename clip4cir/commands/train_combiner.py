@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import combiner.stage_two
-from clip4cir.commands.common import MAX_WIDTH, train, training_parser, triplet_run_config, whole
+from clip4cir.commands.common import MAX_WIDTH, add_title_args, train, training_parser, triplet_run_config, whole
 from combiner.stage_two import StageTwoConfig, StageTwoTask
 
 
@@ -16,6 +16,7 @@ def parse_args(argv: Sequence[str] | None) -> StageTwoConfig:
     parser.add_argument("--hidden-dim", type=whole(1, MAX_WIDTH), default=None,
                         help="hidden dim H (default 8 × feature dim)")
     parser.add_argument("--cache-dir", help="feature cache (default: OUTPUT/feature_cache)")
+    add_title_args(parser)
     parser.add_argument("--reencode", action="store_true", help="encode every batch instead of caching features")
     config = triplet_run_config(parser, StageTwoConfig, argv)
     if config.reencode and config.gallery_negatives:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import combiner.reranking
-from clip4cir.commands.common import MAX_WIDTH, train, training_parser, triplet_run_config, whole
+from clip4cir.commands.common import MAX_WIDTH, add_title_args, train, training_parser, triplet_run_config, whole
 from clip4cir.core.artifacts import input_file
 from clip4cir.core.errors import ModelError
 from combiner.reranking import RerankerConfig, RerankerTask
@@ -19,6 +19,7 @@ def parse_args(argv: Sequence[str] | None) -> RerankerConfig:
     parser.add_argument("--width", type=whole(8, MAX_WIDTH), default=RerankerConfig.width)
     parser.add_argument("--heads", type=whole(1, 64), default=RerankerConfig.heads)
     parser.add_argument("--cache-dir", help="feature cache (default: OUTPUT/feature_cache)")
+    add_title_args(parser)
     config = triplet_run_config(parser, RerankerConfig, argv)
     if config.width % config.heads:
         raise ValueError(f"--width {config.width} must be a multiple of --heads {config.heads}")

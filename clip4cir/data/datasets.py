@@ -80,8 +80,8 @@ class TripletDataset(Dataset):
     def fingerprint_parts(self) -> dict:
         """What the triplets were read from, part by part: the annotation files' contents and the images' files."""
         images = sorted({i for t in self.triplets for i in (t.reference, t.target) if i})
-        return {**self.source.fingerprint_parts(self.split, images), "categories": self.categories,
-                "triplets": len(self.triplets)}
+        return {**self.source.fingerprint_parts(self.split, images), **self.source.caption_parts(self.split),
+                "categories": self.categories, "triplets": len(self.triplets)}
 
     def fingerprint(self) -> str:
         return digest(self.fingerprint_parts())

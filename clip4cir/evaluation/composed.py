@@ -113,7 +113,7 @@ def rank_split(encoder: CLIPEncoder, source: Source, split: str, category: str |
     ranks, subsets = ranks_of(queries, gallery_matrix, triplets, index, exclude, bool(protocol.subset_ks))
     if reranker is not None and ranks is not None:
         texts = encode_texts(encoder, [t.eval_caption() for t in triplets]).float().cpu()
-        ranks = reranked_ranks(reranker, reference.float().cpu(), texts, queries, gallery_matrix,
+        ranks = reranked_ranks(reranker, reference.float().cpu(), texts, F.normalize(queries, dim=-1), gallery_matrix,
                                torch.tensor([index[t.target] for t in triplets]), exclude, ranks)
     return Ranking(category or "all", ids, triplets, queries, gallery_matrix, exclude, ranks, subsets)
 

@@ -10,6 +10,7 @@ Loading it for an encoder checks the fingerprint: features of another encoder ar
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -80,6 +81,14 @@ class Combiner(nn.Module):
         if not trained_on:
             log.warning("%s does not record the encoder it was trained on (a CLIP4Cir combiner.pt?): only its "
                         "feature size (%d) could be checked against %s", name, self.feature_dim, encoder_file)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights (and the blend): what a re-ranker trained on this Combiner's candidates records."""
+        h = hashlib.sha256(str(self.blend).encode())
+        for name, tensor in self.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _fuse(self, image_features: torch.Tensor, text_features: torch.Tensor, dropout: bool) -> torch.Tensor:
         p = self.dropout1.p

@@ -6,8 +6,9 @@ re-ranker keeps the first stage's order. Trained on cached features of the tripl
 
 Its file (``.safetensors``): the state dict, with metadata ``format`` = ``clip4cir.reranker``, ``version``,
 ``feature_dim``, ``width``, ``heads``, ``depth`` (how many candidates it re-scores), ``first_stage`` (the way of
-composing whose candidates it was trained on: ``combiner`` or ``sum``), ``encoder`` (JSON: the encoder whose
-features it reads; another encoder's are refused), ``data`` and ``info`` (JSON).
+composing whose candidates it was trained on: ``combiner`` or ``sum``), ``combiner`` (that Combiner's fingerprint;
+empty for the Sum), ``encoder`` (JSON: the encoder whose features it reads), ``data`` and ``info`` (JSON). Another
+encoder, another Combiner or another title template than it was trained with is refused.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from torch import nn
 
 from clip4cir.core.artifacts import atomic_write, input_file
 from clip4cir.core.errors import ModelError
+from clip4cir.data.captions import trained_title_template
+from clip4cir.models.combiner import Combiner
 from clip4cir.models.encoder import CLIPEncoder
 from clip4cir.models.tensor_files import read_tensor_file
 
@@ -49,6 +52,8 @@ class Reranker(nn.Module):
         nn.init.zeros_(self.score[-1].weight)
         nn.init.zeros_(self.score[-1].bias)
         self.trained_on: dict = {}  # the record of the encoder whose features it reads
+        self.combiner = ""  # the fingerprint of the Combiner whose candidates it was trained on ("": the Sum)
+        self.title_template: str | None = None  # the frame of its training captions (title-aware), when one
         self.path: str | None = None
 
     def forward(self, parts: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -67,6 +72,18 @@ class Reranker(nn.Module):
         scores = self(parts.to(device), candidates.to(device), first.to(device)).cpu()
         return torch.argsort(scores, dim=1, descending=True, stable=True)
 
+    def check_first_stage(self, combiner: Combiner | None, title_template: str | None) -> None:
+        """ModelError unless this re-ranker was trained on the candidates of ``combiner`` (None: the Sum) with
+        captions read with ``title_template``."""
+        name = f"re-ranker {self.path or ''}".strip()
+        if self.first_stage == "combiner" and (combiner is None or combiner.fingerprint() != self.combiner):
+            raise ModelError(f"{name} was trained on another Combiner's candidates (fingerprint {self.combiner}) "
+                             f"than {combiner.path if combiner is not None else 'none loaded'}: train one for it "
+                             f"(clip4cir train-reranker --combiner ...)")
+        if title_template != self.title_template:
+            raise ModelError(f"{name} was trained on captions read with title template {self.title_template!r}, "
+                             f"the first stage with {title_template!r}: train it as the first stage was trained")
+
     def check_fits(self, encoder: CLIPEncoder) -> None:
         """ModelError, naming the files, unless this re-ranker reads ``encoder``'s features."""
         trained_on = self.trained_on.get("fingerprint")
@@ -82,8 +99,8 @@ def save_reranker(reranker: Reranker, path: str | os.PathLike, encoder: dict, in
     tensors = {k: v.detach().cpu().contiguous() for k, v in reranker.state_dict().items()}
     metadata = {"format": RERANKER_FORMAT, "version": str(RERANKER_VERSION), "feature_dim": str(reranker.feature_dim),
                 "width": str(reranker.width), "heads": str(reranker.heads), "depth": str(reranker.depth),
-                "first_stage": reranker.first_stage, "encoder": json.dumps(encoder), "data": json.dumps(data or {}),
-                "info": json.dumps(info or {})}
+                "first_stage": reranker.first_stage, "combiner": reranker.combiner, "encoder": json.dumps(encoder),
+                "data": json.dumps(data or {}), "info": json.dumps(info or {})}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -102,6 +119,8 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (KeyError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: not a complete re-ranker file ({e})") from e
     reranker.trained_on, reranker.path = json.loads(meta.get("encoder", "{}")), str(path)
+    reranker.combiner = meta.get("combiner", "")
+    reranker.title_template = trained_title_template(json.loads(meta.get("data", "{}")))
     if encoder is not None:
         reranker.check_fits(encoder)
     return reranker.to(device).eval()

@@ -73,9 +73,12 @@ class SearchEngine:
             for model in (combiner, reranker):
                 if model is not None:
                     model.check_fits(encoder)
+            self.index, self.encoder, self.combiner, self.phi = index, encoder, combiner, phi
+            if reranker is not None:
+                reranker.check_first_stage(combiner if reranker.first_stage == "combiner" else None,
+                                           self.title_template(reranker.first_stage))
         except ValueError as e:
             raise SearchError(str(e)) from e
-        self.index, self.encoder, self.combiner, self.phi = index, encoder, combiner, phi
         self.reranker = reranker.eval() if reranker is not None else None
         self.towers = towers or Towers(encoder)  # what encodes queries (clip4cir.models.runtime)
         self.runtime_note = self.towers.describe()
@@ -273,20 +276,29 @@ class SearchEngine:
         titles = self.index.titles
         hits = [Hit(item.id, score, list(item.categories), item.path, titles.get(item.id, ""))
                 for item, score in found if item.id != exclude][:first]
-        if parts is not None and len(hits) > 1:
-            candidates = torch.from_numpy(np.stack([self.index.feature(h.id) for h in hits])).float()
-            order = self.reranker.rerank(parts[None], candidates[None], torch.tensor([[h.score for h in hits]]))[0]
-            hits = [hits[i] for i in order.tolist()]
+        if parts is not None:
+            hits = self._reranked(parts, hits)
         hits = hits[:k]
         fits, levels = None, self.match_levels()
         if levels is not None and hits:
             z = levels.z(query.numpy(), [h.score for h in hits])
             for hit, value in zip(hits, z, strict=True):
                 hit.match = levels.level(LEVEL_KIND[kind], value)
-            fits = levels.fits(LEVEL_KIND[kind], z[0])
+            fits = levels.fits(LEVEL_KIND[kind], max(z))  # the best match (re-ranked results need not lead with it)
             if fits is False:
                 notes.append(NOTHING_FITS)
         return SearchResult(hits, notes, category, time.perf_counter() - started, fits)
+
+    def _reranked(self, parts: torch.Tensor, hits: list[Hit]) -> list[Hit]:
+        """The first ``depth`` hits in the re-ranker's order, then the rest as they were (so the first results do
+        not depend on how many are asked for); each keeps its first-stage score."""
+        head, tail = hits[:self.reranker.depth], hits[self.reranker.depth:]
+        try:
+            candidates = torch.from_numpy(np.stack([self.index.feature(h.id) for h in head])).float()
+        except (UnknownItemError, CatalogIndexError):  # removed while this query ran: the first-stage order stands
+            return hits
+        order = self.reranker.rerank(parts[None], candidates[None], torch.tensor([[h.score for h in head]]))[0]
+        return [head[i] for i in order.tolist()] + tail
 
     @staticmethod
     def _check_types(**values) -> None:
@@ -333,6 +345,8 @@ class SearchEngine:
             if self.reranker is not None and self.reranker.first_stage == mode:
                 parts = torch.stack([reference.float().cpu(), text.float().cpu(),
                                      F.normalize(query.float().cpu(), dim=-1)])
+        if self.reranker is not None and parts is None:
+            notes.append(f"not re-ranked: the re-ranker re-ranks {self.reranker.first_stage} queries")
         query = check_finite(query.float().cpu(), "query features")
         return self._search("composed", query, k, self._category(category, query, notes, reference, reference_id,
                                                                  caption), notes, started, exclude=reference_id,

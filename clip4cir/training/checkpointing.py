@@ -137,12 +137,18 @@ class RunDir:
             raise DataError(f"--output {self.path} holds other files; choose a new or empty folder for the run")
 
     def check_same_data(self, data: dict) -> None:
-        """--resume: the training data must be what the run started on (same annotations and image files)."""
-        saved = read_json(self.params_file, "--resume").get("training_data", {}).get("train", {})
+        """--resume: the training data must be what the run started on (same annotations and image files; for a
+        re-ranker, the same first stage)."""
+        recorded = read_json(self.params_file, "--resume").get("training_data", {})
+        saved = recorded.get("train", {})
         if saved.get("fingerprint") != data["train"]["fingerprint"]:
             what = describe_change(saved.get("parts", {}), data["train"].get("parts", {}))
             raise DataError(f"--resume: the training data changed since the run started ({what}; recorded in "
                             f"{self.params_file}); restore it, or start a new run")
+        if recorded.get("first_stage") != data.get("first_stage"):
+            raise DataError(f"--resume: the first stage changed since the run started (the Combiner's fingerprint "
+                            f"{recorded.get('first_stage')} in {self.params_file}, now {data.get('first_stage')}); "
+                            f"restore it, or start a new run")
 
     def start(self, params: dict) -> None:
         """Begin the run (also a resumed one that was stopped before its first checkpoint): params, empty log."""

@@ -221,6 +221,11 @@ class Source(ABC):
         """One hash of :meth:`fingerprint_parts`."""
         return digest(self.fingerprint_parts(split, image_ids))
 
+    def caption_parts(self, split: str) -> dict:
+        """What a split's captions are read with beyond its files (title-aware sources: the template and titles);
+        part of the triplets' fingerprint, not of the gallery's."""
+        return {}
+
 
 def describe_change(saved: dict, now: dict) -> str:
     """What differs between two :meth:`Source.fingerprint_parts`, in words."""
@@ -451,7 +456,10 @@ class TitledCaptions(Source):
                             f"such as pairs.jsonl)")
 
     def __getattr__(self, name: str):  # what only some kinds have (labels, Hub columns, attributes)
-        return getattr(self.__dict__["source"], name)
+        source = self.__dict__.get("source")  # absent while unpickling or copying (DataLoader workers)
+        if source is None:
+            raise AttributeError(name)
+        return getattr(source, name)
 
     def splits(self) -> tuple[str, ...]:
         return self.source.splits()
@@ -494,7 +502,9 @@ class TitledCaptions(Source):
         return f"{self.source.describe()} with titles ({self.template!r})"
 
     def fingerprint_parts(self, split: str, image_ids: Sequence[str] | None = None) -> dict:
-        """The wrapped source's, and the titles its references read."""
+        return self.source.fingerprint_parts(split, image_ids)
+
+    def caption_parts(self, split: str) -> dict:
+        """The template and the titles the split's references read."""
         references = sorted({t.reference for t in self.source.triplets(split)})
-        return {**self.source.fingerprint_parts(split, image_ids), "title_template": self.template,
-                "titles": digest([self._titles.get(r, "") for r in references])}
+        return {"title_template": self.template, "titles": digest([self._titles.get(r, "") for r in references])}
