@@ -21,9 +21,8 @@ from torch.utils.data import BatchSampler
 
 from clip4cir.core.device import eval_mode
 from clip4cir.core.errors import ModelError
-from clip4cir.data.captions import trained_title_template
 from clip4cir.evaluation.composed import evaluate
-from clip4cir.models.combiner import load_combiner
+from clip4cir.models.combiner import first_stage_template, load_combiner
 from clip4cir.models.factory import load_model
 from clip4cir.models.feature_sum import combine_sum
 from clip4cir.models.reranker import Reranker, load_reranker, save_reranker
@@ -84,8 +83,7 @@ class RerankerTask(TripletTask):
         self.encoder = load_model(c.model, c.pretrained, c.clip_checkpoint, c.seed, device=self.device)
         self.encoder.model.eval().requires_grad_(False)
         self.first_stage = load_combiner(c.combiner, self.device, self.encoder)[0] if c.combiner else None
-        trained_with = self.first_stage.title_template if self.first_stage is not None else \
-            trained_title_template(self.encoder.info.get("data", {}))
+        trained_with = first_stage_template(self.encoder, self.first_stage, "combiner" if c.combiner else "sum")
         if c.source.title_template != trained_with:
             raise ModelError(f"the first stage was trained with title template {trained_with!r}, this run reads "
                              f"{c.source.title_template!r}: give --title-template as the first stage was trained")

@@ -36,7 +36,7 @@ from clip4cir.benchmarks.machine import machine
 from clip4cir.benchmarks.pipeline import percentiles_ms, timed
 from clip4cir.benchmarks.report import stem_for, write_report
 from clip4cir.benchmarks.zero_shot import adapt, train_phi
-from clip4cir.data.captions import TITLE_TEMPLATES, framed, title_frame
+from clip4cir.data.captions import TITLE_TEMPLATE, framed, title_frame
 from clip4cir.data.sources import Source, SourceOptions, open_source
 from clip4cir.data.sources.base import TitledCaptions
 from clip4cir.data.synthetic import make_synthetic_cirr, make_synthetic_fashioniq
@@ -47,7 +47,6 @@ from clip4cir.models.reranker import PARTS, load_reranker
 from clip4cir.training.trainer import train_here
 from combiner.reranking import RerankerConfig, RerankerTask
 
-TEMPLATE = TITLE_TEMPLATES[0]  # "{title} that {caption}": chosen on a dev catalog at query time (benchmark/README.md)
 CONFIGS = {
     "smoke": {"size": "tiny", "test_size": "tiny", "cirr_size": "tiny", "seeds": [0, 1], "epochs": 1,
               "combiner_epochs": 2, "batch": 8, "combiner_batch": 16, "adapt_epochs": 1, "adapt_batch": 16,
@@ -71,7 +70,7 @@ ZERO_SHOT = ("Sum, no training", "catalog adaptation, Sum", f"{PHI} + Sum", f"ca
 
 def titled(source: Source, titles: dict[str, str] | None = None) -> Source:
     """The source with its references' titles (or ``titles``) put around the captions."""
-    return TitledCaptions(source, TEMPLATE, titles)
+    return TitledCaptions(source, TITLE_TEMPLATE, titles)
 
 
 def nearest_titles(encoder_path: Path, source: Source, cache: Path) -> dict[str, str]:
@@ -107,7 +106,7 @@ def run_reranker(data: Path, encoder: Path, combiner: Path, out: Path, seed: int
 def supervised_rows(data: Path, tmp: Path, seed: int, sources: dict, cfg: dict, workers: int) -> dict[str, dict]:
     """One seed's supervised rows on every held-out catalog: row → catalog → held-out result."""
     cache, runs = tmp / "features", {}
-    for name, template in (("plain", None), ("titled", TEMPLATE)):
+    for name, template in (("plain", None), ("titled", TITLE_TEMPLATE)):
         encoder = run_stage_one(data, tmp / f"s1-{seed}-{name}", seed, components(BASELINE), cfg, workers, template)
         combiner = run_stage_two(data, encoder, tmp / f"s2-{seed}-{name}", seed, components(BASELINE), cfg, workers,
                                  tmp / f"s2-cache-{seed}-{name}", template)
@@ -153,7 +152,7 @@ def query_cost(encoder_path: Path, combiner_path: Path, reranker_path: Path, rep
     reranker = load_reranker(reranker_path, encoder=encoder)
     reference = torch.randn(1, encoder.dim)
     caption = "is blue and has shorter sleeves"
-    text = framed(caption, title_frame(TEMPLATE, "Red striped knee-length dress with long sleeves"))
+    text = framed(caption, title_frame(TITLE_TEMPLATE, "Red striped knee-length dress with long sleeves"))
     parts, candidates = torch.randn(1, len(PARTS), encoder.dim), torch.randn(1, reranker.depth, encoder.dim)
     with torch.inference_mode():
         cost = {key: percentiles_ms(timed(lambda t=t: combiner.combine(reference, encode_texts(encoder, [t])),
@@ -205,7 +204,7 @@ def run_titles_reranking(config: str, out: Path, work: str | None = None, worker
     results = tables(rows, list(roots))
     m = machine()
     report = {"config": config, "command": f"python scripts/benchmark.py titles-reranking --config {config}",
-              "machine": f"{m['cpu']}, {m['cores']} cores", "seeds": cfg["seeds"], "template": TEMPLATE,
+              "machine": f"{m['cpu']}, {m['cores']} cores", "seeds": cfg["seeds"], "template": TITLE_TEMPLATE,
               "settings": cfg, "tables": results, "query_cost": cost,
               "queries": {c: sum(len(r) for r in rows[COMBINER][0][c]["ranks"].values()) for c in roots},
               "share_of_the_way": {c: {row: share_of_the_way(results[c], row) for row in

@@ -25,13 +25,11 @@ from clip4cir.commands.common import (
 from clip4cir.core.artifacts import check_distinct_outputs, check_output_file, resolve, write_output_text
 from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import DataError
-from clip4cir.data.captions import trained_title_template
 from clip4cir.data.sources import EvaluationProtocol, Source
 from clip4cir.evaluation.composed import query_records, test_predictions
 from clip4cir.evaluation.table import TABLE_ENCODERS, ablation_table
 from clip4cir.evaluation.tasks import TASKS, EvalRequest
-from clip4cir.models.combiner import combining_function, load_combiner
-from clip4cir.models.encoder import Encoder
+from clip4cir.models.combiner import Combiner, combining_function, first_stage_template, load_combiner
 from clip4cir.models.reranker import Reranker, load_reranker
 
 log = logging.getLogger(__name__)
@@ -176,15 +174,10 @@ def result_record(args: argparse.Namespace, result, source, encoder, mode: str, 
             "seconds": seconds}
 
 
-def titled_as_trained(args: argparse.Namespace, source: Source, encoder: Encoder, mode: str) -> Source:
+def titled_as_trained(args: argparse.Namespace, source: Source, template: str | None) -> Source:
     """The data set read as the model was trained: with the title template its training recorded (unless
     --title-template names one)."""
-    if args.title_template is not None:
-        return source
-    data = load_combiner(args.combiner)[1]["data"] if mode == "combiner" and args.combiner else \
-        encoder.info.get("data", {}) if mode == "sum" else {}
-    template = trained_title_template(data)
-    if template is None:
+    if args.title_template is not None or template is None:
         return source
     log.info("title-aware queries, as the model was trained: %r", template)
     try:
@@ -193,13 +186,13 @@ def titled_as_trained(args: argparse.Namespace, source: Source, encoder: Encoder
         raise DataError(f"the model was trained with title template {template!r}, but: {e}") from None
 
 
-def check_reranker_mode(reranker: Reranker, args: argparse.Namespace, mode: str, source: Source) -> None:
+def check_reranker_mode(reranker: Reranker, args: argparse.Namespace, mode: str, combiner: Combiner | None,
+                        source: Source) -> None:
     """The re-ranker must have been trained on this way of composing's candidates, with the same Combiner and
     captions read the same way."""
     if mode != reranker.first_stage:
         raise ValueError(f"--reranker {args.reranker} re-ranks {reranker.first_stage} queries, not --mode {mode}")
-    reranker.check_first_stage(load_combiner(args.combiner)[0] if mode == "combiner" else None,
-                               source.record().get("title_template"))
+    reranker.check_first_stage(combiner, source.record().get("title_template"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,11 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = encoder_from_args(args)
     mode = query_mode(args)
     if args.task in COMPOSING:
-        request.combine = combining_function(encoder, args.combiner, mode, args.phi, args.sum_weight)
-        source = titled_as_trained(args, source, encoder, mode)
+        combiner = load_combiner(args.combiner, encoder.device, encoder)[0] if mode == "combiner" and args.combiner \
+            else None
+        request.combine = combiner.combine if combiner is not None else \
+            combining_function(encoder, args.combiner, mode, args.phi, args.sum_weight)
+        source = titled_as_trained(args, source, first_stage_template(encoder, combiner, mode))
         request.reranker = load_reranker(args.reranker, encoder.device, encoder) if args.reranker else None
         if request.reranker is not None:
-            check_reranker_mode(request.reranker, args, mode, source)
+            check_reranker_mode(request.reranker, args, mode, combiner, source)
     result = TASKS[args.task](encoder, source, request)
     if args.dump:
         lines = [json.dumps(record) for ranking in result.rankings for record in query_records(ranking)]

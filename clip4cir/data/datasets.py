@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from clip4cir.core.errors import DataError
 from clip4cir.core.fingerprints import digest
-from clip4cir.data.captions import count_empty_captions, is_empty_caption, random_caption_variant
+from clip4cir.data.captions import CAPTION_ONLY, count_empty_captions, is_empty_caption, random_caption_variant
 from clip4cir.data.sources import Source, Triplet
 from clip4cir.data.sources.base import check_images_readable, missing_message
 
@@ -78,10 +78,13 @@ class TripletDataset(Dataset):
         return [t for t in triplets if has_images(t)] if missing else triplets
 
     def fingerprint_parts(self) -> dict:
-        """What the triplets were read from, part by part: the annotation files' contents and the images' files."""
+        """What the triplets were read from, part by part: the annotation files' contents and the images' files, and
+        the frames their captions are read in when title-aware (the template with each reference's title)."""
         images = sorted({i for t in self.triplets for i in (t.reference, t.target) if i})
-        return {**self.source.fingerprint_parts(self.split, images), **self.source.caption_parts(self.split),
-                "categories": self.categories, "triplets": len(self.triplets)}
+        frames = [t.frame for t in self.triplets]
+        titled = {"frames": digest(frames)} if any(f != CAPTION_ONLY for f in frames) else {}
+        return {**self.source.fingerprint_parts(self.split, images), **titled, "categories": self.categories,
+                "triplets": len(self.triplets)}
 
     def fingerprint(self) -> str:
         return digest(self.fingerprint_parts())

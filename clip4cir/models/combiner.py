@@ -177,6 +177,14 @@ def load_combiner(path: str | os.PathLike, device: str | torch.device = "cpu",
     return combiner.to(device).eval(), meta
 
 
+def first_stage_template(encoder: CLIPEncoder, combiner: Combiner | None, mode: str) -> str | None:
+    """The title template the way ``mode`` composes was trained with: the Combiner's, the encoder's for the Sum,
+    none for φ (None: captions alone)."""
+    if mode == "combiner":
+        return combiner.title_template if combiner is not None else None
+    return trained_title_template(encoder.info.get("data", {})) if mode == "sum" else None
+
+
 def combining_function(encoder: CLIPEncoder, combiner_path: str | None, mode: str,
                        phi_path: str | None = None, sum_weight: float | None = None) -> Combine:
     """``sum``; the Combiner at ``combiner_path``; or (``phi``) the textual inversion at ``phi_path`` (with the Sum

@@ -19,10 +19,10 @@ from PIL import Image
 
 from clip4cir.core.device import resolve_device
 from clip4cir.core.errors import CatalogIndexError, DataError, ModelError, SearchError, UnknownItemError, shown
-from clip4cir.data.captions import framed, title_frame, trained_title_template
+from clip4cir.data.captions import framed, title_frame
 from clip4cir.data.images import load_image
 from clip4cir.models.category_probe import predict_category
-from clip4cir.models.combiner import Combiner, load_combiner
+from clip4cir.models.combiner import Combiner, first_stage_template, load_combiner
 from clip4cir.models.encoder import Encoder
 from clip4cir.models.factory import check_same_encoder, encoder_from_record
 from clip4cir.models.feature_sum import combine_sum
@@ -200,9 +200,7 @@ class SearchEngine:
     def title_template(self, mode: str) -> str | None:
         """The title template the way ``mode`` composes was trained with (the Combiner's, or the encoder's for
         the Sum); None when it was trained on captions alone."""
-        if mode == "combiner" and self.combiner is not None:
-            return self.combiner.title_template
-        return trained_title_template(self.encoder.info.get("data", {})) if mode == "sum" else None
+        return first_stage_template(self.encoder, self.combiner, mode)
 
     def _titled(self, caption: str, reference_id: str | None, mode: str, notes: list[str]) -> str:
         """The caption as the model was trained to read it: inside the reference's title when it was trained

@@ -127,8 +127,6 @@ class SourceOptions:
     def open(self) -> Source:
         if not str(self.data or "").strip():  # "" would be the current folder
             raise DataError("--data is empty: give a data set, a triplet or label file, or an image folder")
-        if self.title_template is not None:
-            check_title_template(self.title_template)
         kind = detect_kind(str(self.data)) if self.dataset in ("auto", None) else self.dataset
         source = SOURCES[kind].open(self)
         return TitledCaptions(source, self.title_template) if self.title_template is not None else source
@@ -220,11 +218,6 @@ class Source(ABC):
     def fingerprint(self, split: str, image_ids: Sequence[str] | None = None) -> str:
         """One hash of :meth:`fingerprint_parts`."""
         return digest(self.fingerprint_parts(split, image_ids))
-
-    def caption_parts(self, split: str) -> dict:
-        """What a split's captions are read with beyond its files (title-aware sources: the template and titles);
-        part of the triplets' fingerprint, not of the gallery's."""
-        return {}
 
 
 def describe_change(saved: dict, now: dict) -> str:
@@ -502,9 +495,6 @@ class TitledCaptions(Source):
         return f"{self.source.describe()} with titles ({self.template!r})"
 
     def fingerprint_parts(self, split: str, image_ids: Sequence[str] | None = None) -> dict:
+        """The wrapped source's (the gallery's files are the same; the triplets' frames are fingerprinted with
+        them: clip4cir.data.datasets.TripletDataset)."""
         return self.source.fingerprint_parts(split, image_ids)
-
-    def caption_parts(self, split: str) -> dict:
-        """The template and the titles the split's references read."""
-        references = sorted({t.reference for t in self.source.triplets(split)})
-        return {"title_template": self.template, "titles": digest([self._titles.get(r, "") for r in references])}
